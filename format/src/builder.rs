@@ -48,7 +48,10 @@ impl BatchBuilder {
             event.key.as_deref(),
             &event.value,
             event.timestamp_ms,
-            event.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+            event
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_slice())),
             event.route.as_deref(),
             0,
         );

@@ -156,25 +156,24 @@ pub fn read_lines(
     reader: impl BufRead,
     default_timestamp_ms: i64,
 ) -> impl Iterator<Item = Result<Event, JsonError>> {
-    reader
-        .lines()
-        .enumerate()
-        .filter_map(move |(i, line)| {
-            let line_no = i + 1;
-            match line {
-                Err(e) => Some(Err(JsonError {
-                    line: line_no,
-                    message: e.to_string(),
-                })),
-                Ok(text) if text.trim().is_empty() => None,
-                Ok(text) => Some(parse_line(&text, default_timestamp_ms).map_err(|message| {
-                    JsonError {
+    reader.lines().enumerate().filter_map(move |(i, line)| {
+        let line_no = i + 1;
+        match line {
+            Err(e) => Some(Err(JsonError {
+                line: line_no,
+                message: e.to_string(),
+            })),
+            Ok(text) if text.trim().is_empty() => None,
+            Ok(text) => {
+                Some(
+                    parse_line(&text, default_timestamp_ms).map_err(|message| JsonError {
                         line: line_no,
                         message,
-                    }
-                })),
+                    }),
+                )
             }
-        })
+        }
+    })
 }
 
 fn header_value(value: &[u8]) -> HeaderValue {
@@ -245,7 +244,10 @@ pub fn event_to_line(event: &Event) -> String {
         event.key.as_deref(),
         &event.value,
         event.timestamp_ms,
-        event.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+        event
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice())),
         event.route.as_deref(),
     )
 }

@@ -51,7 +51,9 @@ pub enum FormatError {
     #[error("malformed batch: {0}")]
     Malformed(#[from] flatbuffers::InvalidFlatbuffer),
     /// A keep-bitmap whose length does not match the batch it answers.
-    #[error("keep-bitmap of {got} bytes for a batch of {events} events (expected {expected} bytes)")]
+    #[error(
+        "keep-bitmap of {got} bytes for a batch of {events} events (expected {expected} bytes)"
+    )]
     BitmapLength {
         /// Bytes received.
         got: usize,

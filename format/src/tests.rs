@@ -42,7 +42,10 @@ fn builder_is_reusable_after_finish() {
     builder.push(&sample()[1]);
     let second = builder.finish();
     assert_eq!(Batch::verify(&first).map(|b| b.len()), Ok(1));
-    assert_eq!(Batch::verify(&second).expect("valid").to_events(), vec![sample()[1].clone()]);
+    assert_eq!(
+        Batch::verify(&second).expect("valid").to_events(),
+        vec![sample()[1].clone()]
+    );
 }
 
 #[test]
@@ -115,7 +118,9 @@ mod json_mapping {
                 .with_header("a", vec![0xff]),
             Event::new(&b"plain text"[..], 1).with_key(vec![0xfe]),
             Event::new(vec![0u8, 159, 146, 150], 2).with_route("r"),
-            Event::new(&b"1"[..], 3).with_header("x", "1").with_header("x", "2"),
+            Event::new(&b"1"[..], 3)
+                .with_header("x", "1")
+                .with_header("x", "2"),
         ];
         for event in &events {
             let line = event_to_line(event);
@@ -152,8 +157,19 @@ mod json_mapping {
             .iter()
             .map(|r| r.as_ref().map(|_| ()).expect_err("bad line").to_string())
             .collect();
-        assert!(errors[0].starts_with("line 3: unknown field `vaule`"), "{}", errors[0]);
-        assert!(errors[1].starts_with("line 4: expected ident"), "{}", errors[1]);
-        assert_eq!(errors[2], "line 5: missing `value` (or `value_text`, `value_b64`)");
+        assert!(
+            errors[0].starts_with("line 3: unknown field `vaule`"),
+            "{}",
+            errors[0]
+        );
+        assert!(
+            errors[1].starts_with("line 4: expected ident"),
+            "{}",
+            errors[1]
+        );
+        assert_eq!(
+            errors[2],
+            "line 5: missing `value` (or `value_text`, `value_b64`)"
+        );
     }
 }
