@@ -1,0 +1,900 @@
+//! The plugin runtime and stages against the real example plugins (plugins/, built for
+//! wasm32-wasip2 into target/plugins): exact outputs, exact error texts, poison isolation, and
+//! every kind of bad module.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use weir::pipeline::{Chain, DeadLetter, Stage, WindowConfig, WindowState};
+use weir::runtime::{Limits, Plugin, PluginError, PluginKind, Runtime, RuntimeConfig, StageConfig};
+use weir_format::{Batch, Event, encode};
+
+/// Every plugin of plugins/, built once per test run by host/build.rs.
+mod plugins {
+    include!(concat!(env!("OUT_DIR"), "/plugin_paths.rs"));
+}
+
+/// The component of plugin `name` (its crate name).
+fn wasm(name: &str) -> PathBuf {
+    let path = match name {
+        "drop_bots" => plugins::DROP_BOTS,
+        "geo_enrich" => plugins::GEO_ENRICH,
+        "count_sum" => plugins::COUNT_SUM,
+        "panic_on_mark" => plugins::PANIC_ON_MARK,
+        "loop_forever" => plugins::LOOP_FOREVER,
+        "alloc_unbounded" => plugins::ALLOC_UNBOUNDED,
+        "bad_init" => plugins::BAD_INIT,
+        "record_filter" => plugins::RECORD_FILTER,
+        other => panic!("no plugin `{other}` in plugins/"),
+    };
+    PathBuf::from(path)
+}
+
+/// One runtime for the whole test binary, as in the server.
+fn runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| Runtime::new(RuntimeConfig::default()).expect("runtime"))
+}
+
+/// Each plugin compiled once per test binary.
+fn plugin(name: &str) -> Plugin {
+    static PLUGINS: OnceLock<Mutex<HashMap<String, Plugin>>> = OnceLock::new();
+    let plugins = PLUGINS.get_or_init(Mutex::default);
+    let mut plugins = plugins.lock().unwrap_or_else(|e| e.into_inner());
+    plugins
+        .entry(name.to_owned())
+        .or_insert_with(|| runtime().load_file(wasm(name)).expect(name))
+        .clone()
+}
+
+fn stage(name: &str, config: StageConfig) -> Stage {
+    Stage::new(&plugin(name), config, None).expect(name)
+}
+
+fn events(batch: &[u8]) -> Vec<Event> {
+    Batch::verify(batch).expect("a valid batch").to_events()
+}
+
+fn sources(batch: &[u8]) -> Vec<u32> {
+    Batch::verify(batch)
+        .expect("a valid batch")
+        .iter()
+        .map(|e| e.source())
+        .collect()
+}
+
+fn visit(ua: Option<&str>, t: i64) -> Event {
+    let e = Event::new(format!(r#"{{"path":"/","t":{t}}}"#), t);
+    match ua {
+        Some(ua) => e.with_header("user-agent", ua),
+        None => e,
+    }
+}
+
+fn marked(values: &[&str]) -> Vec<Event> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Event::new(*v, 1000 * i as i64))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+#[test]
+fn plugins_are_named_versioned_and_kinded() {
+    let p = plugin("drop_bots");
+    assert_eq!(p.name(), "drop_bots");
+    assert_eq!(p.kind(), PluginKind::Filter);
+    assert_eq!(p.version().len(), 8);
+    assert!(p.version().bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(plugin("geo_enrich").kind(), PluginKind::Enrich);
+    assert_eq!(plugin("count_sum").kind(), PluginKind::Aggregate);
+    // Same bytes, same version; a different name for the same bytes keeps the version.
+    let bytes = std::fs::read(wasm("drop_bots")).expect("read");
+    let again = runtime().load_bytes("bots", &bytes).expect("load");
+    assert_eq!(again.name(), "bots");
+    assert_eq!(again.version(), p.version());
+}
+
+#[test]
+fn not_wasm_is_a_clear_error() {
+    let e = runtime()
+        .load_bytes("junk", b"hello, world")
+        .expect_err("not wasm");
+    assert_eq!(
+        e.to_string(),
+        "plugin `junk`: not a wasm binary (no `\\0asm` header)"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("notes.wasm");
+    std::fs::write(&path, "not wasm").expect("write");
+    let e = runtime().load_file(&path).expect_err("not wasm");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "plugin `notes` ({}): not a wasm binary (no `\\0asm` header)",
+            path.display()
+        )
+    );
+    let missing = dir.path().join("gone.wasm");
+    let e = runtime().load_file(&missing).expect_err("missing");
+    assert!(
+        e.to_string().starts_with(&format!(
+            "plugin `gone` ({}): cannot read the file: ",
+            missing.display()
+        )),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_core_module_is_named_as_such() {
+    let module = wat::parse_str(r#"(module (func (export "filter")))"#).expect("wat");
+    let e = runtime()
+        .load_bytes("core", &module)
+        .expect_err("core module");
+    assert_eq!(
+        e,
+        PluginError::CoreModule {
+            who: "`core`".into()
+        }
+    );
+    assert_eq!(
+        e.to_string(),
+        "plugin `core`: is a core wasm module, not a component: build it for wasm32-wasip2"
+    );
+}
+
+#[test]
+fn a_component_of_the_wrong_world_names_world_and_export() {
+    let path = wasm("drop_bots");
+    let e = runtime()
+        .load_file_as(&path, PluginKind::Enrich)
+        .expect_err("a filter is not an enrich");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "plugin `drop_bots` ({}): export `enrich` of world `weir:plugin/enrich@0.1.0` not \
+             found; it exports `init`, `filter`",
+            path.display()
+        )
+    );
+    // Loading as the right kind works.
+    let p = runtime()
+        .load_file_as(&path, PluginKind::Filter)
+        .expect("a filter");
+    assert_eq!(p.kind(), PluginKind::Filter);
+}
+
+#[test]
+fn a_component_of_no_world_lists_what_it_exports() {
+    let component = wat::parse_str(
+        r#"(component
+            (core module $m (func (export "run")))
+            (core instance $i (instantiate $m))
+            (func (export "run") (canon lift (core func $i "run"))))"#,
+    )
+    .expect("wat");
+    let e = runtime()
+        .load_bytes("runner", &component)
+        .expect_err("no world");
+    assert_eq!(
+        e.to_string(),
+        "plugin `runner`: implements no weir world: expected the exports of world \
+         `weir:plugin/filter@0.1.0` (`init`, `filter`), `weir:plugin/enrich@0.1.0` (`init`, \
+         `enrich`) or `weir:plugin/aggregate@0.1.0` (`init`, `fold`, `finish`); it exports `run`"
+    );
+    let empty = wat::parse_str("(component)").expect("wat");
+    let e = runtime().load_bytes("empty", &empty).expect_err("no world");
+    assert!(e.to_string().ends_with("; it exports nothing"), "{e}");
+}
+
+#[test]
+fn a_missing_export_is_named() {
+    let component = wat::parse_str(
+        r#"(component
+            (core module $m (func (export "f")))
+            (core instance $i (instantiate $m))
+            (func (export "filter") (canon lift (core func $i "f"))))"#,
+    )
+    .expect("wat");
+    let e = runtime()
+        .load_bytes("half", &component)
+        .expect_err("no init");
+    assert_eq!(
+        e.to_string(),
+        "plugin `half`: export `init` of world `weir:plugin/filter@0.1.0` not found; it \
+         exports `filter`"
+    );
+}
+
+#[test]
+fn exports_of_the_wrong_type_are_a_signature_error() {
+    let component = wat::parse_str(
+        r#"(component
+            (core module $m (func (export "f")))
+            (core instance $i (instantiate $m))
+            (func (export "init") (canon lift (core func $i "f")))
+            (func (export "filter") (canon lift (core func $i "f"))))"#,
+    )
+    .expect("wat");
+    let e = runtime()
+        .load_bytes("typo", &component)
+        .expect_err("wrong types");
+    assert!(
+        matches!(
+            &e,
+            PluginError::Signature {
+                world: PluginKind::Filter,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .starts_with("plugin `typo`: does not match world `weir:plugin/filter@0.1.0`: "),
+        "{e}"
+    );
+}
+
+#[test]
+fn imports_outside_the_sandbox_are_refused() {
+    let component = wat::parse_str(
+        r#"(component
+            (import "wasi:http/outgoing-handler@0.2.0" (instance
+                (export "handle" (func))))
+            (core module $m (func (export "f")))
+            (core instance $i (instantiate $m))
+            (func (export "init") (canon lift (core func $i "f")))
+            (func (export "filter") (canon lift (core func $i "f"))))"#,
+    )
+    .expect("wat");
+    let e = runtime()
+        .load_bytes("http", &component)
+        .expect_err("wasi:http");
+    let text = e.to_string();
+    assert!(
+        text.starts_with("plugin `http`: imports what the sandbox does not provide: "),
+        "{text}"
+    );
+    assert!(text.contains("wasi:http/outgoing-handler@0.2.0"), "{text}");
+}
+
+#[test]
+fn init_failure_carries_the_plugins_message() {
+    let p = plugin("bad_init");
+    let e = p
+        .instantiate(StageConfig::new("strict").with("fail", true))
+        .expect_err("init fails");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "plugin `bad_init` {}: init refused the config: config: `fail` is true: bad-init \
+             refuses to start",
+            p.version()
+        )
+    );
+    // The same plugin with an acceptable config runs.
+    let mut ok = Stage::new(&p, StageConfig::new("lenient").with("fail", false), None)
+        .expect("init succeeds");
+    let batch = encode(&[Event::new("x", 1)]);
+    assert_eq!(events(&ok.process(&batch).expect("runs").batch).len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The example plugins, exact outputs
+
+#[test]
+fn drop_bots_keeps_exactly_the_humans() {
+    let input = vec![
+        visit(Some("Mozilla/5.0 (X11; Linux x86_64)"), 1),
+        visit(Some("Googlebot/2.1 (+http://www.google.com/bot.html)"), 2),
+        visit(None, 3),
+        visit(Some("Some-CRAWLER/1.0"), 4),
+        visit(Some("spider-man fan club"), 5),
+        visit(Some("curl/8.5.0"), 6),
+        visit(Some("Robot Framework"), 7),
+        visit(Some("Mozilla/5.0 (compatible; Bingbot/2.0)"), 8),
+        visit(Some("Safari"), 9),
+    ];
+    let batch = encode(&input);
+    let mut stage = stage("drop_bots", StageConfig::new("bots"));
+
+    let bitmap = stage.filter_bitmap(&batch).expect("filter");
+    assert_eq!(bitmap.as_bytes(), &[0b0010_0101, 0b1]);
+
+    let out = stage.process(&batch).expect("process");
+    let kept = vec![
+        input[0].clone(),
+        input[2].clone(),
+        input[5].clone(),
+        input[8].clone(),
+    ];
+    assert_eq!(events(&out.batch), kept);
+    assert_eq!(sources(&out.batch), vec![0, 2, 5, 8]);
+    assert!(out.dead_letters.is_empty());
+    assert!(out.late.is_empty());
+
+    // All kept: the batch passes through as it came; none kept: an empty batch.
+    let humans = encode(&kept);
+    assert_eq!(stage.process(&humans).expect("process").batch, humans);
+    let bots = encode(&[visit(Some("bot"), 1), visit(Some("spider"), 2)]);
+    assert!(events(&stage.process(&bots).expect("process").batch).is_empty());
+    // An empty batch calls nothing and returns an empty batch.
+    let calls = stage.instance_mut().calls();
+    assert!(events(&stage.process(&encode(&[])).expect("empty").batch).is_empty());
+    assert_eq!(stage.instance_mut().calls(), calls);
+}
+
+#[test]
+fn geo_enrich_adds_the_header_and_route() {
+    let config = StageConfig::new("geo")
+        .with(
+            "table",
+            serde_json::json!({"FR": "France", "DE": "Germany"}),
+        )
+        .with("field", "cc");
+    let mut stage = stage("geo_enrich", config);
+    let input = vec![
+        Event::new(r#"{"cc":"FR","n":1}"#, 10).with_key("u1"),
+        Event::new(r#"{"cc":"XX","n":2}"#, 20).with_header("h", "v"),
+        Event::new(r#"{"n":3}"#, 30),
+        Event::new(r#"{"cc":"DE","n":4}"#, 40).with_header("h", "w"),
+    ];
+    let out = stage.process(&encode(&input)).expect("process");
+    assert_eq!(
+        events(&out.batch),
+        vec![
+            input[0]
+                .clone()
+                .with_header("country", "France")
+                .with_route("fr"),
+            input[1].clone(),
+            input[2].clone(),
+            input[3]
+                .clone()
+                .with_header("country", "Germany")
+                .with_route("de"),
+        ]
+    );
+    assert_eq!(sources(&out.batch), vec![0, 1, 2, 3]);
+    assert!(out.dead_letters.is_empty());
+}
+
+#[test]
+fn geo_enrich_isolates_a_value_that_is_not_json() {
+    let p = plugin("geo_enrich");
+    let mut stage = Stage::new(
+        &p,
+        StageConfig::new("geo").with("table", serde_json::json!({"FR": "France"})),
+        None,
+    )
+    .expect("stage");
+    let input = vec![
+        Event::new(r#"{"country_code":"FR"}"#, 1),
+        Event::new("not json", 2),
+        Event::new(r#"{"country_code":"FR"}"#, 3),
+    ];
+    let out = stage.process(&encode(&input)).expect("process");
+    let fr = |e: &Event| e.clone().with_header("country", "France").with_route("fr");
+    assert_eq!(events(&out.batch), vec![fr(&input[0]), fr(&input[2])]);
+    assert_eq!(sources(&out.batch), vec![0, 2]);
+    assert_eq!(out.dead_letters.len(), 1);
+    let dead = &out.dead_letters[0];
+    assert_eq!((dead.index, &dead.event), (1, &input[1]));
+    assert!(
+        dead.error.starts_with(&format!(
+            "plugin `geo_enrich` {}: enrich failed: event 0: ",
+            p.version()
+        )),
+        "{}",
+        dead.error
+    );
+}
+
+fn amount(key: &str, t: i64, amount: f64) -> Event {
+    Event::new(format!(r#"{{"amount":{amount}}}"#), t).with_key(key)
+}
+
+fn total(key: &str, start_ms: i64, end_ms: i64, count: u64, sum: &str) -> Event {
+    Event::new(
+        format!(r#"{{"count":{count},"sum":{sum},"start_ms":{start_ms},"end_ms":{end_ms}}}"#),
+        end_ms - 1,
+    )
+    .with_key(key)
+}
+
+fn count_sum(window: &str) -> Stage {
+    Stage::new(
+        &plugin("count_sum"),
+        StageConfig::new("totals"),
+        Some(window.parse().expect("window")),
+    )
+    .expect("stage")
+}
+
+#[test]
+fn count_sum_emits_exact_tumbling_window_results() {
+    let mut stage = count_sum("tumbling:60s");
+    let first = stage
+        .process(&encode(&[
+            amount("a", 1_000, 2.0),
+            amount("b", 2_000, 5.0),
+            amount("a", 30_000, 3.5),
+        ]))
+        .expect("first batch");
+    assert!(events(&first.batch).is_empty(), "no window finished yet");
+
+    // t = 61 s moves the watermark past 60 s: both keys' first windows finish, `a` first.
+    let second = stage
+        .process(&encode(&[
+            amount("a", 61_000, 1.0),
+            amount("b", 10_000, 9.0),
+        ]))
+        .expect("second batch");
+    assert_eq!(
+        events(&second.batch),
+        vec![
+            total("a", 0, 60_000, 2, "5.5"),
+            total("b", 0, 60_000, 1, "5.0"),
+        ]
+    );
+    assert_eq!(sources(&second.batch), vec![0, 1]);
+    // b at 10 s came after the watermark passed its window: late, not folded.
+    assert_eq!(second.late.len(), 1);
+    assert_eq!(second.late[0].index, 1);
+    assert_eq!(second.late[0].event, amount("b", 10_000, 9.0));
+    assert_eq!(second.late[0].stage, "totals");
+
+    let flushed = stage.flush().expect("flush");
+    assert_eq!(
+        events(&flushed.batch),
+        vec![total("a", 60_000, 120_000, 1, "1.0")]
+    );
+    assert!(stage.window_state().expect("aggregate").open_windows() == 0);
+}
+
+#[test]
+fn count_sum_sliding_windows_with_lateness() {
+    let mut stage = count_sum("sliding:20s/10s,lateness:5s");
+    let out = stage
+        .process(&encode(&[
+            amount("k", 1_000, 1.0),  // [-10,10) [0,20)
+            amount("k", 12_000, 2.0), // [0,20) [10,30)
+            amount("k", 24_000, 4.0), // [10,30) [20,40); watermark 19 s: [-10,10) finishes
+            amount("k", 8_000, 8.0),  // [-10,10) finished, [0,20) open (19 < 20)
+        ]))
+        .expect("process");
+    // [-10 s, 10 s) finished at watermark 19 s, holding the event at 1 s only: the event at
+    // 8 s came when that window was already finished and went to [0, 20) alone.
+    assert_eq!(
+        events(&out.batch),
+        vec![total("k", -10_000, 10_000, 1, "1.0")]
+    );
+    assert!(out.late.is_empty());
+    let flushed = stage.flush().expect("flush");
+    assert_eq!(
+        events(&flushed.batch),
+        vec![
+            total("k", 0, 20_000, 3, "11.0"),
+            total("k", 10_000, 30_000, 2, "6.0"),
+            total("k", 20_000, 40_000, 1, "4.0"),
+        ]
+    );
+}
+
+#[test]
+fn count_sum_isolates_an_event_without_the_field() {
+    let p = plugin("count_sum");
+    let mut stage = count_sum("tumbling:1m");
+    let input = vec![
+        amount("a", 1_000, 2.0),
+        Event::new(r#"{"price":3}"#, 2_000).with_key("a"),
+        amount("a", 3_000, 4.0),
+    ];
+    let out = stage.process(&encode(&input)).expect("process");
+    assert_eq!(out.dead_letters.len(), 1);
+    let dead = &out.dead_letters[0];
+    assert_eq!(dead.index, 1);
+    assert_eq!(dead.event, input[1]);
+    assert_eq!(dead.window, None);
+    assert_eq!(
+        dead.error,
+        format!(
+            "plugin `count_sum` {}: fold failed: event 0: `amount` is not a number",
+            p.version()
+        )
+    );
+    assert_eq!(
+        (dead.plugin.as_str(), dead.stage.as_str()),
+        ("count_sum", "totals")
+    );
+    let flushed = stage.flush().expect("flush");
+    assert_eq!(
+        events(&flushed.batch),
+        vec![total("a", 0, 60_000, 2, "6.0")]
+    );
+}
+
+#[test]
+fn window_state_survives_a_restart() {
+    let config: WindowConfig = "tumbling:1m".parse().expect("window");
+    let mut before = count_sum("tumbling:1m");
+    before
+        .process(&encode(&[amount("a", 1_000, 2.0), amount("b", 5_000, 1.5)]))
+        .expect("process");
+    let saved = before.window_state().expect("aggregate").to_bytes();
+    drop(before);
+
+    let mut after = count_sum("tumbling:1m");
+    let restored = WindowState::from_bytes(config, &saved).expect("state");
+    after.replace_window_state(restored);
+    let out = after
+        .process(&encode(&[
+            amount("a", 59_000, 0.5),
+            amount("a", 60_000, 1.0),
+        ]))
+        .expect("process");
+    assert_eq!(
+        events(&out.batch),
+        vec![
+            total("a", 0, 60_000, 2, "2.5"),
+            total("b", 0, 60_000, 1, "1.5"),
+        ]
+    );
+}
+
+#[test]
+fn a_chain_of_three() {
+    let table = serde_json::json!({"FR": "France", "DE": "Germany"});
+    let mut chain = Chain::new(vec![
+        stage("drop_bots", StageConfig::new("no-bots")),
+        stage(
+            "geo_enrich",
+            StageConfig::new("geo")
+                .with("table", table)
+                .with("field", "cc"),
+        ),
+        Stage::new(
+            &plugin("count_sum"),
+            StageConfig::new("totals"),
+            Some("tumbling:10s".parse().expect("window")),
+        )
+        .expect("aggregate"),
+    ]);
+    let order = |key: &str, t: i64, cc: &str, amount: u32, ua: &str| {
+        Event::new(format!(r#"{{"cc":"{cc}","amount":{amount}}}"#), t)
+            .with_key(key)
+            .with_header("user-agent", ua)
+    };
+    let out = chain
+        .process(&encode(&[
+            order("alice", 1_000, "FR", 10, "Firefox"),
+            order("bob", 2_000, "DE", 20, "Googlebot"),
+            order("alice", 3_000, "DE", 30, "Firefox"),
+            order("carol", 12_000, "FR", 5, "Safari"),
+        ]))
+        .expect("process");
+    // carol at 12 s closes [0, 10 s): alice's two orders (bob was a bot).
+    assert_eq!(
+        events(&out.batch),
+        vec![total("alice", 0, 10_000, 2, "40.0")]
+    );
+    assert!(out.dead_letters.is_empty() && out.late.is_empty());
+    let flushed = chain.flush().expect("flush");
+    assert_eq!(
+        events(&flushed.batch),
+        vec![total("carol", 10_000, 20_000, 1, "5.0")]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Misbehaving plugins: exact errors, isolation, the next batch served
+
+/// Runs a batch with `poison` at index 2 through a misbehaving filter and checks that only
+/// that event is a dead letter, that the others are delivered, and that the next batch runs.
+fn isolates_the_poison(name: &str, limits: Limits) -> DeadLetter {
+    let p = plugin(name);
+    let mut stage = Stage::new(&p, StageConfig::new("guard").limits(limits), None).expect(name);
+    let input = marked(&["a", "b", "the poison pill", "d", "e"]);
+    let out = stage.process(&encode(&input)).expect("the stage survives");
+    let delivered = vec![
+        input[0].clone(),
+        input[1].clone(),
+        input[3].clone(),
+        input[4].clone(),
+    ];
+    assert_eq!(events(&out.batch), delivered);
+    assert_eq!(sources(&out.batch), vec![0, 1, 3, 4]);
+    assert_eq!(out.dead_letters.len(), 1, "{:?}", out.dead_letters);
+    let dead = out.dead_letters[0].clone();
+    assert_eq!(dead.index, 2);
+    assert_eq!(dead.event, input[2]);
+    assert_eq!(dead.plugin, name);
+    assert_eq!(dead.version, p.version());
+    assert_eq!(dead.stage, "guard");
+    assert!(stage.instance_mut().recycles() >= 1);
+
+    // The next batch is served by a fresh instance.
+    let next = marked(&["f", "g"]);
+    let out = stage.process(&encode(&next)).expect("next batch");
+    assert_eq!(events(&out.batch), next);
+    assert!(out.dead_letters.is_empty());
+    dead
+}
+
+#[test]
+fn a_panicking_plugin_is_isolated() {
+    let p = plugin("panic_on_mark");
+    let dead = isolates_the_poison("panic_on_mark", Limits::default());
+    assert_eq!(
+        dead.error,
+        format!(
+            "plugin `panic_on_mark` {}: trapped: wasm trap: wasm `unreachable` instruction \
+             executed (panicked at panic-on-mark/src/lib.rs:11:9: poison event at timestamp \
+             2000)",
+            p.version()
+        )
+    );
+}
+
+#[test]
+fn a_looping_plugin_hits_its_deadline() {
+    let p = plugin("loop_forever");
+    let dead = isolates_the_poison("loop_forever", Limits::default());
+    assert_eq!(
+        dead.error,
+        format!(
+            "plugin `loop_forever` {}: exceeded its 100 ms deadline",
+            p.version()
+        )
+    );
+}
+
+#[test]
+fn a_deadline_is_configurable_per_stage() {
+    let p = plugin("loop_forever");
+    let limits = Limits {
+        deadline: Duration::from_millis(20),
+        ..Limits::default()
+    };
+    let mut instance = p
+        .instantiate(StageConfig::new("fast").limits(limits))
+        .expect("instance");
+    let started = std::time::Instant::now();
+    let e = instance
+        .filter(&encode(&[Event::new("poison", 1)]))
+        .expect_err("deadline");
+    let took = started.elapsed();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "plugin `loop_forever` {}: exceeded its 20 ms deadline",
+            p.version()
+        )
+    );
+    assert!(took >= Duration::from_millis(20), "{took:?}");
+    assert!(took < Duration::from_millis(500), "{took:?}");
+}
+
+#[test]
+fn an_allocating_plugin_hits_its_memory_cap() {
+    let p = plugin("alloc_unbounded");
+    let dead = isolates_the_poison("alloc_unbounded", Limits::default());
+    assert_eq!(
+        dead.error,
+        format!(
+            "plugin `alloc_unbounded` {}: memory cap of 64 MiB reached",
+            p.version()
+        )
+    );
+    let small = Limits {
+        memory_bytes: 8 << 20,
+        ..Limits::default()
+    };
+    let dead = isolates_the_poison("alloc_unbounded", small);
+    assert_eq!(
+        dead.error,
+        format!(
+            "plugin `alloc_unbounded` {}: memory cap of 8 MiB reached",
+            p.version()
+        )
+    );
+}
+
+#[test]
+fn traps_never_exhaust_the_pool() {
+    // Many more traps than the pool has slots: every recycle returns its slot.
+    let runtime = Runtime::new(RuntimeConfig {
+        max_instances: 2,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let p = runtime.load_file(wasm("panic_on_mark")).expect("load");
+    let mut instance = p.instantiate(StageConfig::new("t")).expect("instance");
+    let poison = encode(&[Event::new("poison", 1)]);
+    let fine = encode(&[Event::new("fine", 1)]);
+    for _ in 0..10 {
+        assert!(matches!(
+            instance.filter(&poison),
+            Err(PluginError::Trap { .. })
+        ));
+        assert_eq!(instance.filter(&fine).expect("fine").count(), 1);
+    }
+    assert_eq!(instance.recycles(), 10);
+    // Two instances fit; a third does not, and says so.
+    let _second = p.instantiate(StageConfig::new("t2")).expect("second");
+    let e = p
+        .instantiate(StageConfig::new("t3"))
+        .expect_err("pool full");
+    assert!(matches!(e, PluginError::Instantiate { .. }), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The guest's log
+
+/// Captured events: (level, target, fields).
+type Lines = Vec<(tracing::Level, String, Vec<(String, String)>)>;
+
+/// A tracing layer that keeps every event.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Lines>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Fields(Vec<(String, String)>);
+        impl tracing::field::Visit for Fields {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                self.0.push((field.name().to_owned(), value.to_owned()));
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push((field.name().to_owned(), format!("{value:?}")));
+            }
+        }
+        let mut fields = Fields(Vec::new());
+        event.record(&mut fields);
+        let meta = event.metadata();
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push((
+            *meta.level(),
+            meta.target().to_owned(),
+            fields.0,
+        ));
+    }
+}
+
+#[test]
+fn guest_logs_are_tagged_with_plugin_version_and_stage() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let p = plugin("panic_on_mark");
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::registry().with(capture.clone());
+    tracing::subscriber::with_default(subscriber, || {
+        let mut instance = p.instantiate(StageConfig::new("loud")).expect("instance");
+        let poison = encode(&[Event::new("poison", 7)]);
+        assert!(instance.filter(&poison).is_err());
+    });
+    let lines = capture.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let field = |fields: &[(String, String)], name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let panic = lines
+        .iter()
+        .find(|(_, target, fields)| {
+            target == "weir::plugin" && field(fields, "message").starts_with("panicked at ")
+        })
+        .unwrap_or_else(|| panic!("no panic line in {lines:?}"));
+    assert_eq!(panic.0, tracing::Level::ERROR);
+    assert_eq!(field(&panic.2, "plugin"), "panic_on_mark");
+    assert_eq!(field(&panic.2, "version"), p.version());
+    assert_eq!(field(&panic.2, "stage"), "loud");
+    assert!(
+        field(&panic.2, "message").ends_with(": poison event at timestamp 7"),
+        "{panic:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instances and limits
+
+#[test]
+fn instances_are_recycled_after_max_calls() {
+    let limits = Limits {
+        max_calls_per_instance: 2,
+        ..Limits::default()
+    };
+    let mut instance = plugin("drop_bots")
+        .instantiate(StageConfig::new("bots").limits(limits))
+        .expect("instance");
+    let batch = encode(&[visit(Some("curl"), 1)]);
+    for _ in 0..5 {
+        assert_eq!(instance.filter(&batch).expect("filter").count(), 1);
+    }
+    // Calls 1-2 on the first instance, 3-4 on the second, 5 on the third.
+    assert_eq!(instance.recycles(), 2);
+    assert_eq!(instance.calls(), 1);
+}
+
+#[test]
+fn calls_of_another_kind_and_bad_input_are_errors() {
+    let p = plugin("drop_bots");
+    let mut instance = p.instantiate(StageConfig::new("bots")).expect("instance");
+    let batch = encode(&[visit(None, 1)]);
+    let e = instance.enrich(&batch).expect_err("not an enrich");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "plugin `drop_bots` {}: is a filter plugin and has no `enrich`",
+            p.version()
+        )
+    );
+    let e = instance.filter(b"junk").expect_err("not a batch");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "plugin `drop_bots` {}: input is not a weir batch: not a weir batch: missing the \
+             `WEIR` file identifier (4 bytes)",
+            p.version()
+        )
+    );
+}
+
+#[test]
+fn stage_configs_are_checked() {
+    let p = plugin("drop_bots");
+    let e = p
+        .instantiate(StageConfig::new("big").limits(Limits {
+            memory_bytes: 1 << 30,
+            ..Limits::default()
+        }))
+        .expect_err("over the ceiling");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "plugin `drop_bots` {}: stage `big`: memory limit of 1 GiB exceeds the runtime's \
+             ceiling of 256 MiB",
+            p.version()
+        )
+    );
+    let sum = plugin("count_sum");
+    let e = Stage::new(&sum, StageConfig::new("totals"), None).expect_err("needs a window");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "plugin `count_sum` {}: stage `totals`: an aggregate stage needs a window (e.g. \
+             `tumbling:60s`)",
+            sum.version()
+        )
+    );
+    let e = Stage::new(
+        &p,
+        StageConfig::new("bots"),
+        Some("tumbling:1m".parse().expect("window")),
+    )
+    .expect_err("a filter takes no window");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "plugin `drop_bots` {}: stage `bots`: a filter stage takes no window (only \
+             aggregates do)",
+            p.version()
+        )
+    );
+}
+
+#[test]
+fn the_types_are_shareable_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Runtime>();
+    send_sync::<Plugin>();
+    send::<Stage>();
+    send::<Chain>();
+}
