@@ -1,0 +1,185 @@
+//! `weir bench PLUGIN.wasm --events N --size B --batch N`: measures a plugin batch by batch on
+//! generated events, then native Rust doing the same work over the same batches, in the same
+//! run, and prints both with their ratio.
+//!
+//! The plugin side is what a pipeline pays per batch: [`weir::pipeline::Stage::process`] (copy
+//! in, one call, output checked, filter output re-encoded). The native side is
+//! [`weir::baseline`]: the example plugin of the same kind, which produces the same output
+//! batch in-process. Both are timed per batch after a warm-up pass on a separate instance;
+//! events/s and ns/event come from the total time, p50/p99 from the per-batch times.
+
+use super::StageArgs;
+use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use weir::baseline::{NativeAggregate, NativeEnrich, NativeFilter};
+use weir::runtime::{PluginKind, Runtime, RuntimeConfig};
+use weir::workload::WorkloadSpec;
+use weir_format::Batch;
+
+/// Arguments of `weir bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The plugin component (.wasm).
+    plugin: PathBuf,
+    /// Number of events to generate.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Size of each event's value in bytes.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Events per batch.
+    #[arg(long, default_value_t = 1024)]
+    batch: usize,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 1000)]
+    keys: u64,
+    #[command(flatten)]
+    stage: StageArgs,
+}
+
+/// Timings of one side.
+struct Side {
+    total: Duration,
+    batches: Histogram<u64>,
+    events_out: usize,
+}
+
+impl Side {
+    fn new() -> Result<Self> {
+        Ok(Side {
+            total: Duration::ZERO,
+            batches: Histogram::new(3).context("histogram")?,
+            events_out: 0,
+        })
+    }
+
+    fn record(&mut self, took: Duration, output: &[u8]) -> Result<()> {
+        self.total += took;
+        self.batches
+            .record(took.as_nanos().max(1) as u64)
+            .context("recording a batch time")?;
+        self.events_out += Batch::verify(output).map(|b| b.len()).unwrap_or(0);
+        Ok(())
+    }
+
+    fn ns_per_event(&self, events: u64) -> f64 {
+        self.total.as_nanos() as f64 / events.max(1) as f64
+    }
+
+    fn row(&self, label: &str, events: u64) -> String {
+        let rate = events as f64 / self.total.as_secs_f64().max(1e-9);
+        format!(
+            "  {label:<16}{:>10.2} M{:>12.1}{:>11.1} µs{:>11.1} µs{:>12}",
+            rate / 1e6,
+            self.ns_per_event(events),
+            self.batches.value_at_quantile(0.5) as f64 / 1e3,
+            self.batches.value_at_quantile(0.99) as f64 / 1e3,
+            self.events_out
+        )
+    }
+}
+
+/// The demo's lookup table; the native enrich's table when `--with table=...` gives none.
+pub fn demo_table() -> HashMap<String, String> {
+    [
+        ("US", "United States"),
+        ("FR", "France"),
+        ("DE", "Germany"),
+        ("JP", "Japan"),
+    ]
+    .into_iter()
+    .map(|(code, name)| (code.to_owned(), name.to_owned()))
+    .collect()
+}
+
+/// Runs the command.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.batch == 0 || args.events == 0 {
+        bail!("--events and --batch must be at least 1");
+    }
+    let spec = WorkloadSpec {
+        events: args.events,
+        value_size: args.size,
+        keys: args.keys,
+        ..WorkloadSpec::default()
+    };
+    let batches = spec.batches(args.batch);
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let plugin = runtime.load_file(&args.plugin)?;
+    eprintln!(
+        "weir bench: {} `{}` {}, {} events of {} B in batches of {}, {} keys",
+        plugin.kind(),
+        plugin.name(),
+        plugin.version(),
+        args.events,
+        args.size,
+        args.batch,
+        args.keys
+    );
+
+    // Warm-up on its own instance (aggregate state must start empty for the timed pass).
+    let mut warm = args.stage.stages(std::slice::from_ref(&plugin))?;
+    for batch in batches.iter().take(16) {
+        for stage in &mut warm {
+            stage.process(batch)?;
+        }
+    }
+    let mut stage = args
+        .stage
+        .stages(std::slice::from_ref(&plugin))?
+        .pop()
+        .context("one stage")?;
+    let mut wasm = Side::new()?;
+    let mut dead = 0;
+    for batch in &batches {
+        let start = Instant::now();
+        let output = stage.process(batch)?;
+        wasm.record(start.elapsed(), &output.batch)?;
+        dead += output.dead_letters.len();
+    }
+
+    let mut native = Side::new()?;
+    let native_of = match plugin.kind() {
+        PluginKind::Filter => "drop-bots",
+        PluginKind::Enrich => "geo-enrich",
+        PluginKind::Aggregate => "count-sum",
+    };
+    let mut filter = NativeFilter::default();
+    let table = match args.stage.value("table")? {
+        Some(json) => {
+            serde_json::from_str(&json).context("--with table: not a table of strings")?
+        }
+        None => demo_table(),
+    };
+    let mut enrich = NativeEnrich::new(table);
+    let mut aggregate = args.stage.window()?.map(NativeAggregate::new);
+    for batch in &batches {
+        let start = Instant::now();
+        let view = Batch::verify(batch)?;
+        let output = match (plugin.kind(), aggregate.as_mut()) {
+            (PluginKind::Filter, _) => filter.process(&view),
+            (PluginKind::Enrich, _) => enrich.process(&view),
+            (PluginKind::Aggregate, Some(aggregate)) => aggregate.process(&view),
+            (PluginKind::Aggregate, None) => bail!("an aggregate needs --window"),
+        };
+        native.record(start.elapsed(), &output)?;
+    }
+
+    println!(
+        "  {:<16}{:>12}{:>12}{:>14}{:>14}{:>12}",
+        "", "events/s", "ns/event", "batch p50", "batch p99", "events out"
+    );
+    println!("{}", wasm.row("plugin (wasm)", args.events));
+    println!("{}", native.row("native Rust", args.events));
+    println!(
+        "  wasm / native: {:.2}x   (native: {native_of}'s work as a Rust closure, see weir::baseline)",
+        wasm.ns_per_event(args.events) / native.ns_per_event(args.events).max(1e-9)
+    );
+    if dead > 0 {
+        println!("  dead letters: {dead} (the plugin failed on these events; see the log)");
+    }
+    Ok(())
+}

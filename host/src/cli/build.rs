@@ -1,0 +1,84 @@
+//! `weir build [DIR]`: compiles a plugin crate to a WASI 0.2 component and checks that it
+//! loads as a weir plugin.
+//!
+//! Runs `cargo build --release --target wasm32-wasip2` in the crate (cargo's output streams
+//! through), finds the component among cargo's artifacts, loads it with the runtime to check its
+//! world, and copies it to `./CRATE_NAME.wasm` (or `--out`), ready for `weir test` and
+//! `weir bench`.
+
+use anyhow::{Context, Result, bail};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The target every plugin is built for.
+pub const PLUGIN_TARGET: &str = "wasm32-wasip2";
+
+/// Fails with the command to run when the toolchain used in `dir` lacks the plugin target.
+fn check_target(dir: &Path) -> Result<()> {
+    let output = Command::new("rustc")
+        .args(["--print", "target-libdir", "--target", PLUGIN_TARGET])
+        .current_dir(dir)
+        .output()
+        .context("cannot run rustc: is a Rust toolchain installed?")?;
+    let libdir = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() || !Path::new(libdir.trim()).is_dir() {
+        bail!(
+            "the {PLUGIN_TARGET} target is not installed: run `rustup target add {PLUGIN_TARGET}`"
+        );
+    }
+    Ok(())
+}
+
+/// Builds the crate in `dir` and returns the path of its component in cargo's target directory.
+pub fn compile(dir: &Path) -> Result<PathBuf> {
+    let manifest = dir.join("Cargo.toml");
+    if !manifest.is_file() {
+        bail!("{} has no Cargo.toml: not a plugin crate", dir.display());
+    }
+    check_target(dir)?;
+    let mut child = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["build", "--release", "--target", PLUGIN_TARGET])
+        .args([
+            "--message-format",
+            "json-render-diagnostics",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo")?;
+    let mut wasm = None;
+    let stdout = child.stdout.take().context("cargo's stdout")?;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo's output")?;
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if message["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let cdylib = message["target"]["kind"]
+            .as_array()
+            .is_some_and(|kinds| kinds.iter().any(|k| k == "cdylib"));
+        let file = message["filenames"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f.as_str())
+            .find(|f| f.ends_with(".wasm"));
+        if let (true, Some(file)) = (cdylib, file) {
+            wasm = Some(PathBuf::from(file));
+        }
+    }
+    let status = child.wait().context("waiting for cargo")?;
+    if !status.success() {
+        bail!("cargo build failed in {} ({status})", dir.display());
+    }
+    wasm.with_context(|| {
+        format!(
+            "cargo built no .wasm in {}: the crate needs `crate-type = [\"cdylib\"]`",
+            dir.display()
+        )
+    })
+}

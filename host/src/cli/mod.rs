@@ -1,0 +1,279 @@
+//! The subcommands of `weir` and what they share: loading plugins into stages from command-line
+//! options (`--with`, `--window`, limits).
+
+mod bench;
+mod build;
+mod demo;
+mod new;
+mod test;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use weir::pipeline::{Stage, WindowConfig};
+use weir::runtime::{Limits, Plugin, PluginKind, Runtime, RuntimeConfig, StageConfig};
+
+/// weir: a stream router that runs events through sandboxed WebAssembly plugins.
+#[derive(Debug, Parser)]
+#[command(name = "weir", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the example plugins over a generated workload: no setup, no arguments.
+    Demo(demo::DemoArgs),
+    /// Scaffold a plugin crate that builds as-is and passes its own test.
+    New {
+        /// The plugin kind.
+        kind: new::Kind,
+        /// Crate name (also the directory created).
+        name: String,
+        /// Create the crate inside this directory instead of the current one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Path of the weir-sdk crate to depend on (default: the SDK weir was built with).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a plugin crate into a WASI 0.2 component and check that it loads.
+    Build {
+        /// The plugin crate's directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Where to copy the component (default: ./CRATE_NAME.wasm).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run one plugin, or a chain of plugins, over JSON-lines events.
+    Test(test::TestArgs),
+    /// Measure a plugin on generated events, side by side with native Rust doing the same work.
+    Bench(bench::BenchArgs),
+}
+
+/// Runs one command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo(args) => demo::run(&args),
+        Command::New {
+            kind,
+            name,
+            dir,
+            sdk,
+        } => {
+            let root = new::run(kind, &name, dir.as_deref(), sdk.as_deref())?;
+            println!("created {kind:?} plugin `{name}` in {}", root.display());
+            println!("next: weir build {}", root.display());
+            Ok(())
+        }
+        Command::Build { dir, out } => build(&dir, out.as_deref()),
+        Command::Test(args) => test::run(&args),
+        Command::Bench(args) => bench::run(&args),
+    }
+}
+
+fn build(dir: &Path, out: Option<&Path>) -> Result<()> {
+    let wasm = build::compile(dir)?;
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let plugin = runtime.load_file(&wasm)?;
+    let file_name = wasm
+        .file_name()
+        .context("component path has no file name")?;
+    let out = out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(file_name));
+    std::fs::copy(&wasm, &out)
+        .with_context(|| format!("cannot copy {} to {}", wasm.display(), out.display()))?;
+    let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "built {} plugin `{}` {} ({} KiB): {} -> {}",
+        plugin.kind(),
+        plugin.name(),
+        plugin.version(),
+        size.div_ceil(1024),
+        wasm.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// Options every command that runs plugins takes.
+#[derive(Debug, Clone, clap::Args)]
+struct StageArgs {
+    /// A config value for the stages: `KEY=VALUE` for every stage, `PLUGIN:KEY=VALUE` for one.
+    /// VALUE is a TOML value (`5`, `true`, `{ US = "United States" }`); anything that is not
+    /// TOML is taken as a string.
+    #[arg(long = "with", value_name = "[PLUGIN:]KEY=VALUE")]
+    with: Vec<String>,
+    /// The window of aggregate stages, e.g. `tumbling:60s`, `sliding:60s/10s,lateness:5s`.
+    #[arg(long)]
+    window: Option<String>,
+    /// Linear-memory cap of each plugin instance, in MiB.
+    #[arg(long, default_value_t = 64)]
+    memory_mib: u64,
+    /// Deadline of one plugin call, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    deadline_ms: u64,
+}
+
+/// One `--with` value.
+#[derive(Debug, PartialEq)]
+struct With {
+    plugin: Option<String>,
+    key: String,
+    json: String,
+}
+
+/// Parses `[PLUGIN:]KEY=VALUE`; the value becomes JSON text (see the WIT package doc).
+fn parse_with(text: &str) -> Result<With> {
+    let Some((target, value)) = text.split_once('=') else {
+        bail!("--with `{text}`: expected KEY=VALUE or PLUGIN:KEY=VALUE");
+    };
+    let (plugin, key) = match target.split_once(':') {
+        Some((plugin, key)) => (Some(plugin.to_owned()), key),
+        None => (None, target),
+    };
+    if key.is_empty() {
+        bail!("--with `{text}`: the key is empty");
+    }
+    let json = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut table) => {
+            let toml_value = table
+                .remove("v")
+                .unwrap_or(toml::Value::String(value.into()));
+            serde_json::to_string(&toml_value)?
+        }
+        Err(_) => serde_json::to_string(value)?,
+    };
+    Ok(With {
+        plugin,
+        key: key.to_owned(),
+        json,
+    })
+}
+
+impl StageArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            memory_bytes: self.memory_mib << 20,
+            deadline: Duration::from_millis(self.deadline_ms),
+            ..Limits::default()
+        }
+    }
+
+    /// The JSON text of the last `--with` for `key` (any plugin).
+    fn value(&self, key: &str) -> Result<Option<String>> {
+        let mut found = None;
+        for with in &self.with {
+            let with = parse_with(with)?;
+            if with.key == key {
+                found = Some(with.json);
+            }
+        }
+        Ok(found)
+    }
+
+    fn window(&self) -> Result<Option<WindowConfig>> {
+        self.window
+            .as_deref()
+            .map(|spec| spec.parse::<WindowConfig>())
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// Builds one stage per plugin, in order, named after the plugins (`name#2` for a repeat).
+    fn stages(&self, plugins: &[Plugin]) -> Result<Vec<Stage>> {
+        let withs = self
+            .with
+            .iter()
+            .map(|w| parse_with(w))
+            .collect::<Result<Vec<_>>>()?;
+        for with in &withs {
+            if let Some(target) = &with.plugin
+                && !plugins.iter().any(|p| p.name() == target)
+            {
+                bail!(
+                    "--with {target}:{}: no plugin `{target}` in this run",
+                    with.key
+                );
+            }
+        }
+        let window = self.window()?;
+        let aggregate = |p: &Plugin| p.kind() == PluginKind::Aggregate;
+        if window.is_some() && !plugins.iter().any(aggregate) {
+            bail!("--window is for aggregate plugins, and none is given");
+        }
+        let mut stages = Vec::new();
+        for (i, plugin) in plugins.iter().enumerate() {
+            let name = match plugins[..i]
+                .iter()
+                .filter(|p| p.name() == plugin.name())
+                .count()
+            {
+                0 => plugin.name().to_owned(),
+                n => format!("{}#{}", plugin.name(), n + 1),
+            };
+            let mut config = StageConfig::new(name).limits(self.limits());
+            for with in &withs {
+                if with.plugin.as_deref().is_none_or(|p| p == plugin.name()) {
+                    config = config.with_json(with.key.clone(), with.json.clone());
+                }
+            }
+            if aggregate(plugin) && window.is_none() {
+                bail!(
+                    "plugin `{}` is an aggregate: pass --window (e.g. --window tumbling:60s)",
+                    plugin.name()
+                );
+            }
+            stages.push(Stage::new(
+                plugin,
+                config,
+                window.filter(|_| aggregate(plugin)),
+            )?);
+        }
+        Ok(stages)
+    }
+}
+
+/// Milliseconds since the Unix epoch now: the event time of input lines that carry none.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_values_become_json_text() {
+        let with = |t: &str| parse_with(t).map_err(|e| e.to_string());
+        assert_eq!(
+            with("threshold=5"),
+            Ok(With {
+                plugin: None,
+                key: "threshold".into(),
+                json: "5".into()
+            })
+        );
+        assert_eq!(with("name=geo").map(|w| w.json), Ok("\"geo\"".into()));
+        assert_eq!(with("name=\"a b\"").map(|w| w.json), Ok("\"a b\"".into()));
+        assert_eq!(with("fail=true").map(|w| w.json), Ok("true".into()));
+        assert_eq!(
+            with("geo_enrich:table={ US = \"United States\" }").map(|w| (w.plugin, w.json)),
+            Ok((
+                Some("geo_enrich".into()),
+                "{\"US\":\"United States\"}".into()
+            ))
+        );
+        assert_eq!(
+            with("novalue"),
+            Err("--with `novalue`: expected KEY=VALUE or PLUGIN:KEY=VALUE".into())
+        );
+        assert_eq!(with("=1"), Err("--with `=1`: the key is empty".into()));
+    }
+}

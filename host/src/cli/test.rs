@@ -1,0 +1,160 @@
+//! `weir test PLUGIN.wasm... --input events.jsonl`: runs one plugin or a chain over JSON-lines
+//! events and prints the output events as JSON lines on stdout.
+//!
+//! The input is read and checked whole before any plugin runs, so a malformed line fails the
+//! run (naming the file and line) without partial output. Events are cut into batches of
+//! `--batch`. Dead letters and late events go to stderr, each naming the stage, plugin, version
+//! and (for the first stage) the input line; a summary line closes the run. Dead letters are
+//! the plugin's failures on particular events, not a failure of the run: the exit code is 0.
+
+use super::{StageArgs, now_ms};
+use anyhow::{Context, Result, bail};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use weir::pipeline::{Chain, ChainOutput};
+use weir::runtime::{Runtime, RuntimeConfig};
+use weir_format::json::{event_ref_to_line, event_to_line, parse_line};
+use weir_format::{Batch, BatchBuilder, Event};
+
+/// Arguments of `weir test`.
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// Plugin components (.wasm), run as a chain in this order.
+    #[arg(required = true)]
+    plugins: Vec<PathBuf>,
+    /// JSON-lines input (`-` for stdin); the mapping is in docs/PLUGINS.md.
+    #[arg(long, short)]
+    input: PathBuf,
+    /// Events per batch.
+    #[arg(long, default_value_t = 1024)]
+    batch: usize,
+    #[command(flatten)]
+    stage: StageArgs,
+}
+
+/// Reads and checks every input line; each event comes with its line number.
+fn read_input(path: &Path) -> Result<Vec<(usize, Event)>> {
+    let reader: Box<dyn BufRead> = if path == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open input {}", path.display()))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let default_ms = now_ms();
+    let mut events = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line_no = i + 1;
+        let text = line.with_context(|| format!("{}:{line_no}: cannot read", path.display()))?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let event = parse_line(&text, default_ms)
+            .map_err(|message| anyhow::anyhow!("{}:{line_no}: {message}", path.display()))?;
+        events.push((line_no, event));
+    }
+    Ok(events)
+}
+
+/// Runs the command.
+pub fn run(args: &TestArgs) -> Result<()> {
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let input = read_input(&args.input)?;
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let plugins = args
+        .plugins
+        .iter()
+        .map(|path| runtime.load_file(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut chain = Chain::new(args.stage.stages(&plugins)?);
+    let first_stage = chain.stages().first().map(|s| s.name().to_owned());
+
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut report = Report::default();
+    let mut builder = BatchBuilder::new();
+    for chunk in input.chunks(args.batch) {
+        for (_, event) in chunk {
+            builder.push(event);
+        }
+        let output = chain.process(&builder.finish())?;
+        let lines: Vec<usize> = chunk.iter().map(|(line, _)| *line).collect();
+        report.record(
+            &output,
+            &mut out,
+            |stage, index| {
+                (Some(stage) == first_stage.as_deref())
+                    .then(|| lines.get(index).copied())
+                    .flatten()
+            },
+            &args.input,
+        )?;
+    }
+    let flushed = chain.flush()?;
+    report.record(&flushed, &mut out, |_, _| None, &args.input)?;
+    out.flush().context("writing output")?;
+    eprintln!(
+        "weir test: {} events in, {} out, {} dead-lettered, {} late ({} stage{})",
+        input.len(),
+        report.out,
+        report.dead,
+        report.late,
+        chain.stages().len(),
+        if chain.stages().len() == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
+/// Counts and prints what came out of the chain.
+#[derive(Default)]
+struct Report {
+    out: usize,
+    dead: usize,
+    late: usize,
+}
+
+impl Report {
+    fn record(
+        &mut self,
+        output: &ChainOutput,
+        out: &mut impl Write,
+        line_of: impl Fn(&str, usize) -> Option<usize>,
+        input: &Path,
+    ) -> Result<()> {
+        let batch = Batch::verify(&output.batch).context("chain output")?;
+        for event in batch.iter() {
+            writeln!(out, "{}", event_ref_to_line(&event)).context("writing output")?;
+        }
+        self.out += batch.len();
+        for dead in &output.dead_letters {
+            let place = match line_of(&dead.stage, dead.index) {
+                Some(line) => format!("{}:{line}", input.display()),
+                None => format!("event {} of the stage's batch", dead.index),
+            };
+            eprintln!(
+                "dead letter: stage `{}` (plugin `{}` {}), {place}: {}\n  event: {}",
+                dead.stage,
+                dead.plugin,
+                dead.version,
+                dead.error,
+                event_to_line(&dead.event)
+            );
+        }
+        self.dead += output.dead_letters.len();
+        for late in &output.late {
+            let place = match line_of(&late.stage, late.index) {
+                Some(line) => format!("{}:{line}", input.display()),
+                None => format!("event {} of the stage's batch", late.index),
+            };
+            eprintln!(
+                "late event: stage `{}`, {place}: every window it belongs to had finished\n  event: {}",
+                late.stage,
+                event_to_line(&late.event)
+            );
+        }
+        self.late += output.late.len();
+        Ok(())
+    }
+}

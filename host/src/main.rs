@@ -1,0 +1,28 @@
+//! The `weir` command line.
+//!
+//! `weir demo` runs the embedded example plugins over a generated workload with no setup;
+//! `weir new`, `weir build`, `weir test` and `weir bench` take a plugin from a scaffold to a
+//! measured component. Errors print as one `error:` line naming the file or line and the problem,
+//! with exit code 1; logs (including every plugin's log lines) go to stderr, filtered by
+//! `WEIR_LOG` (default `info`).
+
+mod cli;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli::run(cli::Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! The `weir` binary end to end: `weir test` outputs for fixed inputs (one plugin, a chain of
+//! three), dead letters of a misbehaving plugin, every kind of bad input with its error text and
+//! exit code, `weir bench` and `weir demo` counts, and the `weir new → build → test → bench`
+//! path a plugin author takes, for each kind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Every plugin of plugins/, built once per test run by host/build.rs.
+mod plugins {
+    include!(concat!(env!("OUT_DIR"), "/plugin_paths.rs"));
+}
+
+/// Six events in the JSON-lines mapping; lines 2 and 4 come from crawlers.
+const EVENTS: &str = r#"{"key":"user-1","value":{"country_code":"US","amount":25.0},"timestamp_ms":1700000000000,"headers":{"user-agent":"Mozilla/5.0 (X11; Linux x86_64)"}}
+{"key":"user-2","value":{"country_code":"FR","amount":5.5},"timestamp_ms":1700000001000,"headers":{"user-agent":"Googlebot/2.1 (+http://www.google.com/bot.html)"}}
+{"key":"user-1","value":{"country_code":"DE","amount":12.0},"timestamp_ms":1700000030000,"headers":{"user-agent":"curl/8.5.0"}}
+{"key":"user-3","value":{"country_code":"US","amount":3.0},"timestamp_ms":1700000059000,"headers":{"user-agent":"Baiduspider"}}
+{"key":"user-2","value":{"country_code":"FR","amount":40.0},"timestamp_ms":1700000075000,"headers":{"user-agent":"Mozilla/5.0 (Macintosh)"}}
+{"key":"user-1","value":{"country_code":"JP","amount":7.25},"timestamp_ms":1700000130000,"headers":{"user-agent":"Mozilla/5.0 (iPhone)"},"route":"mobile"}
+"#;
+
+fn line(n: usize) -> &'static str {
+    EVENTS.lines().nth(n - 1).expect("fixture line")
+}
+
+/// Runs `weir ARGS` in `dir`.
+fn weir(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .current_dir(dir)
+        .env("WEIR_LOG", "warn")
+        .output()
+        .expect("run weir")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "weir failed ({}):\n{}",
+        output.status,
+        stderr(&output)
+    );
+    stdout(&output)
+}
+
+/// Asserts exit code 1 with exactly one `error:` line, and returns it; never a panic.
+fn error_line(output: Output) -> String {
+    assert_eq!(output.status.code(), Some(1), "stderr: {}", stderr(&output));
+    let stderr = stderr(&output);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    errors[0].to_owned()
+}
+
+/// A scratch directory holding `events.jsonl`.
+fn scratch() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("events.jsonl"), EVENTS).expect("write events");
+    dir
+}
+
+#[test]
+fn test_prints_exactly_the_kept_events() {
+    let dir = scratch();
+    let output = weir(
+        dir.path(),
+        &["test", plugins::DROP_BOTS, "--input", "events.jsonl"],
+    );
+    let err = stderr(&output);
+    let out = ok(output);
+    let expected = [line(1), line(3), line(5), line(6)]
+        .map(|l| format!("{l}\n"))
+        .concat();
+    assert_eq!(out, expected);
+    assert!(
+        err.contains("weir test: 6 events in, 4 out, 0 dead-lettered, 0 late (1 stage)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn test_runs_a_chain_of_three_with_config_and_window() {
+    let dir = scratch();
+    let out = ok(weir(
+        dir.path(),
+        &[
+            "test",
+            plugins::DROP_BOTS,
+            plugins::GEO_ENRICH,
+            plugins::COUNT_SUM,
+            "--input",
+            "events.jsonl",
+            "--with",
+            r#"geo_enrich:table={ US = "United States", FR = "France", DE = "Germany" }"#,
+            "--window",
+            "tumbling:60s",
+        ],
+    ));
+    // user-1: 25.0 + 12.0 in the first minute window; user-2: 40.0; user-1: 7.25 (flushed at
+    // end of input). The bots (lines 2 and 4) never reach the aggregate.
+    assert_eq!(
+        out,
+        concat!(
+            r#"{"key":"user-1","value":{"count":2,"sum":37.0,"start_ms":1699999980000,"end_ms":1700000040000},"timestamp_ms":1700000039999}"#,
+            "\n",
+            r#"{"key":"user-2","value":{"count":1,"sum":40.0,"start_ms":1700000040000,"end_ms":1700000100000},"timestamp_ms":1700000099999}"#,
+            "\n",
+            r#"{"key":"user-1","value":{"count":1,"sum":7.25,"start_ms":1700000100000,"end_ms":1700000160000},"timestamp_ms":1700000159999}"#,
+            "\n",
+        )
+    );
+}
+
+#[test]
+fn test_enrich_output_has_header_and_route() {
+    let dir = scratch();
+    let out = ok(weir(
+        dir.path(),
+        &[
+            "test",
+            plugins::GEO_ENRICH,
+            "--input",
+            "events.jsonl",
+            "--with",
+            r#"table={ US = "United States" }"#,
+            "--batch",
+            "2",
+        ],
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 6);
+    assert_eq!(
+        lines[0],
+        r#"{"key":"user-1","value":{"country_code":"US","amount":25.0},"timestamp_ms":1700000000000,"headers":{"user-agent":"Mozilla/5.0 (X11; Linux x86_64)","country":"United States"},"route":"us"}"#
+    );
+    // Not in the table: passed through unchanged.
+    assert_eq!(lines[1], line(2));
+    assert_eq!(lines[5], line(6));
+}
+
+#[test]
+fn test_reports_a_poison_event_and_delivers_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = "{\"value\":\"fine\",\"timestamp_ms\":1}\n\n{\"value\":\"poison pill\",\"timestamp_ms\":2}\n{\"value\":\"also fine\",\"timestamp_ms\":3}\n";
+    std::fs::write(dir.path().join("in.jsonl"), input).expect("write");
+    let output = weir(
+        dir.path(),
+        &["test", plugins::PANIC_ON_MARK, "--input", "in.jsonl"],
+    );
+    let err = stderr(&output);
+    let out = ok(output);
+    assert_eq!(
+        out,
+        "{\"value\":\"fine\",\"timestamp_ms\":1}\n{\"value\":\"also fine\",\"timestamp_ms\":3}\n"
+    );
+    let dead: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("dead letter: "))
+        .collect();
+    assert_eq!(dead.len(), 1, "{err}");
+    assert!(
+        dead[0].starts_with("dead letter: stage `panic_on_mark` (plugin `panic_on_mark` "),
+        "{}",
+        dead[0]
+    );
+    // Line 3 of the file (line 2 is blank), with the trap and the guest's panic message.
+    assert!(
+        dead[0].contains("), in.jsonl:3: plugin `panic_on_mark` "),
+        "{}",
+        dead[0]
+    );
+    assert!(dead[0].contains(": trapped: wasm trap: "), "{}", dead[0]);
+    assert!(
+        dead[0].contains("poison event at timestamp 2"),
+        "{}",
+        dead[0]
+    );
+    assert!(
+        err.contains("  event: {\"value\":\"poison pill\",\"timestamp_ms\":2}"),
+        "{err}"
+    );
+    assert!(
+        err.contains("weir test: 3 events in, 2 out, 1 dead-lettered, 0 late (1 stage)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_loop_and_an_allocation_bomb_are_dead_letters_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input =
+        "{\"value\":\"poison\",\"timestamp_ms\":1}\n{\"value\":\"ok\",\"timestamp_ms\":2}\n";
+    std::fs::write(dir.path().join("in.jsonl"), input).expect("write");
+    for (plugin, error) in [
+        (plugins::LOOP_FOREVER, "exceeded its 50 ms deadline"),
+        (plugins::ALLOC_UNBOUNDED, "memory cap of 16 MiB reached"),
+    ] {
+        let output = weir(
+            dir.path(),
+            &[
+                "test",
+                plugin,
+                "--input",
+                "in.jsonl",
+                "--deadline-ms",
+                "50",
+                "--memory-mib",
+                "16",
+            ],
+        );
+        let err = stderr(&output);
+        assert_eq!(
+            ok(output),
+            "{\"value\":\"ok\",\"timestamp_ms\":2}\n",
+            "{plugin}"
+        );
+        assert!(err.contains("in.jsonl:1: plugin `"), "{err}");
+        assert!(err.contains(error), "{plugin}: {err}");
+    }
+}
+
+#[test]
+fn bad_plugins_are_clear_errors() {
+    let dir = scratch();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::write(path("text.wasm"), "hello").expect("write");
+    std::fs::write(path("core.wasm"), wat::parse_str("(module)").expect("wat")).expect("write");
+    let run = |plugin: &str, extra: &[&str]| {
+        let mut args = vec!["test", plugin, "--input", "events.jsonl"];
+        args.extend_from_slice(extra);
+        error_line(weir(dir.path(), &args))
+    };
+    assert_eq!(
+        run(&path("text.wasm"), &[]),
+        format!(
+            "error: plugin `text` ({}): not a wasm binary (no `\\0asm` header)",
+            path("text.wasm")
+        )
+    );
+    assert_eq!(
+        run(&path("core.wasm"), &[]),
+        format!(
+            "error: plugin `core` ({}): is a core wasm module, not a component: build it for wasm32-wasip2",
+            path("core.wasm")
+        )
+    );
+    assert!(run(&path("missing.wasm"), &[]).starts_with(&format!(
+        "error: plugin `missing` ({}): cannot read the file: ",
+        path("missing.wasm")
+    )));
+    let init = run(plugins::BAD_INIT, &["--with", "fail=true"]);
+    assert!(init.starts_with("error: plugin `bad_init` "), "{init}");
+    assert!(
+        init.ends_with(
+            ": init refused the config: config: `fail` is true: bad-init refuses to start"
+        ),
+        "{init}"
+    );
+    assert_eq!(
+        run(plugins::COUNT_SUM, &[]),
+        "error: plugin `count_sum` is an aggregate: pass --window (e.g. --window tumbling:60s)"
+    );
+    assert!(
+        run(plugins::COUNT_SUM, &["--window", "tumbling:soon"])
+            .starts_with("error: bad window `tumbling:soon`: "),
+    );
+    assert_eq!(
+        run(plugins::DROP_BOTS, &["--window", "tumbling:60s"]),
+        "error: --window is for aggregate plugins, and none is given"
+    );
+    assert_eq!(
+        run(plugins::DROP_BOTS, &["--with", "nope"]),
+        "error: --with `nope`: expected KEY=VALUE or PLUGIN:KEY=VALUE"
+    );
+}
+
+#[test]
+fn bad_input_lines_name_file_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            "{\"value\":1}\n{\"vaule\":1}\n",
+            "in.jsonl:2: unknown field `vaule`",
+        ),
+        (
+            "{\"value\":1}\n\nnot json\n",
+            "in.jsonl:3: expected ident at line 1 column 2",
+        ),
+        (
+            "{\"timestamp_ms\":1}\n",
+            "in.jsonl:1: missing `value` (or `value_text`, `value_b64`)",
+        ),
+        (
+            "{\"value\":1,\"key_b64\":\"***\"}\n",
+            "in.jsonl:1: `key_b64` is not valid base64",
+        ),
+    ];
+    for (input, expected) in cases {
+        std::fs::write(dir.path().join("in.jsonl"), input).expect("write");
+        let output = weir(
+            dir.path(),
+            &["test", plugins::DROP_BOTS, "--input", "in.jsonl"],
+        );
+        assert!(output.stdout.is_empty(), "no partial output for {input:?}");
+        let error = error_line(output);
+        assert!(error.starts_with(&format!("error: {expected}")), "{error}");
+    }
+    let error = error_line(weir(
+        dir.path(),
+        &["test", plugins::DROP_BOTS, "--input", "absent.jsonl"],
+    ));
+    assert!(
+        error.starts_with("error: cannot open input absent.jsonl: "),
+        "{error}"
+    );
+}
+
+#[test]
+fn bench_reports_both_sides_and_their_ratio() {
+    let dir = scratch();
+    let out = ok(weir(
+        dir.path(),
+        &[
+            "bench",
+            plugins::DROP_BOTS,
+            "--events",
+            "3000",
+            "--batch",
+            "256",
+        ],
+    ));
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows.len(), 4, "{out}");
+    assert!(
+        rows[0].contains("events/s") && rows[0].contains("batch p99"),
+        "{out}"
+    );
+    // One event in ten is a crawler: both sides keep 2700 of 3000.
+    assert!(
+        rows[1].starts_with("  plugin (wasm)") && rows[1].ends_with(" 2700"),
+        "{out}"
+    );
+    assert!(
+        rows[2].starts_with("  native Rust") && rows[2].ends_with(" 2700"),
+        "{out}"
+    );
+    assert!(rows[3].starts_with("  wasm / native: "), "{out}");
+}
+
+#[test]
+fn demo_runs_the_embedded_examples() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = ok(weir(
+        dir.path(),
+        &["demo", "--events", "10000", "--out", "windows.jsonl"],
+    ));
+    // 10 000 events, one every 10 ms: 100 s of event time over two minute-aligned windows;
+    // users 9, 19, ... 99 are the crawlers, so 90 users x 2 windows remain.
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let row = |stage: &str| {
+        rows.iter()
+            .find(|r| r.first() == Some(&stage))
+            .map(|r| r[1..5].join(" "))
+    };
+    assert_eq!(row("drop_bots").as_deref(), Some("10000 9000 0 0"), "{out}");
+    assert_eq!(row("geo_enrich").as_deref(), Some("9000 9000 0 0"), "{out}");
+    assert_eq!(row("count_sum").as_deref(), Some("9000 180 0 0"), "{out}");
+    let windows = std::fs::read_to_string(dir.path().join("windows.jsonl")).expect("output file");
+    assert_eq!(windows.lines().count(), 180);
+}
+
+/// The plugins' shared target directory, so that scaffolded crates reuse compiled dependencies.
+fn plugin_target_dir() -> PathBuf {
+    Path::new(plugins::DROP_BOTS)
+        .ancestors()
+        .nth(3)
+        .expect("<target>/plugins/wasm32-wasip2/release/x.wasm")
+        .to_path_buf()
+}
+
+/// `weir new KIND NAME`, `weir build NAME`, then the scaffold's own `cargo test`; returns the
+/// path of the component copied into `dir`.
+fn scaffold(dir: &Path, kind: &str, name: &str) -> PathBuf {
+    let created = ok(weir(dir, &["new", kind, name]));
+    assert!(created.starts_with("created "), "{created}");
+    let target = plugin_target_dir();
+    let build = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["build", name])
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .expect("run weir build");
+    let built = ok(build);
+    let wasm = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(
+        built.starts_with(&format!(
+            "built {kind} plugin `{}` ",
+            name.replace('-', "_")
+        )),
+        "{built}"
+    );
+    assert!(wasm.is_file(), "{built}");
+    let test = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .arg("test")
+        .current_dir(dir.join(name))
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .expect("run cargo test");
+    assert!(
+        test.status.success(),
+        "the scaffold's own test failed:\n{}",
+        stderr(&test)
+    );
+    wasm
+}
+
+#[test]
+fn new_build_test_bench_a_filter() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wasm = scaffold(dir.path(), "filter", "big-orders");
+    let out = ok(weir(
+        dir.path(),
+        &[
+            "test",
+            &wasm.display().to_string(),
+            "--input",
+            "big-orders/sample.jsonl",
+            "--with",
+            "min_amount=10",
+        ],
+    ));
+    let sample =
+        std::fs::read_to_string(dir.path().join("big-orders/sample.jsonl")).expect("sample");
+    let kept: Vec<&str> = sample
+        .lines()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            v["value"]["amount"].as_f64().is_some_and(|a| a >= 10.0)
+        })
+        .collect();
+    assert_eq!(kept.len(), 3);
+    assert_eq!(out.lines().collect::<Vec<_>>(), kept);
+    let error = error_line(weir(dir.path(), &["new", "filter", "big-orders"]));
+    assert_eq!(error, "error: ./big-orders already exists");
+}
+
+#[test]
+fn new_build_test_an_enrich() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wasm = scaffold(dir.path(), "enrich", "tagger");
+    let out = ok(weir(
+        dir.path(),
+        &[
+            "test",
+            &wasm.display().to_string(),
+            "--input",
+            "tagger/sample.jsonl",
+            "--with",
+            "header=team",
+        ],
+    ));
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 6);
+    for event in &lines {
+        assert_eq!(event["headers"]["team"], "tagger");
+        let code = event["value"]["country_code"].as_str().expect("code");
+        assert_eq!(event["route"], code.to_ascii_lowercase());
+    }
+}
+
+#[test]
+fn new_build_test_an_aggregate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wasm = scaffold(dir.path(), "aggregate", "totals");
+    let out = ok(weir(
+        dir.path(),
+        &[
+            "test",
+            &wasm.display().to_string(),
+            "--input",
+            "totals/sample.jsonl",
+            "--window",
+            "tumbling:60s",
+        ],
+    ));
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let events: u64 = lines
+        .iter()
+        .filter_map(|l| l["value"]["events"].as_u64())
+        .sum();
+    assert_eq!(events, 6, "{out}");
+    let bench = ok(weir(
+        dir.path(),
+        &[
+            "bench",
+            &wasm.display().to_string(),
+            "--events",
+            "2000",
+            "--window",
+            "tumbling:1s",
+        ],
+    ));
+    assert!(bench.contains("wasm / native: "), "{bench}");
+}
