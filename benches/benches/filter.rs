@@ -1,0 +1,174 @@
+//! Per-event cost of a filter, three ways, in one run (DESIGN §8), on 256 B events:
+//!
+//! - `native`: drop-bots' check as a Rust closure over the verified batch, building the same
+//!   keep-bitmap ([`weir::baseline::NativeFilter::bitmap`]); the batch is verified per call, as
+//!   the plugin path verifies it.
+//! - `batch_abi/B`: weir's batch ABI, one component call per batch of B events (B = 1, 16, 256,
+//!   1024, 4096): the drop-bots plugin through [`weir::pipeline::Stage::filter_bitmap`] (verify,
+//!   copy in, call, bitmap out).
+//! - `record_per_event`: one component call per event with the event as a typed record, the
+//!   shape Redpanda Data Transforms and most plugin systems use (`benches/wit/record.wit`, the
+//!   record-filter plugin, the same check).
+//!
+//! Every variant processes the same events and reports throughput in events, so criterion's
+//! time per element is the per-event cost. Run: `cargo bench -p weir-benches --bench filter`.
+
+// criterion_group! and criterion_main! generate undocumented public functions.
+#![allow(missing_docs)]
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use std::hint::black_box;
+use std::time::Duration;
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Engine, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use weir::baseline::NativeFilter;
+use weir::pipeline::Stage;
+use weir::runtime::{Runtime, RuntimeConfig, StageConfig};
+use weir::workload::WorkloadSpec;
+use weir_format::Batch;
+
+mod plugins {
+    include!(concat!(env!("OUT_DIR"), "/plugin_paths.rs"));
+}
+
+/// The bench-only per-event world.
+mod record {
+    wasmtime::component::bindgen!({ path: "wit/record.wit", world: "record-filter" });
+}
+
+/// Events per measured iteration: a multiple of every batch size.
+const EVENTS: u64 = 16_384;
+const BATCH_SIZES: [usize; 5] = [1, 16, 256, 1024, 4096];
+
+fn workload() -> WorkloadSpec {
+    WorkloadSpec {
+        events: EVENTS,
+        value_size: 256,
+        ..WorkloadSpec::default()
+    }
+}
+
+/// The record-filter component with a sandboxed WASI context (no files, env or network).
+struct RecordFilter {
+    store: Store<Ctx>,
+    bindings: record::RecordFilter,
+}
+
+struct Ctx {
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+impl WasiView for Ctx {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl RecordFilter {
+    fn new() -> Self {
+        let engine = Engine::default();
+        let component = Component::from_file(&engine, plugins::RECORD_FILTER).expect("component");
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).expect("wasi");
+        let ctx = Ctx {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+        };
+        let mut store = Store::new(&engine, ctx);
+        let bindings =
+            record::RecordFilter::instantiate(&mut store, &component, &linker).expect("instance");
+        RecordFilter { store, bindings }
+    }
+
+    /// One call per event; the host lifts each event into the record, as such systems do.
+    fn run(&mut self, batch: &Batch<'_>) -> usize {
+        let mut kept = 0;
+        for event in batch.iter() {
+            let record = record::Event {
+                key: event.key().map(<[u8]>::to_vec),
+                value: event.value().to_vec(),
+                timestamp_ms: event.timestamp_ms(),
+                headers: event
+                    .headers()
+                    .map(|(n, v)| (n.to_owned(), v.to_vec()))
+                    .collect(),
+            };
+            if self
+                .bindings
+                .call_filter(&mut self.store, &record)
+                .expect("call")
+            {
+                kept += 1;
+            }
+        }
+        kept
+    }
+}
+
+fn filter(c: &mut Criterion) {
+    let spec = workload();
+    let mut group = c.benchmark_group("filter_256B");
+    group.throughput(Throughput::Elements(EVENTS));
+
+    let batches = spec.batches(1024);
+    group.bench_function("native", |b| {
+        b.iter(|| {
+            for batch in &batches {
+                let view = Batch::verify(batch).expect("valid");
+                black_box(NativeFilter::bitmap(&view));
+            }
+        })
+    });
+
+    let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
+    let plugin = runtime.load_file(plugins::DROP_BOTS).expect("drop_bots");
+    let mut stage = Stage::new(&plugin, StageConfig::new("drop_bots"), None).expect("stage");
+    for size in BATCH_SIZES {
+        let batches = spec.batches(size);
+        group.bench_with_input(
+            BenchmarkId::new("batch_abi", size),
+            &batches,
+            |b, batches| {
+                b.iter(|| {
+                    for batch in batches {
+                        black_box(stage.filter_bitmap(batch).expect("filter"));
+                    }
+                })
+            },
+        );
+    }
+
+    let mut record = RecordFilter::new();
+    let batches = spec.batches(1024);
+    // The three variants must agree before their times mean anything.
+    for batch in &batches {
+        let view = Batch::verify(batch).expect("valid");
+        let native = NativeFilter::bitmap(&view);
+        assert_eq!(stage.filter_bitmap(batch).expect("filter"), native);
+        assert_eq!(record.run(&view), native.count());
+    }
+    group.bench_function("record_per_event", |b| {
+        b.iter(|| {
+            for batch in &batches {
+                let view = Batch::verify(batch).expect("valid");
+                black_box(record.run(&view));
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    targets = filter
+}
+criterion_main!(benches);
