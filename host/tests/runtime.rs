@@ -6,9 +6,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use weir::pipeline::{Chain, DeadLetter, Stage, WindowConfig, WindowState};
-use weir::runtime::{Limits, Plugin, PluginError, PluginKind, Runtime, RuntimeConfig, StageConfig};
-use weir_format::{Batch, Event, encode};
+use weir::pipeline::{Chain, DeadLetter, Stage, WindowConfig, WindowId, WindowKind, WindowState};
+use weir::runtime::{
+    Group, Limits, Plugin, PluginError, PluginKind, Runtime, RuntimeConfig, StageConfig, Window,
+};
+use weir_format::{Batch, BatchBuilder, Event, encode};
 
 /// Every plugin of plugins/, built once per test run by host/build.rs.
 mod plugins {
@@ -25,6 +27,7 @@ fn wasm(name: &str) -> PathBuf {
         "loop_forever" => plugins::LOOP_FOREVER,
         "alloc_unbounded" => plugins::ALLOC_UNBOUNDED,
         "bad_init" => plugins::BAD_INIT,
+        "bad_finish" => plugins::BAD_FINISH,
         "record_filter" => plugins::RECORD_FILTER,
         other => panic!("no plugin `{other}` in plugins/"),
     };
@@ -62,6 +65,17 @@ fn sources(batch: &[u8]) -> Vec<u32> {
         .iter()
         .map(|e| e.source())
         .collect()
+}
+
+/// A batch of `events` whose `source` fields are `first`, `first + 1`, ... (as if an
+/// upstream stage had numbered them).
+fn sourced(events: &[Event], first: u32) -> Vec<u8> {
+    let plain = encode(events);
+    let mut builder = BatchBuilder::new();
+    for (i, event) in Batch::verify(&plain).expect("a batch").iter().enumerate() {
+        builder.push_ref(&event, first + i as u32);
+    }
+    builder.finish()
 }
 
 fn visit(ua: Option<&str>, t: i64) -> Event {
@@ -301,7 +315,8 @@ fn drop_bots_keeps_exactly_the_humans() {
         visit(Some("Mozilla/5.0 (compatible; Bingbot/2.0)"), 8),
         visit(Some("Safari"), 9),
     ];
-    let batch = encode(&input);
+    // Sources as an upstream stage set them: a filter passes them on unchanged.
+    let batch = sourced(&input, 10);
     let mut stage = stage("drop_bots", StageConfig::new("bots"));
 
     let bitmap = stage.filter_bitmap(&batch).expect("filter");
@@ -315,13 +330,14 @@ fn drop_bots_keeps_exactly_the_humans() {
         input[8].clone(),
     ];
     assert_eq!(events(&out.batch), kept);
-    assert_eq!(sources(&out.batch), vec![0, 2, 5, 8]);
+    assert_eq!(sources(&out.batch), vec![10, 12, 15, 18]);
     assert!(out.dead_letters.is_empty());
     assert!(out.late.is_empty());
 
-    // All kept: the batch passes through as it came; none kept: an empty batch.
-    let humans = encode(&kept);
+    // All kept: the batch passes through as it came, sources too; none kept: an empty batch.
+    let humans = sourced(&kept, 7);
     assert_eq!(stage.process(&humans).expect("process").batch, humans);
+    assert_eq!(sources(&humans), vec![7, 8, 9, 10]);
     let bots = encode(&[visit(Some("bot"), 1), visit(Some("spider"), 2)]);
     assert!(events(&stage.process(&bots).expect("process").batch).is_empty());
     // An empty batch calls nothing and returns an empty batch.
@@ -388,7 +404,7 @@ fn geo_enrich_isolates_a_value_that_is_not_json() {
     assert_eq!((dead.index, &dead.event), (1, &input[1]));
     assert!(
         dead.error.starts_with(&format!(
-            "plugin `geo_enrich` {}: enrich failed: event 0: ",
+            "plugin `geo_enrich` {}: enrich failed: event 1: ",
             p.version()
         )),
         "{}",
@@ -505,7 +521,7 @@ fn count_sum_isolates_an_event_without_the_field() {
     assert_eq!(
         dead.error,
         format!(
-            "plugin `count_sum` {}: fold failed: event 0: `amount` is not a number",
+            "plugin `count_sum` {}: fold failed: event 1: `amount` is not a number",
             p.version()
         )
     );
@@ -532,7 +548,10 @@ fn window_state_survives_a_restart() {
 
     let mut after = count_sum("tumbling:1m");
     let restored = WindowState::from_bytes(config, &saved).expect("state");
-    after.replace_window_state(restored);
+    let previous = after
+        .replace_window_state(restored)
+        .expect("a valid window config");
+    assert_eq!(previous.map(|s| s.open_windows()), Some(0));
     let out = after
         .process(&encode(&[
             amount("a", 59_000, 0.5),
@@ -601,7 +620,9 @@ fn isolates_the_poison(name: &str, limits: Limits) -> DeadLetter {
     let p = plugin(name);
     let mut stage = Stage::new(&p, StageConfig::new("guard").limits(limits), None).expect(name);
     let input = marked(&["a", "b", "the poison pill", "d", "e"]);
-    let out = stage.process(&encode(&input)).expect("the stage survives");
+    let out = stage
+        .process(&sourced(&input, 100))
+        .expect("the stage survives");
     let delivered = vec![
         input[0].clone(),
         input[1].clone(),
@@ -609,7 +630,7 @@ fn isolates_the_poison(name: &str, limits: Limits) -> DeadLetter {
         input[4].clone(),
     ];
     assert_eq!(events(&out.batch), delivered);
-    assert_eq!(sources(&out.batch), vec![0, 1, 3, 4]);
+    assert_eq!(sources(&out.batch), vec![100, 101, 103, 104]);
     assert_eq!(out.dead_letters.len(), 1, "{:?}", out.dead_letters);
     let dead = out.dead_letters[0].clone();
     assert_eq!(dead.index, 2);
@@ -732,6 +753,351 @@ fn traps_never_exhaust_the_pool() {
         .instantiate(StageConfig::new("t3"))
         .expect_err("pool full");
     assert!(matches!(e, PluginError::Instantiate { .. }), "{e}");
+}
+
+fn bad_finish(limits: Limits) -> Stage {
+    Stage::new(
+        &plugin("bad_finish"),
+        StageConfig::new("counts").limits(limits),
+        Some("tumbling:1m".parse().expect("window")),
+    )
+    .expect("bad_finish")
+}
+
+/// What bad-finish emits for a window.
+fn count(key: &str, end_ms: i64, n: u64) -> Event {
+    Event::new(format!("count={n}"), end_ms - 1).with_key(key)
+}
+
+#[test]
+fn an_aggregate_isolates_a_fold_that_traps() {
+    let p = plugin("bad_finish");
+    let mut stage = bad_finish(Limits::default());
+    let input = vec![
+        Event::new("x", 1_000).with_key("a"),
+        Event::new("poison", 2_000).with_key("a"),
+        Event::new("y", 3_000).with_key("b"),
+    ];
+    let out = stage.process(&encode(&input)).expect("the stage survives");
+    assert_eq!(out.dead_letters.len(), 1, "{:?}", out.dead_letters);
+    let dead = &out.dead_letters[0];
+    assert_eq!(
+        (dead.index, &dead.event, &dead.window),
+        (1, &input[1], &None)
+    );
+    let prefix = format!(
+        "plugin `bad_finish` {}: trapped: wasm trap: wasm `unreachable` instruction executed \
+         (panicked at bad-finish/src/lib.rs:",
+        p.version()
+    );
+    assert!(dead.error.starts_with(&prefix), "{}", dead.error);
+    assert!(
+        dead.error.ends_with(": poison event at timestamp 2000)"),
+        "{}",
+        dead.error
+    );
+    // The poison event was folded nowhere; the others were, once.
+    let flushed = stage.flush().expect("flush");
+    assert_eq!(
+        events(&flushed.batch),
+        vec![count("a", 60_000, 1), count("b", 60_000, 1)]
+    );
+}
+
+#[test]
+fn an_aggregate_isolates_a_fold_that_never_returns() {
+    let p = plugin("bad_finish");
+    let mut stage = bad_finish(Limits {
+        deadline: Duration::from_millis(20),
+        ..Limits::default()
+    });
+    let input = vec![
+        Event::new("x", 1_000).with_key("a"),
+        Event::new("forever", 2_000).with_key("a"),
+        Event::new("y", 3_000).with_key("a"),
+    ];
+    let out = stage.process(&encode(&input)).expect("the stage survives");
+    assert_eq!(out.dead_letters.len(), 1, "{:?}", out.dead_letters);
+    assert_eq!(out.dead_letters[0].index, 1);
+    assert_eq!(
+        out.dead_letters[0].error,
+        format!(
+            "plugin `bad_finish` {}: exceeded its 20 ms deadline",
+            p.version()
+        )
+    );
+    let flushed = stage.flush().expect("flush");
+    assert_eq!(events(&flushed.batch), vec![count("a", 60_000, 2)]);
+}
+
+#[test]
+fn finish_isolation_dead_letters_only_the_failing_windows() {
+    let p = plugin("bad_finish");
+    let mut stage = bad_finish(Limits::default());
+    let keys = ["refuse", "a", "poison", "b"];
+    let input: Vec<Event> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| Event::new("x", 1_000 * i as i64).with_key(*key))
+        .collect();
+    stage.process(&encode(&input)).expect("fold");
+    // An event at 61 s finishes the four windows [0, 60 s), in key order: a, b, poison, refuse.
+    let out = stage
+        .process(&encode(&[Event::new("x", 61_000).with_key("c")]))
+        .expect("finish");
+    assert_eq!(
+        events(&out.batch),
+        vec![count("a", 60_000, 1), count("b", 60_000, 1)]
+    );
+    assert_eq!(sources(&out.batch), vec![0, 1]);
+    assert_eq!(out.dead_letters.len(), 2, "{:?}", out.dead_letters);
+    let window = |key: &str| WindowId {
+        key: Some(key.as_bytes().to_vec()),
+        start_ms: 0,
+        end_ms: 60_000,
+    };
+
+    let poison = &out.dead_letters[0];
+    assert_eq!(poison.index, 2);
+    assert_eq!(poison.window, Some(window("poison")));
+    assert_eq!(poison.event.key.as_deref(), Some(&b"poison"[..]));
+    assert_eq!(poison.event.timestamp_ms, 0);
+    assert!(!poison.event.value.is_empty(), "the accumulator");
+    assert!(
+        poison.error.ends_with(": poison window starting at 0)"),
+        "{}",
+        poison.error
+    );
+    assert_eq!(
+        (poison.plugin.as_str(), poison.stage.as_str()),
+        ("bad_finish", "counts")
+    );
+
+    // The plugin said `window 0` (it saw the window alone); the dead letter says which.
+    let refused = &out.dead_letters[1];
+    assert_eq!(refused.index, 3);
+    assert_eq!(refused.window, Some(window("refuse")));
+    assert_eq!(
+        refused.error,
+        format!(
+            "plugin `bad_finish` {}: finish failed: window 3: refused",
+            p.version()
+        )
+    );
+    // Finished and dead-lettered windows left the state; `c`'s is open.
+    assert_eq!(stage.window_state().map(WindowState::open_windows), Some(1));
+    // The same through a flush.
+    let mut stage = bad_finish(Limits::default());
+    stage.process(&encode(&input)).expect("fold");
+    let flushed = stage.flush().expect("flush");
+    assert_eq!(
+        events(&flushed.batch),
+        vec![count("a", 60_000, 1), count("b", 60_000, 1)]
+    );
+    let indices: Vec<usize> = flushed.dead_letters.iter().map(|d| d.index).collect();
+    assert_eq!(indices, vec![2, 3]);
+}
+
+/// A JSON value of exactly `size` bytes that geo-enrich maps to France.
+fn french(size: usize) -> String {
+    let head = r#"{"country_code":"FR","pad":""#;
+    let tail = r#""}"#;
+    format!("{head}{}{tail}", "x".repeat(size - head.len() - tail.len()))
+}
+
+#[test]
+fn an_enrich_that_hits_its_memory_cap_is_isolated() {
+    let p = plugin("geo_enrich");
+    let limits = Limits {
+        memory_bytes: 8 << 20,
+        ..Limits::default()
+    };
+    let config = StageConfig::new("geo")
+        .with("table", serde_json::json!({"FR": "France"}))
+        .limits(limits);
+    let mut stage = stage("geo_enrich", config);
+    let input = vec![
+        Event::new(french(100), 1),
+        Event::new(french(9 << 20), 2),
+        Event::new(french(200), 3),
+    ];
+    let out = stage.process(&encode(&input)).expect("the stage survives");
+    let fr = |e: &Event| e.clone().with_header("country", "France").with_route("fr");
+    assert_eq!(events(&out.batch), vec![fr(&input[0]), fr(&input[2])]);
+    assert_eq!(sources(&out.batch), vec![0, 2]);
+    assert_eq!(out.dead_letters.len(), 1);
+    assert_eq!(out.dead_letters[0].index, 1);
+    assert_eq!(
+        out.dead_letters[0].error,
+        format!(
+            "plugin `geo_enrich` {}: memory cap of 8 MiB reached",
+            p.version()
+        )
+    );
+}
+
+#[test]
+fn isolated_output_is_bounded_by_the_memory_limit() {
+    let p = plugin("geo_enrich");
+    let limits = Limits {
+        memory_bytes: 8 << 20,
+        ..Limits::default()
+    };
+    let config = StageConfig::new("geo")
+        .with("table", serde_json::json!({"FR": "France"}))
+        .limits(limits);
+    let mut stage = stage("geo_enrich", config);
+    // 20 events of 512 KiB: 10 MiB do not fit the instance, so the batch is retried event by
+    // event; each output is a little over 512 KiB, so 15 of them fit in 8 MiB and the 16th
+    // does not.
+    let input: Vec<Event> = (0..20).map(|i| Event::new(french(512 << 10), i)).collect();
+    let out = stage.process(&encode(&input)).expect("the stage survives");
+    assert_eq!(events(&out.batch).len(), 15);
+    assert_eq!(sources(&out.batch), (0..15).collect::<Vec<u32>>());
+    let indices: Vec<usize> = out.dead_letters.iter().map(|d| d.index).collect();
+    assert_eq!(indices, (15..20).collect::<Vec<usize>>());
+    for dead in &out.dead_letters {
+        assert_eq!(dead.event, input[dead.index]);
+        assert_eq!(
+            dead.error,
+            format!(
+                "plugin `geo_enrich` {}: output of the batch retried one by one exceeds the \
+                 stage's memory limit of 8 MiB",
+                p.version()
+            )
+        );
+    }
+}
+
+#[test]
+fn a_chain_hands_back_what_a_failed_stage_did_not_process() {
+    // A pool of two: one instance per stage, none to spare.
+    let runtime = Runtime::new(RuntimeConfig {
+        max_instances: 2,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let sum = runtime.load_file(wasm("count_sum")).expect("count_sum");
+    let guard = runtime
+        .load_file(wasm("panic_on_mark"))
+        .expect("panic_on_mark");
+    let mut chain = Chain::new(vec![
+        Stage::new(
+            &sum,
+            StageConfig::new("totals"),
+            Some("tumbling:10s".parse().expect("window")),
+        )
+        .expect("aggregate"),
+        Stage::new(&guard, StageConfig::new("guard"), None).expect("filter"),
+    ]);
+    let first = chain
+        .process(&encode(&[
+            amount("alice", 1_000, 10.0),
+            amount("bob", 2_000, 5.0),
+        ]))
+        .expect("first batch");
+    assert!(events(&first.batch).is_empty());
+
+    // The guard's instance traps (freeing its pool slot) and another instance takes the slot:
+    // the guard cannot run until it is given back.
+    let trapped = chain.stages_mut()[1]
+        .instance_mut()
+        .filter(&encode(&[Event::new("poison", 1)]));
+    assert!(
+        matches!(trapped, Err(PluginError::Trap { .. })),
+        "{trapped:?}"
+    );
+    let squatter = guard
+        .instantiate(StageConfig::new("squatter"))
+        .expect("the free slot");
+
+    // dave at 12 s finishes [0, 10 s): the totals are made, then the guard fails.
+    let e = chain
+        .process(&encode(&[amount("dave", 12_000, 1.0)]))
+        .expect_err("the guard cannot run");
+    assert_eq!((e.stage, e.name.as_str()), (1, "guard"));
+    assert!(matches!(e.error, PluginError::Instantiate { .. }), "{e}");
+    assert!(
+        e.to_string().starts_with(&format!(
+            "stage `guard`: plugin `panic_on_mark` {}: cannot instantiate: ",
+            guard.version()
+        )),
+        "{e}"
+    );
+    let totals = vec![
+        total("alice", 0, 10_000, 1, "10.0"),
+        total("bob", 0, 10_000, 1, "5.0"),
+    ];
+    // Nothing went through every stage; the totals are pending at the guard, and out of the
+    // aggregate's state (resuming cannot count them twice).
+    assert!(events(&e.output.batch).is_empty());
+    assert!(e.output.dead_letters.is_empty() && e.output.late.is_empty());
+    assert_eq!(events(&e.pending), totals);
+    assert_eq!(
+        chain.stages()[0]
+            .window_state()
+            .map(WindowState::open_windows),
+        Some(1)
+    );
+
+    drop(squatter);
+    let resumed = chain.resume(e.stage, &e.pending).expect("resume");
+    assert_eq!(events(&resumed.batch), totals);
+    let flushed = chain.flush().expect("flush");
+    assert_eq!(
+        events(&flushed.batch),
+        vec![total("dave", 10_000, 20_000, 1, "1.0")]
+    );
+}
+
+#[test]
+fn a_flush_without_an_instance_keeps_every_window() {
+    let runtime = Runtime::new(RuntimeConfig {
+        max_instances: 1,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let p = runtime.load_file(wasm("bad_finish")).expect("bad_finish");
+    let mut stage = Stage::new(
+        &p,
+        StageConfig::new("counts"),
+        Some("tumbling:1m".parse().expect("window")),
+    )
+    .expect("stage");
+    stage
+        .process(&encode(&[
+            Event::new("x", 1_000).with_key("a"),
+            Event::new("x", 2_000).with_key("b"),
+        ]))
+        .expect("fold");
+    // Kill the stage's instance with a raw call, and take its pool slot.
+    let group = Group {
+        window: Window {
+            key: None,
+            start_ms: 0,
+            end_ms: 60_000,
+            acc: None,
+        },
+        events: vec![0],
+    };
+    let trapped = stage
+        .instance_mut()
+        .fold(&encode(&[Event::new("poison", 1)]), &[group]);
+    assert!(
+        matches!(trapped, Err(PluginError::Trap { .. })),
+        "{trapped:?}"
+    );
+    let squatter = p.instantiate(StageConfig::new("squatter")).expect("slot");
+
+    let e = stage.flush().expect_err("no instance to finish with");
+    assert!(matches!(e, PluginError::Instantiate { .. }), "{e}");
+    assert_eq!(stage.window_state().map(WindowState::open_windows), Some(2));
+    drop(squatter);
+    let flushed = stage.flush().expect("flush");
+    assert_eq!(
+        events(&flushed.batch),
+        vec![count("a", 60_000, 1), count("b", 60_000, 1)]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -887,6 +1253,94 @@ fn stage_configs_are_checked() {
             p.version()
         )
     );
+    // A window config built in code is checked as a parsed one would be.
+    let slide_too_long = WindowConfig {
+        kind: WindowKind::Sliding {
+            size_ms: 10,
+            slide_ms: 60_000,
+        },
+        lateness_ms: 0,
+    };
+    let e = Stage::new(&sum, StageConfig::new("totals"), Some(slide_too_long))
+        .expect_err("slide longer than the window");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "plugin `count_sum` {}: stage `totals`: bad window `sliding:10ms/1m`: the slide (1m) \
+             is longer than the window (10ms): some events would be in no window",
+            sum.version()
+        )
+    );
+    let too_many = WindowConfig {
+        kind: WindowKind::Sliding {
+            size_ms: 86_400_000,
+            slide_ms: 1,
+        },
+        lateness_ms: 0,
+    };
+    let e = Stage::new(&sum, StageConfig::new("totals"), Some(too_many))
+        .expect_err("86.4 million windows per event");
+    assert!(e.to_string().contains("the cap is 1000"), "{e}");
+    let zero = WindowConfig::tumbling(Duration::from_micros(10));
+    let e = Stage::new(&sum, StageConfig::new("totals"), Some(zero)).expect_err("zero size");
+    assert!(
+        e.to_string()
+            .ends_with("bad window `tumbling:0ms`: the window size must be longer than zero"),
+        "{e}"
+    );
+    // Nor can restored state bring in a bad config.
+    let mut totals = count_sum("tumbling:1m");
+    let e = totals
+        .replace_window_state(WindowState::new(too_many))
+        .expect_err("bad config in the state");
+    assert!(e.to_string().contains("the cap is 1000"), "{e}");
+}
+
+#[test]
+fn a_deadline_longer_than_any_process_is_no_overflow() {
+    let limits = Limits {
+        deadline: Duration::MAX,
+        ..Limits::default()
+    };
+    // Let the epoch move past zero: wasmtime adds the deadline to it.
+    std::thread::sleep(Duration::from_millis(20));
+    let mut instance = plugin("drop_bots")
+        .instantiate(StageConfig::new("patient").limits(limits))
+        .expect("instance");
+    let batch = encode(&[visit(Some("curl"), 1)]);
+    assert_eq!(instance.filter(&batch).expect("filter").count(), 1);
+}
+
+#[test]
+fn fold_verifies_its_input() {
+    let p = plugin("count_sum");
+    let mut instance = p.instantiate(StageConfig::new("totals")).expect("instance");
+    let e = instance.fold(b"junk", &[]).expect_err("not a batch");
+    assert!(matches!(e, PluginError::BadInput { .. }), "{e}");
+    let group = |events: Vec<u32>| Group {
+        window: Window {
+            key: None,
+            start_ms: 0,
+            end_ms: 10,
+            acc: None,
+        },
+        events,
+    };
+    let batch = encode(&[amount("a", 1, 1.0), amount("a", 2, 2.0)]);
+    let e = instance
+        .fold(&batch, &[group(vec![0]), group(vec![1, 2])])
+        .expect_err("event 2 of 2");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "plugin `count_sum` {}: fold input: group 1 names event 2 of a batch of 2",
+            p.version()
+        )
+    );
+    let accs = instance
+        .fold(&batch, &[group(vec![0, 1])])
+        .expect("a good fold");
+    assert_eq!(accs.len(), 1);
 }
 
 #[test]

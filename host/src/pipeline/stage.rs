@@ -3,31 +3,51 @@
 //!
 //! Decisions:
 //!
+//! - **All or nothing per call.** [`Stage::process`] and [`Stage::flush`] either return `Ok`
+//!   with everything the call made of its input, or `Err` having changed nothing: no output,
+//!   no dead letter, no late event, and an aggregate's window state exactly as before the call
+//!   (accumulators folded during the call are put back as they were, windows taken out to be
+//!   finished go back in, event time goes back; see `WindowState`'s journal). The caller still
+//!   holds the input and can hand it to the stage again once the stage can run: nothing is
+//!   lost and nothing is counted twice. An `Err` is never about one event (that is a dead
+//!   letter): it means the stage cannot run (its plugin's `init` refusing the config on
+//!   recycle, the instance pool exhausted, input that is not a weir batch). This is also the
+//!   simplest rule that makes a [`super::Chain`] exact: a failed stage leaves nothing half
+//!   done.
 //! - **Poison isolation** (DESIGN §4). When the batch call fails with an event failure (a trap,
 //!   the deadline, the memory cap, the plugin's `Err`, or output that does not verify), the
 //!   instance is recycled and the batch is retried **event by event**, each event as a batch of
 //!   one. Events that fail alone become [`DeadLetter`]s (original event, its index in the
 //!   input, the error, plugin name and version, stage); every other event's output is
-//!   delivered, in input order. Errors that are not about the batch (the plugin's `init`
-//!   refusing its config on recycle, the pool exhausted) are returned as `Err`: the stage
-//!   cannot run, and the caller decides what happens to the batch.
-//! - **Filter output** is the kept events re-encoded into a new batch (`source` = the event's
-//!   index in this stage's input); when every event is kept, the input bytes are passed on as
-//!   they are, and when none is, the output is an empty batch. The bitmap itself is available
-//!   without re-encoding through [`Stage::filter_bitmap`] (benchmarks).
-//! - **Enrich output** is the plugin's batch as it returned it (verified). After isolation, the
-//!   per-event outputs are re-encoded into one batch with `source` pointing at the original
-//!   input index.
+//!   delivered, in input order. Since the plugin saw the event as the only one of its batch, a
+//!   message of the plugin's own that starts with `event 0: ` is renumbered to the event's
+//!   index in the stage's input (`window 0: ` likewise, for a window whose `finish` failed).
+//! - **Isolated output is bounded.** One call's output is bounded by the instance's memory cap,
+//!   but a batch retried event by event makes one call per event. Their outputs together may
+//!   hold at most the stage's memory limit (`Limits::memory_bytes`): the event (or window)
+//!   whose output would pass it, and every one after it, become dead letters with
+//!   [`PluginError::OutputLimit`] instead of being delivered (those after it are not even
+//!   called).
+//! - **`source`** of output events: a **filter** passes the events it keeps on unchanged,
+//!   `source` included (so that keeping every event hands on the input bytes as they are, with
+//!   no re-encoding, and keeping some copies each kept event as it is); an **enrich** sets it to
+//!   the input event's index in this stage's input, as the contract says, also after isolation
+//!   (the per-event outputs are re-encoded into one batch with `source` = the original index);
+//!   an **aggregate** sets it to the window's index among the windows finished together. When
+//!   no event is kept, a filter outputs an empty batch. The bitmap itself is available without
+//!   re-encoding through [`Stage::filter_bitmap`] (benchmarks).
 //! - **Aggregate** (see `window.rs` for the watermark rule): plan the batch's events into
-//!   (key, window) groups against the host-held [`WindowState`], `fold` with the current
-//!   accumulators, commit the new accumulators and the event time only when the fold
-//!   succeeded, then `finish` every window the watermark has passed. Late events are returned
-//!   in [`StageOutput::late`], not folded. Isolation applies to `fold` (per event, committing
-//!   each success) and to `finish` (per window; a window whose `finish` fails is a dead letter
-//!   carrying its key and accumulator, and is dropped from the state).
+//!   (key, window) groups against the host-held [`WindowState`], move the groups'
+//!   accumulators into one `fold` call, write the new accumulators and the event time back
+//!   when it succeeds (put the old ones back when it fails), then `finish` every window the
+//!   watermark has passed. Late events are returned in [`StageOutput::late`], not folded.
+//!   Isolation applies to `fold` (per event, each success written) and to `finish` (per window;
+//!   a window whose `finish` fails is a dead letter carrying its key and accumulator, and
+//!   leaves the state). A window leaves the state only with the call that finished it or
+//!   dead-lettered it, when that call returns `Ok`.
 //! - An empty batch calls no plugin.
 
-use super::window::{Plan, WindowConfig, WindowId, WindowState};
+use super::window::{Journal, Plan, WindowConfig, WindowId, WindowState};
 use crate::runtime::{Group, Instance, Plugin, PluginError, PluginKind, StageConfig, Window};
 use weir_format::{Batch, BatchBuilder, Event, EventRef, KeepBitmap};
 
@@ -88,7 +108,10 @@ impl StageOutput {
 pub struct Stage {
     instance: Instance,
     windows: Option<WindowState>,
+    /// Builds output batches.
     builder: BatchBuilder,
+    /// Builds the one-event batches of isolation.
+    scratch: BatchBuilder,
 }
 
 impl std::fmt::Debug for Stage {
@@ -101,8 +124,8 @@ impl std::fmt::Debug for Stage {
 }
 
 impl Stage {
-    /// Instantiates `plugin` for this stage. An aggregate needs a `window`; the other kinds
-    /// take none.
+    /// Instantiates `plugin` for this stage. An aggregate needs a `window`, which must be
+    /// valid ([`WindowConfig::validate`]); the other kinds take none.
     pub fn new(
         plugin: &Plugin,
         config: StageConfig,
@@ -119,7 +142,12 @@ impl Stage {
             config.name.clone()
         };
         let windows = match (plugin.kind(), window) {
-            (PluginKind::Aggregate, Some(window)) => Some(WindowState::new(window)),
+            (PluginKind::Aggregate, Some(window)) => {
+                window
+                    .validate()
+                    .map_err(|e| bad(format!("stage `{stage}`: {e}")))?;
+                Some(WindowState::new(window))
+            }
             (PluginKind::Aggregate, None) => {
                 return Err(bad(format!(
                     "stage `{stage}`: an aggregate stage needs a window (e.g. `tumbling:60s`)"
@@ -136,6 +164,7 @@ impl Stage {
             instance: plugin.instantiate(config)?,
             windows,
             builder: BatchBuilder::new(),
+            scratch: BatchBuilder::new(),
         })
     }
 
@@ -160,10 +189,21 @@ impl Stage {
     }
 
     /// Replaces the window state of an aggregate stage (after a hot swap or a restart);
-    /// returns the previous one. `None` for other kinds, which keep no state.
-    pub fn replace_window_state(&mut self, state: WindowState) -> Option<WindowState> {
-        let previous = self.windows.as_mut()?;
-        Some(std::mem::replace(previous, state))
+    /// returns the previous one, or `None` for other kinds, which keep no state. The state's
+    /// window config must be valid ([`WindowConfig::validate`]).
+    pub fn replace_window_state(
+        &mut self,
+        state: WindowState,
+    ) -> Result<Option<WindowState>, PluginError> {
+        state.config().validate().map_err(|e| PluginError::Config {
+            plugin: self.plugin().name().to_owned(),
+            version: self.plugin().version().to_owned(),
+            message: format!("stage `{}`: {e}", self.name()),
+        })?;
+        Ok(self
+            .windows
+            .as_mut()
+            .map(|previous| std::mem::replace(previous, state)))
     }
 
     /// The raw filter call: one plugin call, the bitmap as returned (length checked), no
@@ -172,34 +212,52 @@ impl Stage {
         self.instance.filter(batch)
     }
 
-    /// Runs one batch through the stage, isolating poison events.
+    /// Runs one batch through the stage, isolating poison events. All or nothing: on `Err`
+    /// the stage is as it was before the call (see the module docs).
     pub fn process(&mut self, batch: &[u8]) -> Result<StageOutput, PluginError> {
         let input = self.verified(batch)?;
         if input.is_empty() {
             return Ok(StageOutput::new(self.builder.finish()));
         }
-        match self.plugin().kind() {
-            PluginKind::Filter => self.process_filter(batch, input),
-            PluginKind::Enrich => self.process_enrich(batch, input),
-            PluginKind::Aggregate => self.process_aggregate(batch, input),
+        let result = match self.plugin().kind() {
+            PluginKind::Filter => self.process_filter(batch, &input),
+            PluginKind::Enrich => self.process_enrich(batch, &input),
+            PluginKind::Aggregate => self.process_aggregate(batch, &input),
+        };
+        if result.is_err() {
+            self.discard();
         }
+        result
     }
 
     /// End of input: an aggregate finishes every open window; other kinds output nothing.
+    /// All or nothing: on `Err` every window is still in the state.
     pub fn flush(&mut self) -> Result<StageOutput, PluginError> {
-        let windows = match self.windows.as_mut() {
-            Some(state) => state.take_all(),
-            None => Vec::new(),
+        let Some(mut state) = self.windows.take() else {
+            return Ok(StageOutput::new(self.builder.finish()));
         };
+        let mut journal = state.journal();
         let mut output = StageOutput::new(Vec::new());
-        output.batch = self.finish_windows(windows, &mut output.dead_letters)?;
-        Ok(output)
+        let finished = state.take_all();
+        let result = match self.finish_windows(finished, &mut journal, &mut output.dead_letters) {
+            Ok(batch) => {
+                output.batch = batch;
+                Ok(output)
+            }
+            Err(e) => {
+                state.rollback(journal);
+                self.discard();
+                Err(e)
+            }
+        };
+        self.windows = Some(state);
+        result
     }
 
     fn process_filter(
         &mut self,
         batch: &[u8],
-        input: Batch<'_>,
+        input: &Batch<'_>,
     ) -> Result<StageOutput, PluginError> {
         let n = input.len();
         let mut dead_letters = Vec::new();
@@ -226,7 +284,7 @@ impl Stage {
         } else {
             for (i, event) in input.iter().enumerate() {
                 if keep.get(i) {
-                    self.builder.push_ref(&event, source(i));
+                    self.builder.push_ref(&event, event.source());
                 }
             }
             self.builder.finish()
@@ -241,7 +299,7 @@ impl Stage {
     fn process_enrich(
         &mut self,
         batch: &[u8],
-        input: Batch<'_>,
+        input: &Batch<'_>,
     ) -> Result<StageOutput, PluginError> {
         let n = input.len();
         match self.instance.enrich_counted(batch, n) {
@@ -250,21 +308,25 @@ impl Stage {
             Err(e) => return Err(e),
         }
         let mut dead_letters = Vec::new();
-        let mut outputs = Vec::with_capacity(n);
+        let mut budget = self.output_budget();
         for (i, event) in input.iter().enumerate() {
-            let single = self.single(&event);
-            match self.instance.enrich_counted(&single, 1) {
-                Ok(out) => outputs.push((i, out)),
-                Err(e) if e.is_event_failure() => {
-                    dead_letters.push(self.dead_letter(&event, i, e));
+            let error = if budget.spent() {
+                self.output_limit()
+            } else {
+                let single = self.single(&event);
+                match self.instance.enrich_counted(&single, 1) {
+                    Ok(out) if budget.take(out.len()) => {
+                        for output in self.verified(&out)?.iter() {
+                            self.builder.push_ref(&output, source(i));
+                        }
+                        continue;
+                    }
+                    Ok(_) => self.output_limit(),
+                    Err(e) if e.is_event_failure() => e,
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
-            }
-        }
-        for (i, out) in &outputs {
-            for event in self.verified(out)?.iter() {
-                self.builder.push_ref(&event, source(*i));
-            }
+            };
+            dead_letters.push(self.dead_letter(&event, i, error));
         }
         Ok(StageOutput {
             batch: self.builder.finish(),
@@ -273,54 +335,60 @@ impl Stage {
         })
     }
 
+    /// Runs an aggregate batch against the state, which is taken out of `self` for the call
+    /// and rolled back if the call fails.
     fn process_aggregate(
         &mut self,
         batch: &[u8],
-        input: Batch<'_>,
+        input: &Batch<'_>,
     ) -> Result<StageOutput, PluginError> {
-        let Some(state) = self.windows.as_ref() else {
+        let Some(mut state) = self.windows.take() else {
             return Ok(StageOutput::new(self.builder.finish()));
         };
-        let plan = state.plan(input.iter().map(|e| (e.key(), e.timestamp_ms())));
-        let mut dead_letters = Vec::new();
-        let mut late = Vec::new();
+        let mut journal = state.journal();
+        let result = self.aggregate(&mut state, &mut journal, batch, input);
+        if result.is_err() {
+            state.rollback(journal);
+        }
+        self.windows = Some(state);
+        result
+    }
 
-        let folded = if plan.groups.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.instance.fold(batch, &groups(state, &plan))
-        };
-        match folded {
-            Ok(accs) => {
-                if let Some(state) = self.windows.as_mut() {
-                    state.commit(&plan, accs);
-                }
-                for &i in &plan.late {
+    fn aggregate(
+        &mut self,
+        state: &mut WindowState,
+        journal: &mut Journal,
+        batch: &[u8],
+        input: &Batch<'_>,
+    ) -> Result<StageOutput, PluginError> {
+        let mut output = StageOutput::new(Vec::new());
+        let Plan {
+            groups,
+            late,
+            max_event_ms,
+        } = state.plan(input.iter().map(|e| (e.key(), e.timestamp_ms())));
+        match self.fold(state, journal, batch, input.len(), groups, max_event_ms) {
+            Ok(()) => {
+                for i in late {
                     if let Some(event) = input.get(i) {
-                        late.push(self.late(&event, i));
+                        output.late.push(self.late(&event, i));
                     }
                 }
             }
             Err(e) if e.is_event_failure() => {
                 for (i, event) in input.iter().enumerate() {
-                    let Some(state) = self.windows.as_ref() else {
-                        break;
-                    };
                     let plan = state.plan([(event.key(), event.timestamp_ms())]);
                     if !plan.late.is_empty() {
-                        late.push(self.late(&event, i));
+                        output.late.push(self.late(&event, i));
                         continue;
                     }
-                    let groups = groups(state, &plan);
                     let single = self.single(&event);
-                    match self.instance.fold(&single, &groups) {
-                        Ok(accs) => {
-                            if let Some(state) = self.windows.as_mut() {
-                                state.commit(&plan, accs);
-                            }
-                        }
+                    let folded =
+                        self.fold(state, journal, &single, 1, plan.groups, plan.max_event_ms);
+                    match folded {
+                        Ok(()) => {}
                         Err(e) if e.is_event_failure() => {
-                            dead_letters.push(self.dead_letter(&event, i, e));
+                            output.dead_letters.push(self.dead_letter(&event, i, e));
                         }
                         Err(e) => return Err(e),
                     }
@@ -328,62 +396,128 @@ impl Stage {
             }
             Err(e) => return Err(e),
         }
-
-        let finished = match self.windows.as_mut() {
-            Some(state) => state.take_finished(),
-            None => Vec::new(),
-        };
-        let batch = self.finish_windows(finished, &mut dead_letters)?;
-        Ok(StageOutput {
-            batch,
-            dead_letters,
-            late,
-        })
+        let finished = state.take_finished();
+        output.batch = self.finish_windows(finished, journal, &mut output.dead_letters)?;
+        Ok(output)
     }
 
-    /// Calls `finish` on finished windows; isolates a window whose `finish` fails.
+    /// Folds a verified batch of `n` events into the planned groups. The groups'
+    /// accumulators move out of the state into the call; when it succeeds the new ones are
+    /// written (noted in the journal) and event time advances to `max_event_ms`, when it fails
+    /// the old ones go back and the state is as it was.
+    fn fold(
+        &mut self,
+        state: &mut WindowState,
+        journal: &mut Journal,
+        batch: &[u8],
+        n: usize,
+        planned: Vec<(WindowId, Vec<u32>)>,
+        max_event_ms: Option<i64>,
+    ) -> Result<(), PluginError> {
+        if planned.is_empty() {
+            // Every event was late: nothing to fold, and late events do not move event time.
+            return Ok(());
+        }
+        let groups: Vec<Group> = planned
+            .into_iter()
+            .map(|(id, events)| {
+                let (id, acc) = state.take_acc(id);
+                Group {
+                    window: window(id, acc),
+                    events,
+                }
+            })
+            .collect();
+        match self.instance.fold_counted(batch, n, &groups) {
+            Ok(accs) => {
+                // `fold_counted` checked there is one accumulator per group.
+                for (group, acc) in groups.into_iter().zip(accs) {
+                    let (id, previous) = unwindow(group.window);
+                    state.write_acc(id, acc, previous, journal);
+                }
+                state.observe(max_event_ms);
+                Ok(())
+            }
+            Err(e) => {
+                for group in groups {
+                    let (id, acc) = unwindow(group.window);
+                    state.put_back(id, acc);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Calls `finish` on windows taken out of the state; isolates a window whose `finish`
+    /// fails. On `Err` the windows are noted in the journal, to go back into the state.
     fn finish_windows(
         &mut self,
         finished: Vec<(WindowId, Vec<u8>)>,
+        journal: &mut Journal,
         dead_letters: &mut Vec<DeadLetter>,
     ) -> Result<Vec<u8>, PluginError> {
         if finished.is_empty() {
             return Ok(self.builder.finish());
         }
         let windows: Vec<Window> = finished
-            .iter()
-            .map(|(id, acc)| window(id, Some(acc.clone())))
+            .into_iter()
+            .map(|(id, acc)| window(id, Some(acc)))
             .collect();
-        match self.instance.finish(&windows) {
+        let result = self.finish_all(&windows, dead_letters);
+        if result.is_err() {
+            journal.taken(windows.into_iter().map(|w| {
+                let (id, acc) = unwindow(w);
+                (id, acc.unwrap_or_default())
+            }));
+        }
+        result
+    }
+
+    fn finish_all(
+        &mut self,
+        windows: &[Window],
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> Result<Vec<u8>, PluginError> {
+        match self.instance.finish(windows) {
             Ok(out) => return Ok(out),
             Err(e) if e.is_event_failure() => {}
             Err(e) => return Err(e),
         }
-        let mut outputs = Vec::with_capacity(windows.len());
-        for (i, ((id, acc), window)) in finished.into_iter().zip(windows).enumerate() {
-            match self.instance.finish(std::slice::from_ref(&window)) {
-                Ok(out) => outputs.push((i, out)),
-                Err(e) if e.is_event_failure() => dead_letters.push(DeadLetter {
-                    event: Event {
-                        key: id.key.clone(),
-                        value: acc,
-                        timestamp_ms: id.start_ms,
-                        ..Event::default()
-                    },
-                    index: i,
-                    window: Some(id),
-                    error: e.to_string(),
-                    plugin: self.plugin().name().to_owned(),
-                    version: self.plugin().version().to_owned(),
-                    stage: self.name().to_owned(),
+        let mut budget = self.output_budget();
+        for (i, w) in windows.iter().enumerate() {
+            let error = if budget.spent() {
+                self.output_limit()
+            } else {
+                match self.instance.finish(std::slice::from_ref(w)) {
+                    Ok(out) if budget.take(out.len()) => {
+                        for output in self.verified(&out)?.iter() {
+                            self.builder.push_ref(&output, source(i));
+                        }
+                        continue;
+                    }
+                    Ok(_) => self.output_limit(),
+                    Err(e) if e.is_event_failure() => e.renumbered("window", i),
+                    Err(e) => return Err(e),
+                }
+            };
+            dead_letters.push(DeadLetter {
+                event: Event {
+                    key: w.key.clone(),
+                    value: w.acc.clone().unwrap_or_default(),
+                    timestamp_ms: w.start_ms,
+                    ..Event::default()
+                },
+                index: i,
+                window: Some(WindowId {
+                    key: w.key.clone(),
+                    start_ms: w.start_ms,
+                    end_ms: w.end_ms,
                 }),
-                Err(e) => return Err(e),
-            }
-        }
-        for (i, out) in &outputs {
-            for event in self.verified(out)?.iter() {
-                self.builder.push_ref(&event, source(*i));
-            }
+                error: error.to_string(),
+                plugin: self.plugin().name().to_owned(),
+                version: self.plugin().version().to_owned(),
+                stage: self.name().to_owned(),
+            });
         }
         Ok(self.builder.finish())
     }
@@ -398,18 +532,40 @@ impl Stage {
         })
     }
 
-    /// A batch holding just this event.
-    fn single(&mut self, event: &EventRef<'_>) -> Vec<u8> {
-        self.builder.push_ref(event, 0);
-        self.builder.finish()
+    /// Drops what a failed call left in the output builder.
+    fn discard(&mut self) {
+        drop(self.builder.finish());
     }
 
+    /// A batch holding just this event.
+    fn single(&mut self, event: &EventRef<'_>) -> Vec<u8> {
+        self.scratch.push_ref(event, 0);
+        self.scratch.finish()
+    }
+
+    /// How much output the calls of one isolated batch may return together.
+    fn output_budget(&self) -> Budget {
+        Budget {
+            left: self.instance.config().limits.memory_bytes,
+            spent: false,
+        }
+    }
+
+    fn output_limit(&self) -> PluginError {
+        PluginError::OutputLimit {
+            plugin: self.plugin().name().to_owned(),
+            version: self.plugin().version().to_owned(),
+            limit: self.instance.config().limits.memory_bytes,
+        }
+    }
+
+    /// A dead letter for an event the plugin failed on alone (`error` renumbered to `index`).
     fn dead_letter(&self, event: &EventRef<'_>, index: usize, error: PluginError) -> DeadLetter {
         DeadLetter {
             event: event.to_event(),
             index,
             window: None,
-            error: error.to_string(),
+            error: error.renumbered("event", index).to_string(),
             plugin: self.plugin().name().to_owned(),
             version: self.plugin().version().to_owned(),
             stage: self.name().to_owned(),
@@ -425,27 +581,184 @@ impl Stage {
     }
 }
 
-/// The fold groups of a plan, with the accumulators the state holds.
-fn groups(state: &WindowState, plan: &Plan) -> Vec<Group> {
-    plan.groups
-        .iter()
-        .map(|(id, events)| Group {
-            window: window(id, state.acc(id).map(<[u8]>::to_vec)),
-            events: events.clone(),
-        })
-        .collect()
+/// The bytes the outputs of one isolated batch may still take.
+struct Budget {
+    left: u64,
+    spent: bool,
 }
 
-fn window(id: &WindowId, acc: Option<Vec<u8>>) -> Window {
+impl Budget {
+    /// Takes `bytes` if they fit; once something did not fit, nothing more does.
+    fn take(&mut self, bytes: usize) -> bool {
+        let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        match self.left.checked_sub(bytes) {
+            Some(left) if !self.spent => {
+                self.left = left;
+                true
+            }
+            _ => {
+                self.spent = true;
+                false
+            }
+        }
+    }
+
+    /// Whether an output already did not fit.
+    fn spent(&self) -> bool {
+        self.spent
+    }
+}
+
+/// A window as the plugin sees it, from the host's id and accumulator (moved, not copied).
+fn window(id: WindowId, acc: Option<Vec<u8>>) -> Window {
     Window {
-        key: id.key.clone(),
+        key: id.key,
         start_ms: id.start_ms,
         end_ms: id.end_ms,
         acc,
     }
 }
 
+/// The inverse of [`window`].
+fn unwindow(window: Window) -> (WindowId, Option<Vec<u8>>) {
+    let id = WindowId {
+        key: window.key,
+        start_ms: window.start_ms,
+        end_ms: window.end_ms,
+    };
+    (id, window.acc)
+}
+
 /// A batch index as a `source` field (batches hold far fewer than 2^32 events).
 fn source(i: usize) -> u32 {
     u32::try_from(i).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    //! What integration tests cannot set up: a stage that cannot run *in the middle* of a call
+    //! (the instance pool exhausted on a recycle, through the instance's test-only
+    //! `starts_left`). The call must then change nothing, and running the batch again must
+    //! count every event once.
+
+    use super::*;
+    use crate::runtime::{Limits, Runtime, RuntimeConfig};
+    use std::time::Duration;
+    use weir_format::encode;
+
+    mod plugins {
+        include!(concat!(env!("OUT_DIR"), "/plugin_paths.rs"));
+    }
+
+    fn bad_finish(limits: Limits) -> Stage {
+        let runtime = Runtime::new(RuntimeConfig {
+            max_instances: 2,
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime");
+        let plugin = runtime.load_file(plugins::BAD_FINISH).expect("bad_finish");
+        let window = WindowConfig::tumbling(Duration::from_secs(60));
+        let config = StageConfig::new("counts").limits(limits);
+        Stage::new(&plugin, config, Some(window)).expect("stage")
+    }
+
+    fn events(batch: &[u8]) -> Vec<Event> {
+        Batch::verify(batch).expect("a batch").to_events()
+    }
+
+    fn count(key: &str, end_ms: i64, n: u64) -> Event {
+        Event::new(format!("count={n}"), end_ms - 1).with_key(key)
+    }
+
+    #[test]
+    fn a_finish_that_cannot_run_undoes_the_fold_and_keeps_the_windows() {
+        // One call per instance: the fold and the finish of a batch each need a new one.
+        let mut stage = bad_finish(Limits {
+            max_calls_per_instance: 1,
+            ..Limits::default()
+        });
+        stage
+            .process(&encode(&[Event::new("x", 1_000).with_key("a")]))
+            .expect("first batch");
+        let before = stage.window_state().cloned();
+        // `a` at 2 s and `b` at 61 s: the fold succeeds, then [0, 60 s) of `a` finishes.
+        let batch = encode(&[
+            Event::new("y", 2_000).with_key("a"),
+            Event::new("z", 61_000).with_key("b"),
+        ]);
+        stage.instance_mut().starts_left = Some(1);
+        let e = stage.process(&batch).expect_err("no instance for finish");
+        assert!(matches!(e, PluginError::Instantiate { .. }), "{e}");
+        assert_eq!(stage.window_state().cloned(), before);
+
+        // Once the stage can run, the same batch counts each event once.
+        stage.instance_mut().starts_left = None;
+        let out = stage.process(&batch).expect("second try");
+        assert_eq!(events(&out.batch), vec![count("a", 60_000, 2)]);
+        let flushed = stage.flush().expect("flush");
+        assert_eq!(events(&flushed.batch), vec![count("b", 120_000, 1)]);
+    }
+
+    #[test]
+    fn a_failure_during_isolation_undoes_every_fold() {
+        let mut stage = bad_finish(Limits::default());
+        let before = stage.window_state().cloned();
+        let batch = encode(&[
+            Event::new("x", 1_000).with_key("a"),
+            Event::new("poison", 2_000).with_key("a"),
+            Event::new("y", 3_000).with_key("a"),
+        ]);
+        // The batch traps; isolation recycles for event 0 (folded), event 1 traps again, and
+        // event 2 finds no instance.
+        stage.instance_mut().starts_left = Some(1);
+        let e = stage.process(&batch).expect_err("no instance for event 2");
+        assert!(matches!(e, PluginError::Instantiate { .. }), "{e}");
+        assert_eq!(stage.window_state().cloned(), before);
+
+        stage.instance_mut().starts_left = None;
+        let out = stage.process(&batch).expect("second try");
+        assert_eq!(out.dead_letters.len(), 1);
+        assert_eq!(out.dead_letters[0].index, 1);
+        let flushed = stage.flush().expect("flush");
+        assert_eq!(events(&flushed.batch), vec![count("a", 60_000, 2)]);
+    }
+
+    #[test]
+    fn a_flush_that_cannot_run_keeps_every_window() {
+        let mut stage = bad_finish(Limits::default());
+        let batch = encode(&[
+            Event::new("x", 1_000).with_key("a"),
+            Event::new("x", 2_000).with_key("b"),
+        ]);
+        stage.process(&batch).expect("batch");
+        stage.instance_mut().starts_left = Some(0);
+        // Kill the live instance: the flush has to start a new one.
+        let poison = encode(&[Event::new("poison", 3_000)]);
+        let group = Group {
+            window: window(
+                WindowId {
+                    key: None,
+                    start_ms: 0,
+                    end_ms: 60_000,
+                },
+                None,
+            ),
+            events: vec![0],
+        };
+        let trapped = stage.instance_mut().fold(&poison, &[group]);
+        assert!(
+            matches!(trapped, Err(PluginError::Trap { .. })),
+            "{trapped:?}"
+        );
+        let e = stage.flush().expect_err("no instance");
+        assert!(matches!(e, PluginError::Instantiate { .. }), "{e}");
+        assert_eq!(stage.window_state().map(WindowState::open_windows), Some(2));
+
+        stage.instance_mut().starts_left = None;
+        let flushed = stage.flush().expect("flush");
+        assert_eq!(
+            events(&flushed.batch),
+            vec![count("a", 60_000, 1), count("b", 60_000, 1)]
+        );
+    }
 }

@@ -10,6 +10,8 @@
 //! - [`PluginError::is_event_failure`] tells the pipeline which errors a batch can be retried
 //!   event by event for (traps, deadlines, the memory cap, the plugin's own `Err`, a bad output)
 //!   and which mean the stage itself cannot run (init refused, instantiation failed).
+//! - A call made on one event alone (poison isolation) makes the SDK number it `event 0`;
+//!   [`PluginError::renumbered`] puts the event's real index back into the plugin's message.
 
 use std::fmt;
 use std::time::Duration;
@@ -205,6 +207,40 @@ pub enum PluginError {
         /// What the verifier said.
         message: String,
     },
+    /// A batch retried event by event (or window by window) produced more output, all calls
+    /// together, than the stage's memory limit: the event or window that went past it and
+    /// every one after it are not delivered.
+    #[error(
+        "plugin `{plugin}` {version}: output of the batch retried one by one exceeds the \
+         stage's memory limit of {}",
+        Bytes(*.limit)
+    )]
+    OutputLimit {
+        /// Plugin name.
+        plugin: String,
+        /// Plugin version.
+        version: String,
+        /// The stage's memory limit in bytes.
+        limit: u64,
+    },
+    /// The groups handed to `fold` name an event the batch does not have (a caller bug, not
+    /// the plugin's).
+    #[error(
+        "plugin `{plugin}` {version}: fold input: group {group} names event {event} of a batch \
+         of {len}"
+    )]
+    BadGroups {
+        /// Plugin name.
+        plugin: String,
+        /// Plugin version.
+        version: String,
+        /// The group's index.
+        group: usize,
+        /// The event index it names.
+        event: u32,
+        /// Events in the batch.
+        len: usize,
+    },
     /// A call that the plugin's kind does not have (e.g. `enrich` on a filter).
     #[error("plugin `{plugin}` {version}: is a {kind} plugin and has no `{call}`")]
     WrongCall {
@@ -230,7 +266,38 @@ impl PluginError {
                 | PluginError::MemoryCap { .. }
                 | PluginError::Failed { .. }
                 | PluginError::BadOutput { .. }
+                | PluginError::OutputLimit { .. }
         )
+    }
+
+    /// This error of a call made on one event (`what` = `"event"`) or one window
+    /// (`"window"`) alone, as the error of item `index` of the batch it was isolated from: a
+    /// plugin's own message that starts with `event 0: ` (how the SDK names the only event of
+    /// the call) is renumbered to `event {index}: `. Other errors are returned as they are.
+    pub(crate) fn renumbered(self, what: &str, index: usize) -> PluginError {
+        match self {
+            PluginError::Failed {
+                plugin,
+                version,
+                call,
+                message,
+            } => {
+                let message = match message
+                    .strip_prefix(what)
+                    .and_then(|rest| rest.strip_prefix(" 0: "))
+                {
+                    Some(rest) => format!("{what} {index}: {rest}"),
+                    None => message,
+                };
+                PluginError::Failed {
+                    plugin,
+                    version,
+                    call,
+                    message,
+                }
+            }
+            other => other,
+        }
     }
 
     /// How a load error names a plugin: `` `name` `` or `` `name` (path) ``.
@@ -381,5 +448,54 @@ mod tests {
             cap: 64 << 20,
         };
         assert_eq!(e.to_string(), "plugin `p` v: memory cap of 64 MiB reached");
+        let e = PluginError::OutputLimit {
+            plugin: "p".into(),
+            version: "v".into(),
+            limit: 8 << 20,
+        };
+        assert_eq!(
+            e.to_string(),
+            "plugin `p` v: output of the batch retried one by one exceeds the stage's memory \
+             limit of 8 MiB"
+        );
+    }
+
+    #[test]
+    fn isolated_errors_name_the_real_index() {
+        let failed = |message: &str| PluginError::Failed {
+            plugin: "p".into(),
+            version: "v".into(),
+            call: "enrich",
+            message: message.into(),
+        };
+        let text = |e: PluginError| e.to_string();
+        assert_eq!(
+            text(failed("event 0: not json").renumbered("event", 7)),
+            "plugin `p` v: enrich failed: event 7: not json"
+        );
+        assert_eq!(
+            text(failed("window 0: refused").renumbered("window", 2)),
+            "plugin `p` v: enrich failed: window 2: refused"
+        );
+        // Only a leading `event 0: ` of the plugin's own message.
+        for message in [
+            "event 01: x",
+            "event 0 x",
+            "group 0: event 0: x",
+            "window 0: x",
+        ] {
+            assert_eq!(
+                failed(message).renumbered("event", 3),
+                failed(message),
+                "{message}"
+            );
+        }
+        let trap = PluginError::Trap {
+            plugin: "p".into(),
+            version: "v".into(),
+            trap: "event 0: x".into(),
+            panic: None,
+        };
+        assert_eq!(trap.clone().renumbered("event", 3), trap);
     }
 }

@@ -18,6 +18,14 @@
 //!   copy is the one into guest memory that the canonical ABI makes.
 //! - **`init` failures.** `init` returning `Err` is [`PluginError::Init`] with the plugin's
 //!   message; a trap or deadline during `init` is reported the same way, with the trap's words.
+//! - **Inputs are verified before the guest sees them.** The SDK reads batches without
+//!   verifying them again (it trusts the host), so every call that takes a batch verifies it
+//!   first ([`PluginError::BadInput`]), and `fold` also checks that every group's event indices
+//!   are inside the batch ([`PluginError::BadGroups`]). The `*_counted` variants are for a
+//!   caller that has just verified the batch.
+//! - **Deadlines are capped at `MAX_DEADLINE_TICKS` ticks** (about 2^63: longer than any
+//!   process lives), because wasmtime adds the ticks to the current epoch: `Duration::MAX`
+//!   must not overflow there.
 
 use super::bindings::{aggregate, enrich, filter, types};
 use super::error::{Millis, PluginError};
@@ -27,6 +35,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::Store;
 use weir_format::{Batch, KeepBitmap};
+
+/// The most epoch ticks a deadline may span. wasmtime adds them to the current epoch (which
+/// counts up from zero, one tick every few ms), so half the range leaves room for any epoch a
+/// process reaches, and is still longer than any process lives: a longer deadline is none.
+const MAX_DEADLINE_TICKS: u64 = u64::MAX / 2;
 
 /// The limits a stage puts on each of its instances.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +112,10 @@ pub struct Instance {
     live: Option<Live>,
     calls: u64,
     recycles: u64,
+    /// Tests only: how many more times a live instance may be created before creating one
+    /// fails as if the instance pool were exhausted (`None`: no limit).
+    #[cfg(test)]
+    pub(crate) starts_left: Option<u32>,
 }
 
 struct Live {
@@ -166,7 +183,9 @@ impl Instance {
         // Never interrupt before the deadline, at most one tick after it.
         let tick = runtime.epoch_tick.as_nanos().max(1);
         let ticks = limits.deadline.as_nanos().div_ceil(tick) + 1;
-        let deadline_ticks = u64::try_from(ticks).unwrap_or(u64::MAX);
+        let deadline_ticks = u64::try_from(ticks)
+            .unwrap_or(u64::MAX)
+            .min(MAX_DEADLINE_TICKS);
         let log = Arc::new(GuestLog::new(Tags {
             plugin: plugin.name().into(),
             version: plugin.version().into(),
@@ -181,6 +200,8 @@ impl Instance {
             live: None,
             calls: 0,
             recycles: 0,
+            #[cfg(test)]
+            starts_left: None,
         };
         instance.start()?;
         Ok(instance)
@@ -255,11 +276,34 @@ impl Instance {
     }
 
     /// Folds a batch into the groups' accumulators; returns one new accumulator per group.
+    /// The batch is verified and every group's event indices checked against it first.
     pub fn fold(
         &mut self,
         batch: &[u8],
         groups: &[types::Group],
     ) -> Result<Vec<Vec<u8>>, PluginError> {
+        let n = self.count(batch)?;
+        self.fold_counted(batch, n, groups)
+    }
+
+    /// [`Instance::fold`] for a batch already verified to hold `n` events.
+    pub(crate) fn fold_counted(
+        &mut self,
+        batch: &[u8],
+        n: usize,
+        groups: &[types::Group],
+    ) -> Result<Vec<Vec<u8>>, PluginError> {
+        for (g, group) in groups.iter().enumerate() {
+            if let Some(&event) = group.events.iter().find(|&&i| i as usize >= n) {
+                return Err(PluginError::BadGroups {
+                    plugin: self.plugin.name().to_owned(),
+                    version: self.plugin.version().to_owned(),
+                    group: g,
+                    event,
+                    len: n,
+                });
+            }
+        }
         let accs = self.call("fold", |exports, store| match exports {
             Exports::Aggregate(f) => Ok(f.call_fold(store, batch, groups)),
             _ => Err("fold"),
@@ -328,6 +372,17 @@ impl Instance {
     /// Creates the live instance and calls `init`.
     fn start(&mut self) -> Result<(), PluginError> {
         self.calls = 0;
+        #[cfg(test)]
+        if let Some(left) = self.starts_left.as_mut() {
+            if *left == 0 {
+                return Err(PluginError::Instantiate {
+                    plugin: self.plugin.name().to_owned(),
+                    version: self.plugin.version().to_owned(),
+                    message: "instance pool exhausted (test)".to_owned(),
+                });
+            }
+            *left -= 1;
+        }
         let runtime = &self.plugin.inner.runtime;
         let state = HostState::new(
             self.log.clone(),

@@ -54,8 +54,8 @@ pub use bindings::types::Window;
 pub use bindings::types::Group;
 
 use sandbox::{FixedMonotonic, FixedMonotonicData, HostState};
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use wasmtime::component::{HasSelf, Linker};
@@ -241,14 +241,20 @@ impl Runtime {
 struct Ticker {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    /// Alive exactly as long as the thread runs (the thread holds the only strong count), so
+    /// that "the thread has stopped" can be checked.
+    running: Weak<()>,
 }
 
 impl Ticker {
     fn start(engine: Engine, tick: Duration) -> std::io::Result<Ticker> {
         let (stop, stopped) = mpsc::channel::<()>();
+        let sentinel = Arc::new(());
+        let running = Arc::downgrade(&sentinel);
         let thread = std::thread::Builder::new()
             .name("weir-epoch".into())
             .spawn(move || {
+                let _sentinel = sentinel;
                 // Ends when the sender is dropped (or sends): the runtime is gone.
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(tick) {
                     engine.increment_epoch();
@@ -257,7 +263,13 @@ impl Ticker {
         Ok(Ticker {
             stop: Some(stop),
             thread: Some(thread),
+            running,
         })
+    }
+
+    /// Whether the ticker thread is still running.
+    fn is_running(&self) -> bool {
+        self.running.strong_count() > 0
     }
 }
 
@@ -268,6 +280,7 @@ impl Drop for Ticker {
             // The thread only sleeps and ticks; it cannot panic in a way worth reporting.
             let _ = thread.join();
         }
+        debug_assert!(!self.is_running(), "the epoch ticker outlived its join");
     }
 }
 
@@ -282,11 +295,15 @@ mod tests {
             ..RuntimeConfig::default()
         })
         .expect("runtime");
-        let engine = runtime.inner.engine.clone();
+        let running = runtime.inner._ticker.running.clone();
+        assert!(runtime.inner._ticker.is_running());
+        // Clones (plugins and instances too) share the runtime, and so the ticker.
+        let clone = runtime.clone();
         drop(runtime);
-        // The ticker joined in drop: the epoch no longer moves.
-        let probe = wasmtime::Store::new(&engine, ());
-        drop(probe);
+        assert_eq!(running.strong_count(), 1, "a clone still holds the runtime");
+        drop(clone);
+        // The last drop joined the thread: its sentinel is gone, at once.
+        assert_eq!(running.strong_count(), 0, "the ticker thread still runs");
     }
 
     #[test]

@@ -12,8 +12,12 @@
 //!   reach it. Event time is in the events; processing time is the host's business.
 //! - **stdout and stderr become log lines.** Each stream is cut at `\n` and every line is a
 //!   `tracing` event on target `weir::plugin` tagged `plugin`, `version` and `stage` (stdout at
-//!   info, stderr at warn). A line longer than [`MAX_LINE`] is cut there. The host `log` import
-//!   goes to the same target at the level the guest asked for.
+//!   info, stderr at warn). The host `log` import goes to the same target at the level the
+//!   guest asked for.
+//! - **Lines are bounded.** A line longer than [`MAX_LINE`] bytes, from either source, is cut
+//!   there and ends with `… (cut at 8192 bytes)`, so the log says it is incomplete; the rest of
+//!   a cut stdout/stderr line, up to its `\n`, is dropped (however the guest split its writes),
+//!   and a cut `log` message is cut before it is logged or kept for panic messages.
 //! - **Panic messages are kept.** The last stderr lines and error-level log lines of the current
 //!   call are kept (at most [`RECENT_LINES`]) so that a trap can be reported with the guest's
 //!   panic message next to the wasm trap ([`GuestLog::panic_message`]).
@@ -34,7 +38,9 @@ use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
 use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
-/// Longest stdout/stderr line forwarded to the log; the rest of a longer line is cut.
+/// Longest stdout/stderr line or `log` message forwarded to the log, in bytes; the rest of a
+/// longer one is cut (a log line is for people; a guest could otherwise make the host copy
+/// up to its whole memory into every line it keeps).
 pub(crate) const MAX_LINE: usize = 8 * 1024;
 /// Lines of stderr / error logs kept per call to find a panic message in.
 pub(crate) const RECENT_LINES: usize = 16;
@@ -170,7 +176,16 @@ pub(crate) fn panic_message(lines: &[&str]) -> Option<String> {
 pub(crate) struct LineStream {
     log: Arc<GuestLog>,
     stderr: bool,
-    partial: Arc<Mutex<Vec<u8>>>,
+    partial: Arc<Mutex<Partial>>,
+}
+
+/// The line being written, across writes.
+#[derive(Default)]
+struct Partial {
+    /// Its bytes so far (at most [`MAX_LINE`]).
+    line: Vec<u8>,
+    /// It was already logged, cut: drop what comes until its `\n`.
+    cut: bool,
 }
 
 impl LineStream {
@@ -182,44 +197,84 @@ impl LineStream {
         }
     }
 
-    fn emit(&self, line: &[u8]) {
-        let line = String::from_utf8_lossy(line);
-        let line = line.trim_end_matches('\r');
-        if self.stderr {
-            self.log.remembered_line(Level::Warn, line);
+    fn emit(&self, line: &[u8], cut: bool) {
+        let text = String::from_utf8_lossy(line);
+        let text = if cut {
+            std::borrow::Cow::Owned(format!("{text}{}", cut_marker()))
         } else {
-            self.log.line(Level::Info, line);
+            text
+        };
+        let text = text.trim_end_matches('\r');
+        if self.stderr {
+            self.log.remembered_line(Level::Warn, text);
+        } else {
+            self.log.line(Level::Info, text);
         }
     }
 
     fn push(&self, mut bytes: &[u8]) {
         let mut partial = self.partial.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(nl) = bytes.iter().position(|&b| b == b'\n') {
-            if partial.is_empty() {
-                self.emit(&bytes[..nl]);
-            } else {
-                partial.extend_from_slice(&bytes[..nl]);
-                self.emit(&partial);
-                partial.clear();
+        loop {
+            match bytes.iter().position(|&b| b == b'\n') {
+                Some(nl) => {
+                    self.piece(&mut partial, &bytes[..nl], true);
+                    bytes = &bytes[nl + 1..];
+                }
+                None => {
+                    self.piece(&mut partial, bytes, false);
+                    return;
+                }
             }
-            bytes = &bytes[nl + 1..];
         }
-        let room = MAX_LINE.saturating_sub(partial.len());
-        partial.extend_from_slice(&bytes[..bytes.len().min(room)]);
-        if partial.len() >= MAX_LINE {
-            self.emit(&partial);
-            partial.clear();
+    }
+
+    /// Adds a piece of the current line; `ends` when a `\n` followed it.
+    fn piece(&self, partial: &mut Partial, piece: &[u8], ends: bool) {
+        if partial.cut {
+            // The rest of a line that was logged cut.
+            partial.cut = !ends;
+            return;
+        }
+        let room = MAX_LINE - partial.line.len();
+        if piece.len() > room {
+            partial.line.extend_from_slice(&piece[..room]);
+            self.emit(&partial.line, true);
+            partial.line.clear();
+            partial.cut = !ends;
+        } else if ends && partial.line.is_empty() {
+            self.emit(piece, false);
+        } else {
+            partial.line.extend_from_slice(piece);
+            if ends {
+                self.emit(&partial.line, false);
+                partial.line.clear();
+            }
         }
     }
 
     /// Logs a last line that had no `\n` (at the end of a call that trapped, or on drop).
     pub fn flush_partial(&self) {
         let mut partial = self.partial.lock().unwrap_or_else(|e| e.into_inner());
-        if !partial.is_empty() {
-            self.emit(&partial);
-            partial.clear();
+        if !partial.line.is_empty() {
+            self.emit(&partial.line, false);
+            partial.line.clear();
         }
+        partial.cut = false;
     }
+}
+
+/// What ends a line cut at [`MAX_LINE`].
+fn cut_marker() -> String {
+    format!("… (cut at {MAX_LINE} bytes)")
+}
+
+/// Cuts a `log` message at [`MAX_LINE`] bytes (on a character boundary), marking the cut.
+fn cut_message(mut message: String) -> String {
+    if message.len() > MAX_LINE {
+        message.truncate(message.floor_char_boundary(MAX_LINE));
+        message.push_str(&cut_marker());
+    }
+    message
 }
 
 impl IsTerminal for LineStream {
@@ -425,6 +480,7 @@ impl bindings::host::Host for HostState {
         };
         // One event per call, even for a multi-line message (a panic message with its
         // location, a backtrace): it is one thing the guest said.
+        let message = cut_message(message);
         if level == Level::Error {
             self.log.remembered_line(level, &message);
         } else {
@@ -529,12 +585,23 @@ mod tests {
         assert_eq!(recent(&log).len(), 3);
     }
 
+    fn cut(line: &str) -> String {
+        format!("{line}… (cut at 8192 bytes)")
+    }
+
     #[test]
     fn long_lines_are_cut_and_recent_lines_are_bounded() {
         let log = log();
         let stderr = LineStream::new(log.clone(), true);
         stderr.push(&vec![b'x'; MAX_LINE + 10]);
-        assert_eq!(recent(&log), ["x".repeat(MAX_LINE)]);
+        assert_eq!(recent(&log), [cut(&"x".repeat(MAX_LINE))]);
+        // The rest of the cut line is dropped up to its `\n`.
+        stderr.push(b"xxxx\nnext\n");
+        assert_eq!(
+            recent(&log),
+            [cut(&"x".repeat(MAX_LINE)), "next".to_owned()]
+        );
+        log.start_call();
         for i in 0..RECENT_LINES + 5 {
             stderr.push(format!("line {i}\n").as_bytes());
         }
@@ -543,6 +610,50 @@ mod tests {
         assert_eq!(kept.last().map(String::as_str), Some("line 20"));
         log.start_call();
         assert!(recent(&log).is_empty());
+    }
+
+    #[test]
+    fn a_long_line_inside_one_write_is_cut() {
+        let log = log();
+        let stderr = LineStream::new(log.clone(), true);
+        let mut write = vec![b'y'; MAX_LINE + 100];
+        write.extend_from_slice(b"\nshort\n");
+        stderr.push(&write);
+        assert_eq!(
+            recent(&log),
+            [cut(&"y".repeat(MAX_LINE)), "short".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_long_line_over_several_writes_is_cut_once() {
+        let log = log();
+        let stderr = LineStream::new(log.clone(), true);
+        stderr.push(&vec![b'a'; MAX_LINE - 5]);
+        stderr.push(b"bbbbbbbbbb");
+        stderr.push(b"cccc\nafter");
+        stderr.flush_partial();
+        let line = format!("{}bbbbb", "a".repeat(MAX_LINE - 5));
+        assert_eq!(recent(&log), [cut(&line), "after".to_owned()]);
+        // Exactly MAX_LINE bytes is not cut.
+        log.start_call();
+        stderr.push(&vec![b'z'; MAX_LINE]);
+        stderr.push(b"\n");
+        assert_eq!(recent(&log), ["z".repeat(MAX_LINE)]);
+    }
+
+    #[test]
+    fn long_log_messages_are_cut() {
+        use bindings::host::{Host, Level as L};
+        let log = log();
+        let mut state = HostState::new(log.clone(), Vec::new(), 1 << 20);
+        // 3-byte characters: the cut falls inside one and moves back to its start.
+        state.log(L::Error, "€".repeat(MAX_LINE));
+        let kept = recent(&log);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0], cut(&"€".repeat(MAX_LINE / 3)));
+        state.log(L::Error, "short".to_owned());
+        assert_eq!(recent(&log)[1], "short");
     }
 
     #[test]
