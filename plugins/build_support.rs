@@ -1,9 +1,9 @@
 // Builds packages of the plugins/ workspace into WASI 0.2 components, for build scripts.
 //
-// `include!`d by host/build.rs (which embeds the example plugins in the `weir` binary) and by
-// tests/build.rs (which exposes every plugin's path to the integration tests and benches), as
-// wasmtime's test-programs do. Both build into `<target>/plugins`, so one `cargo test` builds
-// each plugin once: the second build script finds everything fresh.
+// `include!`d by host/build.rs (which embeds the example plugins in the `weir` binary and gives
+// the integration tests every plugin's path) and by benches/build.rs (the benches' paths), as
+// wasmtime's test-programs do. Both build into `<target>/plugins`, so a build compiles each
+// plugin once: the second build script finds everything fresh.
 
 /// The target plugins are built for.
 const PLUGIN_TARGET: &str = "wasm32-wasip2";
@@ -18,6 +18,7 @@ const ALL_PLUGINS: &[&str] = &[
     "loop-forever",
     "alloc-unbounded",
     "bad-init",
+    "bad-finish",
     "record-filter",
 ];
 

@@ -9,8 +9,9 @@
 //!
 //! - [`NativeFilter`]: plugins/drop-bots (the `user-agent` header contains `bot`, `crawler` or
 //!   `spider`, ASCII case-insensitive), kept events re-encoded.
-//! - [`NativeEnrich`]: plugins/geo-enrich (parse the JSON value, look the code up, add the
-//!   header and the route tag), every event re-encoded.
+//! - [`NativeEnrich`]: plugins/geo-enrich with the demo's config (field `country_code`, header
+//!   `country`, no default): parse the JSON value, look the code up, add the header and the
+//!   route tag, every event re-encoded.
 //! - [`NativeAggregate`]: plugins/count-sum (parse the JSON value, count and sum `amount` per
 //!   key per window, emit finished windows as JSON).
 //!
@@ -21,14 +22,18 @@ use crate::pipeline::WindowConfig;
 use std::collections::{BTreeMap, HashMap};
 use weir_format::{Batch, BatchBuilder, EventRef, KeepBitmap};
 
-const BOT_MARKS: [&[u8]; 3] = [b"bot", b"crawler", b"spider"];
-
 /// Whether a user agent contains `bot`, `crawler` or `spider`, ignoring ASCII case.
 pub fn is_bot(agent: &[u8]) -> bool {
-    BOT_MARKS.iter().any(|mark| {
+    agent.iter().enumerate().any(|(i, byte)| {
+        let mark: &[u8] = match byte.to_ascii_lowercase() {
+            b'b' => b"bot",
+            b'c' => b"crawler",
+            b's' => b"spider",
+            _ => return false,
+        };
         agent
-            .windows(mark.len())
-            .any(|w| w.eq_ignore_ascii_case(mark))
+            .get(i..i + mark.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(mark))
     })
 }
 

@@ -36,6 +36,11 @@ pub fn compile(dir: &Path) -> Result<PathBuf> {
     if !manifest.is_file() {
         bail!("{} has no Cargo.toml: not a plugin crate", dir.display());
     }
+    // cargo runs in the plugin's directory (its toolchain file and .cargo/config apply).
+    let dir = &dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let manifest = dir.join("Cargo.toml");
     check_target(dir)?;
     let mut child = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .args(["build", "--release", "--target", PLUGIN_TARGET])
@@ -45,6 +50,7 @@ pub fn compile(dir: &Path) -> Result<PathBuf> {
             "--manifest-path",
         ])
         .arg(&manifest)
+        .current_dir(dir)
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot run cargo")?;

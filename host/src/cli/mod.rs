@@ -156,12 +156,16 @@ fn parse_with(text: &str) -> Result<With> {
 }
 
 impl StageArgs {
-    fn limits(&self) -> Limits {
-        Limits {
-            memory_bytes: self.memory_mib << 20,
+    fn limits(&self) -> Result<Limits> {
+        let memory_bytes = self
+            .memory_mib
+            .checked_mul(1 << 20)
+            .with_context(|| format!("--memory-mib {}: too large", self.memory_mib))?;
+        Ok(Limits {
+            memory_bytes,
             deadline: Duration::from_millis(self.deadline_ms),
             ..Limits::default()
-        }
+        })
     }
 
     /// The JSON text of the last `--with` for `key` (any plugin).
@@ -216,7 +220,7 @@ impl StageArgs {
                 0 => plugin.name().to_owned(),
                 n => format!("{}#{}", plugin.name(), n + 1),
             };
-            let mut config = StageConfig::new(name).limits(self.limits());
+            let mut config = StageConfig::new(name).limits(self.limits()?);
             for with in &withs {
                 if with.plugin.as_deref().is_none_or(|p| p == plugin.name()) {
                     config = config.with_json(with.key.clone(), with.json.clone());
