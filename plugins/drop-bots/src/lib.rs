@@ -6,8 +6,6 @@
 
 use weir_sdk::Event;
 
-const BOT_MARKS: [&[u8]; 3] = [b"bot", b"crawler", b"spider"];
-
 /// Keeps every event that is not from a bot.
 #[weir_sdk::filter]
 pub fn keep(e: &Event) -> bool {
@@ -16,9 +14,15 @@ pub fn keep(e: &Event) -> bool {
 
 /// Whether a user agent contains one of the marks, ignoring ASCII case.
 pub fn is_bot(agent: &[u8]) -> bool {
-    BOT_MARKS.iter().any(|mark| {
+    agent.iter().enumerate().any(|(i, byte)| {
+        let mark: &[u8] = match byte.to_ascii_lowercase() {
+            b'b' => b"bot",
+            b'c' => b"crawler",
+            b's' => b"spider",
+            _ => return false,
+        };
         agent
-            .windows(mark.len())
-            .any(|w| w.eq_ignore_ascii_case(mark))
+            .get(i..i + mark.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(mark))
     })
 }

@@ -23,9 +23,15 @@ mod component {
 
 /// Whether a user agent contains `bot`, `crawler` or `spider`, ignoring ASCII case.
 pub fn is_bot(agent: &[u8]) -> bool {
-    [&b"bot"[..], b"crawler", b"spider"].iter().any(|mark| {
+    agent.iter().enumerate().any(|(i, byte)| {
+        let mark: &[u8] = match byte.to_ascii_lowercase() {
+            b'b' => b"bot",
+            b'c' => b"crawler",
+            b's' => b"spider",
+            _ => return false,
+        };
         agent
-            .windows(mark.len())
-            .any(|w| w.eq_ignore_ascii_case(mark))
+            .get(i..i + mark.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(mark))
     })
 }
