@@ -13,6 +13,7 @@ const MAX_DEPTH: usize = 16;
 /// A read-only view of a batch buffer.
 #[derive(Clone, Copy)]
 pub struct Batch<'a> {
+    buf: &'a [u8],
     events: Option<Vector<'a, ForwardsUOffset<fb::Event<'a>>>>,
 }
 
@@ -31,6 +32,7 @@ impl<'a> Batch<'a> {
         };
         let root = fb::root_as_batch_with_opts(&opts, buf)?;
         Ok(Batch {
+            buf,
             events: root.events(),
         })
     }
@@ -46,8 +48,14 @@ impl<'a> Batch<'a> {
         // SAFETY: the caller guarantees `buf` is a verified batch.
         let root = unsafe { fb::root_as_batch_unchecked(buf) };
         Batch {
+            buf,
             events: root.events(),
         }
+    }
+
+    /// The buffer the view reads: verified bytes, to hand on without verifying them again.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.buf
     }
 
     /// Number of events.

@@ -62,11 +62,12 @@ impl NativeFilter {
         bitmap
     }
 
-    /// The stage output for `batch`: the kept events, re-encoded with their input index.
+    /// The stage output for `batch`: the kept events re-encoded, their `source` passed on as
+    /// a filter stage passes it.
     pub fn process(&mut self, batch: &Batch<'_>) -> Vec<u8> {
-        for (i, event) in batch.iter().enumerate() {
+        for event in batch.iter() {
             if keep(&event) {
-                self.builder.push_ref(&event, i as u32);
+                self.builder.push_ref(&event, event.source());
             }
         }
         self.builder.finish()

@@ -319,7 +319,8 @@ fn drop_bots_keeps_exactly_the_humans() {
     let batch = sourced(&input, 10);
     let mut stage = stage("drop_bots", StageConfig::new("bots"));
 
-    let bitmap = stage.filter_bitmap(&batch).expect("filter");
+    let verified = Batch::verify(&batch).expect("a batch");
+    let bitmap = stage.filter_bitmap(&verified).expect("filter");
     assert_eq!(bitmap.as_bytes(), &[0b0010_0101, 0b1]);
 
     let out = stage.process(&batch).expect("process");

@@ -206,23 +206,30 @@ impl Stage {
             .map(|previous| std::mem::replace(previous, state)))
     }
 
-    /// The raw filter call: one plugin call, the bitmap as returned (length checked), no
-    /// retry and no re-encoding.
-    pub fn filter_bitmap(&mut self, batch: &[u8]) -> Result<KeepBitmap, PluginError> {
-        self.instance.filter(batch)
+    /// The raw filter call on a verified batch: one plugin call, the bitmap as returned
+    /// (length checked), no retry and no re-encoding.
+    pub fn filter_bitmap(&mut self, batch: &Batch<'_>) -> Result<KeepBitmap, PluginError> {
+        self.instance.filter_counted(batch.bytes(), batch.len())
     }
 
-    /// Runs one batch through the stage, isolating poison events. All or nothing: on `Err`
-    /// the stage is as it was before the call (see the module docs).
+    /// Verifies `batch` and runs it through the stage (see [`Stage::process_batch`]).
     pub fn process(&mut self, batch: &[u8]) -> Result<StageOutput, PluginError> {
         let input = self.verified(batch)?;
+        self.process_batch(&input)
+    }
+
+    /// Runs one verified batch through the stage, isolating poison events. All or nothing:
+    /// on `Err` the stage is as it was before the call (see the module docs). The output
+    /// batch is verified or built by the host, so it can be handed to the next stage as is.
+    pub fn process_batch(&mut self, input: &Batch<'_>) -> Result<StageOutput, PluginError> {
+        let batch = input.bytes();
         if input.is_empty() {
             return Ok(StageOutput::new(self.builder.finish()));
         }
         let result = match self.plugin().kind() {
-            PluginKind::Filter => self.process_filter(batch, &input),
-            PluginKind::Enrich => self.process_enrich(batch, &input),
-            PluginKind::Aggregate => self.process_aggregate(batch, &input),
+            PluginKind::Filter => self.process_filter(batch, input),
+            PluginKind::Enrich => self.process_enrich(batch, input),
+            PluginKind::Aggregate => self.process_aggregate(batch, input),
         };
         if result.is_err() {
             self.discard();
