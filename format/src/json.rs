@@ -7,13 +7,17 @@
 //! ```
 //!
 //! - `value`: the event's bytes are the JSON text of this value, kept verbatim (no re-ordering,
-//!   no re-formatting). A value that is not JSON is written as `value_text` (UTF-8 text) or
-//!   `value_b64` (anything else, standard base64); both are accepted on input too.
+//!   no re-formatting). A value that is not exactly one JSON text (including JSON with leading or
+//!   trailing whitespace, such as `{"a":1}` followed by a newline, which `value` could not carry
+//!   back) is written as `value_text` (UTF-8 text) or `value_b64` (anything else, standard
+//!   base64); both are accepted on input too. Every event reads back byte for byte.
 //! - `key`: a UTF-8 string, or `key_b64`; absent when the event has no key.
 //! - `timestamp_ms`: integer milliseconds since the Unix epoch. On input it may be left out:
 //!   the reader's default applies (the CLI passes the current time).
 //! - `headers`: an object of name → UTF-8 string, or `{"b64": "..."}` for a binary value. When a
 //!   name repeats, the output is an array of `[name, value]` pairs instead (accepted on input).
+//!   A name that repeats in the object form on input is an error (JSON parsers disagree on
+//!   which one wins), naming the header and pointing to the pairs form.
 //! - `route`: the route tag, absent when none is set.
 //!
 //! Unknown fields are an error, so that a typo never silently drops a field.
@@ -21,8 +25,10 @@
 use crate::{Event, EventRef};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::fmt;
 use std::io::BufRead;
 
 /// A JSON line that is not an event.
@@ -56,11 +62,49 @@ enum HeaderValue {
     Binary { b64: String },
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum InHeaders {
-    Object(serde_json::Map<String, serde_json::Value>),
-    Pairs(Vec<(String, HeaderValue)>),
+/// Input headers in either form, every entry kept (a JSON map would keep only the last of a
+/// repeated name); `object` tells which form they came in.
+struct InHeaders {
+    entries: Vec<(String, serde_json::Value)>,
+    object: bool,
+}
+
+impl<'de> Deserialize<'de> for InHeaders {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct HeadersVisitor;
+
+        impl<'de> Visitor<'de> for HeadersVisitor {
+            type Value = InHeaders;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of header values or an array of [name, value] pairs")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<InHeaders, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(InHeaders {
+                    entries,
+                    object: true,
+                })
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<InHeaders, A::Error> {
+                let mut entries = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(entry) = seq.next_element()? {
+                    entries.push(entry);
+                }
+                Ok(InHeaders {
+                    entries,
+                    object: false,
+                })
+            }
+        }
+
+        deserializer.deserialize_any(HeadersVisitor)
+    }
 }
 
 #[derive(Serialize)]
@@ -128,19 +172,23 @@ pub fn parse_line(line: &str, default_timestamp_ms: i64) -> Result<Event, String
     };
     let headers = match input.headers {
         None => Vec::new(),
-        Some(InHeaders::Pairs(pairs)) => pairs
-            .into_iter()
-            .map(|(name, value)| Ok((name.clone(), header_bytes(&name, value)?)))
-            .collect::<Result<_, String>>()?,
-        Some(InHeaders::Object(map)) => map
-            .into_iter()
-            .map(|(name, value)| {
+        Some(InHeaders { entries, object }) => {
+            let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(entries.len());
+            for (name, value) in entries {
+                if object && headers.iter().any(|(n, _)| *n == name) {
+                    return Err(format!(
+                        "header `{name}` appears more than once in the `headers` object: \
+                         use the pairs form `[[name, value], ...]` to repeat a header"
+                    ));
+                }
                 let value: HeaderValue = serde_json::from_value(value).map_err(|_| {
                     format!("header `{name}` must be a string or {{\"b64\": \"...\"}}")
                 })?;
-                Ok((name.clone(), header_bytes(&name, value)?))
-            })
-            .collect::<Result<_, String>>()?,
+                let value = header_bytes(&name, value)?;
+                headers.push((name, value));
+            }
+            headers
+        }
     };
     Ok(Event {
         key,
@@ -193,9 +241,11 @@ fn to_line<'a>(
     route: Option<&'a str>,
 ) -> String {
     let key_text = key.and_then(|k| std::str::from_utf8(k).ok());
+    // serde_json trims whitespace around a raw value: use `value` only when that lost nothing.
     let raw = std::str::from_utf8(value)
         .ok()
-        .and_then(|text| serde_json::from_str::<&RawValue>(text).ok());
+        .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
+        .filter(|raw| raw.get().len() == value.len());
     let text = raw
         .is_none()
         .then(|| std::str::from_utf8(value).ok())

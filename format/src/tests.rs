@@ -141,6 +141,68 @@ mod json_mapping {
     }
 
     #[test]
+    fn json_values_with_surrounding_whitespace_stay_verbatim() {
+        for value in [
+            &b"{\"a\":1}\n"[..],
+            b" 1",
+            b"1 ",
+            b"\t[1, 2]\r\n",
+            b"\"s\" ",
+        ] {
+            let event = Event::new(value, 5);
+            let line = event_to_line(&event);
+            assert!(line.contains("\"value_text\":"), "{line}");
+            assert_eq!(parse_line(&line, 0).as_ref(), Ok(&event), "{line}");
+        }
+        assert_eq!(
+            event_to_line(&Event::new(&b"{\"a\":1}\n"[..], 5)),
+            r#"{"value_text":"{\"a\":1}\n","timestamp_ms":5}"#
+        );
+        // Whitespace inside the value is part of the raw JSON and stays in `value`.
+        assert_eq!(
+            event_to_line(&Event::new(&b"{ \"a\" : 1 }"[..], 5)),
+            r#"{"value":{ "a" : 1 },"timestamp_ms":5}"#
+        );
+    }
+
+    #[test]
+    fn repeated_header_names_need_the_pairs_form() {
+        let err = parse_line(r#"{"value":1,"headers":{"a":"1","b":"2","a":"3"}}"#, 0);
+        assert_eq!(
+            err,
+            Err(
+                "header `a` appears more than once in the `headers` object: use the pairs \
+                 form `[[name, value], ...]` to repeat a header"
+                    .to_owned()
+            )
+        );
+        let event = parse_line(
+            r#"{"value":1,"headers":[["a","1"],["b","2"],["a","3"]]}"#,
+            0,
+        )
+        .expect("valid");
+        assert_eq!(
+            event.headers,
+            [
+                ("a".to_owned(), b"1".to_vec()),
+                ("b".to_owned(), b"2".to_vec()),
+                ("a".to_owned(), b"3".to_vec())
+            ]
+        );
+        let err = parse_line(r#"{"value":1,"headers":[["a",5]]}"#, 0);
+        assert_eq!(
+            err,
+            Err(r#"header `a` must be a string or {"b64": "..."}"#.to_owned())
+        );
+        let err = parse_line(r#"{"value":1,"headers":{"a":{"b64":"%"}}}"#, 0);
+        assert!(
+            err.as_ref()
+                .is_err_and(|e| e.starts_with("`headers.a.b64` is not valid base64")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn default_timestamp_applies_when_missing() {
         let event = parse_line(r#"{"value":{"a":1}}"#, 99).expect("valid");
         assert_eq!(event.timestamp_ms, 99);

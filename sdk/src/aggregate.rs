@@ -10,7 +10,9 @@
 //! Because the bytes outlive the plugin version that wrote them, the accumulator type is a
 //! contract between versions: a new version that changes its fields must use a new type layout
 //! only together with a fresh aggregate state (postcard cannot skip or default unknown fields).
-//! A decode failure fails the call with ``window I: accumulator does not decode: ...``.
+//! A decode failure fails the call: in `fold` with ``group G: accumulator does not decode: ...``
+//! (G: the group's index among the call's groups), in `finish` with ``window W: accumulator does
+//! not decode: ...`` (W: the window's index among the call's windows).
 
 use crate::{Emitter, Error, Event, Result};
 use serde::Serialize;

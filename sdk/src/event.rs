@@ -8,6 +8,7 @@
 
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::fmt;
 use weir_format::EventRef;
 
@@ -201,70 +202,102 @@ impl OwnedEvent {
 }
 
 /// Anything that can become the bytes of a key, a value or a header value: `&str`, `String`,
-/// `&String`, `&[u8]`, `Vec<u8>`, `&Vec<u8>`, byte strings (`b"..."`) and byte arrays. Owned
-/// buffers move; borrowed ones are copied.
-pub trait IntoBytes {
-    /// The bytes.
-    fn into_bytes(self) -> Vec<u8>;
+/// `&String`, `&[u8]`, `Vec<u8>`, `&Vec<u8>`, byte strings (`b"..."`), byte arrays and `Cow`s
+/// of those. Owned buffers move; borrowed ones are copied into an [`OwnedEvent`], and borrowed
+/// as they are by an [`crate::Edit`].
+pub trait IntoBytes: Sized {
+    /// The bytes, owned.
+    fn into_bytes(self) -> Vec<u8> {
+        self.into_cow().into_owned()
+    }
+
+    /// The bytes, borrowed when `self` is a reference (no copy), owned otherwise.
+    fn into_cow<'a>(self) -> Cow<'a, [u8]>
+    where
+        Self: 'a;
 }
 
 impl IntoBytes for Vec<u8> {
-    fn into_bytes(self) -> Vec<u8> {
-        self
+    fn into_cow<'a>(self) -> Cow<'a, [u8]> {
+        Cow::Owned(self)
     }
 }
 
 impl IntoBytes for String {
-    fn into_bytes(self) -> Vec<u8> {
-        String::into_bytes(self)
+    fn into_cow<'a>(self) -> Cow<'a, [u8]> {
+        Cow::Owned(String::into_bytes(self))
     }
 }
 
 impl IntoBytes for &str {
-    fn into_bytes(self) -> Vec<u8> {
-        self.as_bytes().to_vec()
+    fn into_cow<'a>(self) -> Cow<'a, [u8]>
+    where
+        Self: 'a,
+    {
+        Cow::Borrowed(self.as_bytes())
     }
 }
 
 impl IntoBytes for &String {
-    fn into_bytes(self) -> Vec<u8> {
-        self.as_bytes().to_vec()
+    fn into_cow<'a>(self) -> Cow<'a, [u8]>
+    where
+        Self: 'a,
+    {
+        Cow::Borrowed(self.as_bytes())
     }
 }
 
 impl IntoBytes for &[u8] {
-    fn into_bytes(self) -> Vec<u8> {
-        self.to_vec()
+    fn into_cow<'a>(self) -> Cow<'a, [u8]>
+    where
+        Self: 'a,
+    {
+        Cow::Borrowed(self)
     }
 }
 
 impl IntoBytes for &Vec<u8> {
-    fn into_bytes(self) -> Vec<u8> {
-        self.clone()
+    fn into_cow<'a>(self) -> Cow<'a, [u8]>
+    where
+        Self: 'a,
+    {
+        Cow::Borrowed(self)
     }
 }
 
 impl<const N: usize> IntoBytes for [u8; N] {
-    fn into_bytes(self) -> Vec<u8> {
-        self.to_vec()
+    fn into_cow<'a>(self) -> Cow<'a, [u8]> {
+        Cow::Owned(self.to_vec())
     }
 }
 
 impl<const N: usize> IntoBytes for &[u8; N] {
-    fn into_bytes(self) -> Vec<u8> {
-        self.to_vec()
+    fn into_cow<'a>(self) -> Cow<'a, [u8]>
+    where
+        Self: 'a,
+    {
+        Cow::Borrowed(self)
     }
 }
 
-impl IntoBytes for std::borrow::Cow<'_, str> {
-    fn into_bytes(self) -> Vec<u8> {
-        self.into_owned().into_bytes()
+impl IntoBytes for Cow<'_, str> {
+    fn into_cow<'a>(self) -> Cow<'a, [u8]>
+    where
+        Self: 'a,
+    {
+        match self {
+            Cow::Borrowed(text) => Cow::Borrowed(text.as_bytes()),
+            Cow::Owned(text) => Cow::Owned(text.into_bytes()),
+        }
     }
 }
 
-impl IntoBytes for std::borrow::Cow<'_, [u8]> {
-    fn into_bytes(self) -> Vec<u8> {
-        self.into_owned()
+impl IntoBytes for Cow<'_, [u8]> {
+    fn into_cow<'a>(self) -> Cow<'a, [u8]>
+    where
+        Self: 'a,
+    {
+        self
     }
 }
 

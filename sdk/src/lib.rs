@@ -41,12 +41,14 @@
 //! - [`filter`]: `fn(&Event, &C) -> bool` or `-> Result<bool>`: keep (`true`) or drop.
 //! - [`enrich`]: `fn(&Event, &mut Emitter, &C) -> ()` or `-> Result<()>`: emit 0..n events per
 //!   event through the [`Emitter`].
-//! - [`aggregate`]: on an `impl Aggregate for T`: a keyed, windowed fold whose accumulator `T` the
-//!   host owns between calls (see [`Aggregate`]).
+//! - [`aggregate`](macro@aggregate): on an `impl Aggregate for T`: a keyed, windowed fold
+//!   whose accumulator `T` the host owns between calls (see [`Aggregate`]).
 //!
 //! An error returned for one event fails the whole batch call with the message `event I: ...`;
 //! the host then retries the batch event by event to isolate the poison event. A panic is
-//! written to the host log at error level (see [`log`]) and then traps the instance.
+//! written to the host log at error level (see [`log`]) and then traps the instance. Because of
+//! that retry, the events before a failing one run a second time: keep the functions pure per
+//! event (state that must persist belongs in an aggregate's accumulator, which the host owns).
 //!
 //! The crate also builds natively, so a plugin crate's `cargo test` can call the author's
 //! function on events built in the test (see [`testing`]). Log lines go to stderr there.
@@ -94,6 +96,10 @@ mod runtime;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::runtime::{ConfigCell, enrich, filter, finish, fold, init};
+
+    /// A view of a batch: natively made with `Batch::verify`; in the component's export glue
+    /// with `Batch::trusted` on the buffer the host verified.
+    pub use weir_format::Batch;
 
     /// The host interface, shared by the plugin's own bindings (`with:` in its `generate!`).
     #[cfg(target_arch = "wasm32")]

@@ -1,7 +1,7 @@
 //! Logging to the host's log: `weir_sdk::info!("loaded {} codes", n)`.
 //!
 //! The macros [`trace!`](crate::trace), [`debug!`](crate::debug), [`info!`](crate::info),
-//! [`warn!`](crate::warn) and [`error!`](crate::error) format like `format!` and call the
+//! [`warn!`](crate::warn) and [`error!`](crate::error!) format like `format!` and call the
 //! `host.log` import; the host writes the line to its log tagged with the plugin's name and
 //! version. Natively (a plugin's `cargo test`) lines go to stderr as `[level] message`.
 //!

@@ -6,20 +6,26 @@
 //! here do not depend on the target: the same code runs in the component and under
 //! [`crate::testing`].
 //!
-//! Batches are read with [`Batch::trusted`], without verifying them again. SAFETY: the host
-//! verifies every buffer before it hands it to a guest (buffers from the network are verified
-//! at ingest, a plugin's output is verified when it comes back, and the rest the host built
-//! with `BatchBuilder`), and the `list<u8>` it passes is copied into this instance's memory
-//! whole, so the buffer cannot change under the reader. Even a wrong buffer could only make the
-//! guest read garbage or trap inside its own sandbox; the host's memory is out of its reach.
-//! Skipping the check is what keeps a filter at a few nanoseconds per event.
+//! They take a [`Batch`], not bytes, so that every one of them is sound to call from safe code
+//! on any target: the only ways to get a `Batch` are [`Batch::verify`] (safe, checks every
+//! offset) and the `unsafe` [`Batch::trusted`], whose caller vouches for the buffer. Natively
+//! (a plugin's `cargo test`, the generated `__weir_*` functions) buffers are verified.
+//!
+//! Only the component's export glue, generated on `wasm32` inside a private module of the
+//! plugin crate, calls [`Batch::trusted`] on the `list<u8>` the host passed in, without
+//! verifying it again. SAFETY: the host verifies every buffer before it hands it to a guest
+//! (buffers from the network are verified at ingest, a plugin's output is verified when it
+//! comes back, and the rest the host built with `BatchBuilder`), and the `list<u8>` is copied
+//! into this instance's memory whole, so the buffer cannot change under the reader. Nothing
+//! else can reach that glue: the export is called by the canonical ABI alone. Skipping the check
+//! is what keeps a filter at a few nanoseconds per event.
 
 use crate::aggregate::{decode_acc, encode_acc};
 use crate::{Aggregate, Config, Emitter, Error, Event, Result, Window};
 use serde::de::DeserializeOwned;
 use std::cell::Cell;
 use std::sync::OnceLock;
-use weir_format::{Batch, BatchBuilder};
+use weir_format::Batch;
 
 /// What a filter function may return: `bool`, or `Result<bool, E>` with `E` convertible into
 /// [`Error`].
@@ -100,27 +106,31 @@ pub fn init<C: DeserializeOwned>(
 
 /// The `filter` export: calls `keep` on every event and returns the keep-bitmap.
 #[inline]
-pub fn filter<C, F, R>(cell: &ConfigCell<C>, batch: &[u8], mut keep: F) -> Result<Vec<u8>, String>
+pub fn filter<C, F, R>(
+    cell: &ConfigCell<C>,
+    batch: Batch<'_>,
+    mut keep: F,
+) -> Result<Vec<u8>, String>
 where
     F: FnMut(&Event<'_>, &C) -> R,
     R: FilterOutput,
 {
     let config = cell.get()?;
-    // SAFETY: the host verified the batch (module doc).
-    let batch = unsafe { Batch::trusted(batch) };
     Ok(filter_batch(batch, |e| keep(e, config))?)
 }
 
 /// The `enrich` export: calls `map` on every event and returns the emitted events as a batch.
 #[inline]
-pub fn enrich<C, F, R>(cell: &ConfigCell<C>, batch: &[u8], mut map: F) -> Result<Vec<u8>, String>
+pub fn enrich<C, F, R>(
+    cell: &ConfigCell<C>,
+    batch: Batch<'_>,
+    mut map: F,
+) -> Result<Vec<u8>, String>
 where
     F: FnMut(&Event<'_>, &mut Emitter, &C) -> R,
     R: EnrichOutput,
 {
     let config = cell.get()?;
-    // SAFETY: the host verified the batch (module doc).
-    let batch = unsafe { Batch::trusted(batch) };
     Ok(enrich_batch(batch, |e, out| map(e, out, config))?)
 }
 
@@ -128,12 +138,10 @@ where
 /// window's accumulator as the host holds it and the indices of its events in `batch`.
 pub fn fold<A: Aggregate>(
     cell: &ConfigCell<A::Config>,
-    batch: &[u8],
+    batch: Batch<'_>,
     groups: impl IntoIterator<Item = (Option<Vec<u8>>, Vec<u32>)>,
 ) -> Result<Vec<Vec<u8>>, String> {
     let config = cell.get()?;
-    // SAFETY: the host verified the batch (module doc).
-    let batch = unsafe { Batch::trusted(batch) };
     Ok(fold_groups::<A>(batch, groups, config)?)
 }
 
@@ -229,18 +237,19 @@ fn index(i: usize) -> Result<u32> {
 }
 
 thread_local! {
-    /// The output builder, kept between calls so its buffer is allocated once per instance.
-    static BUILDER: Cell<Option<BatchBuilder>> = const { Cell::new(None) };
+    /// The emitter (the output builder and the buffers edits reuse), kept between calls so
+    /// that its buffers are allocated once per instance rather than once per call.
+    static EMITTER: Cell<Option<Emitter>> = const { Cell::new(None) };
 }
 
 fn emitter() -> Emitter {
-    Emitter::new(BUILDER.take().unwrap_or_default())
+    EMITTER.take().unwrap_or_else(Emitter::new)
 }
 
-/// Finishes the output and keeps the builder for the next call. An emitter dropped on an
+/// Finishes the output and keeps the emitter for the next call. An emitter dropped on an
 /// error is not recycled, so a failed call leaves nothing behind.
-fn recycle(out: Emitter) -> Vec<u8> {
-    let (bytes, builder) = out.finish();
-    BUILDER.set(Some(builder));
+fn recycle(mut out: Emitter) -> Vec<u8> {
+    let bytes = out.finish();
+    EMITTER.set(Some(out));
     bytes
 }

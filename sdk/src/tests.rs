@@ -112,8 +112,9 @@ fn testing_config_goes_through_the_init_path() {
 #[test]
 fn init_sets_the_config_once() {
     let cell = crate::runtime::ConfigCell::<GeoConfig>::new();
-    let batch = testing::batch(&[]);
-    let err = crate::runtime::filter(&cell, &batch, |_, _| true).unwrap_err();
+    let buf = testing::batch(&[]);
+    let batch = Batch::verify(&buf).unwrap();
+    let err = crate::runtime::filter(&cell, batch, |_, _| true).unwrap_err();
     assert_eq!(
         err,
         "plugin not initialised: the host must call `init` first"
@@ -123,7 +124,7 @@ fn init_sets_the_config_once() {
     let good = pairs(&[("field", r#""x""#), ("table", "{}")]);
     crate::runtime::init(&cell, good.clone()).unwrap();
     assert_eq!(
-        crate::runtime::filter(&cell, &batch, |_, _| true).unwrap(),
+        crate::runtime::filter(&cell, batch, |_, _| true).unwrap(),
         Vec::<u8>::new()
     );
     let err = crate::runtime::init(&cell, good).unwrap_err();
@@ -447,4 +448,101 @@ fn testing_aggregate_folds_through_bytes() {
     assert_eq!(out[0].key.as_deref(), Some(&b"k"[..]));
     assert_eq!(out[0].timestamp_ms, 1999);
     assert_eq!(window.key_str(), Some("k"));
+}
+
+/// A header change, applied to an `OwnedEvent` and to an `Edit` alike.
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    Set(&'static str, &'static str),
+    Add(&'static str, &'static str),
+    Remove(&'static str),
+}
+
+#[test]
+fn edit_header_changes_mean_what_they_mean_on_owned_events() {
+    const CHANGES: [Change; 7] = [
+        Change::Set("a", "x"),
+        Change::Set("b", "y"),
+        Change::Set("c", "z"),
+        Change::Add("a", "w"),
+        Change::Add("c", "v"),
+        Change::Remove("a"),
+        Change::Remove("c"),
+    ];
+    let input = OwnedEvent::new("v", 1)
+        .add_header("a", "1")
+        .add_header("b", "2")
+        .add_header("a", "3");
+    // Every sequence of up to three changes.
+    let mut sequences: Vec<Vec<Change>> = vec![vec![]];
+    for len in 1..=3 {
+        let shorter: Vec<Vec<Change>> = sequences
+            .iter()
+            .filter(|s| s.len() == len - 1)
+            .cloned()
+            .collect();
+        for s in shorter {
+            for c in CHANGES {
+                let mut longer = s.clone();
+                longer.push(c);
+                sequences.push(longer);
+            }
+        }
+    }
+    assert_eq!(sequences.len(), 1 + 7 + 49 + 343);
+    for changes in &sequences {
+        let expected = changes.iter().fold(input.clone(), |e, c| match *c {
+            Change::Set(n, v) => e.with_header(n, v),
+            Change::Add(n, v) => e.add_header(n, v),
+            Change::Remove(n) => e.without_header(n),
+        });
+        let out = testing::enrich(std::slice::from_ref(&input), |e, out| {
+            changes
+                .iter()
+                .fold(out.edit(e), |edit, c| match *c {
+                    Change::Set(n, v) => edit.with_header(n, v),
+                    Change::Add(n, v) => edit.add_header(n, v),
+                    Change::Remove(n) => edit.without_header(n),
+                })
+                .emit();
+        })
+        .unwrap();
+        assert_eq!(out, [expected], "{changes:?}");
+    }
+}
+
+#[test]
+fn edit_borrows_key_value_and_route() {
+    let events = [OwnedEvent::new(r#"{"cc":"FR"}"#, 3).with_header("h", "1")];
+    let route = String::from("eu");
+    let value = vec![1u8, 2];
+    let out = testing::enrich(&events, |e, out| {
+        // From the event itself, from locals and owned.
+        out.edit(e)
+            .with_key(e.value())
+            .with_value(&value)
+            .with_route(&route)
+            .with_header(String::from("h"), e.value())
+            .emit();
+        out.edit(e)
+            .with_key(String::from("k"))
+            .with_value(b"v")
+            .with_route(route.to_uppercase())
+            .emit();
+    })
+    .unwrap();
+    assert_eq!(
+        out,
+        [
+            OwnedEvent::new(vec![1u8, 2], 3)
+                .with_key(r#"{"cc":"FR"}"#)
+                .with_header("h", r#"{"cc":"FR"}"#)
+                .with_route("eu"),
+            events[0]
+                .clone()
+                .with_key("k")
+                .with_value("v")
+                .with_route("EU"),
+        ]
+    );
 }

@@ -11,19 +11,17 @@ use weir_sdk::{Aggregate, Context, Emitter, Event, OwnedEvent, Result, Window};
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SumConfig {
-    #[serde(default = "default_field")]
-    field: String,
+    field: Option<String>,
 }
 
-fn default_field() -> String {
-    "amount".into()
-}
-
-/// The accumulator of one window; the host keeps it between batches.
+/// The accumulator of one window, which the host keeps between batches. `finish` fills in the
+/// window's bounds and emits it as the window's total.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct CountSum {
     count: u64,
     sum: f64,
+    start_ms: i64,
+    end_ms: i64,
 }
 
 #[weir_sdk::aggregate]
@@ -31,30 +29,18 @@ impl Aggregate for CountSum {
     type Config = SumConfig;
 
     fn fold(&mut self, e: &Event, cfg: &SumConfig) -> Result<()> {
-        let value: serde_json::Value = e.json()?;
-        let n = value.get(&cfg.field).and_then(|n| n.as_f64());
-        self.sum += n.with_context(|| format!("`{}` is not a number", cfg.field))?;
+        let field = cfg.field.as_deref().unwrap_or("amount");
+        let n = e.json::<serde_json::Value>()?[field].as_f64();
+        self.sum += n.with_context(|| format!("`{field}` is not a number"))?;
         self.count += 1;
         Ok(())
     }
 
-    fn finish(self, w: &Window, out: &mut Emitter, _: &SumConfig) -> Result<()> {
-        #[derive(Serialize)]
-        struct Total {
-            count: u64,
-            sum: f64,
-            start_ms: i64,
-            end_ms: i64,
-        }
-        let total = Total {
-            count: self.count,
-            sum: self.sum,
-            start_ms: w.start_ms,
-            end_ms: w.end_ms,
-        };
-        let mut event = OwnedEvent::json(&total, w.end_ms - 1)?;
-        event.key = w.key.clone();
-        out.emit(event);
+    fn finish(mut self, w: &Window, out: &mut Emitter, _: &SumConfig) -> Result<()> {
+        (self.start_ms, self.end_ms) = (w.start_ms, w.end_ms);
+        let mut total = OwnedEvent::json(&self, w.end_ms - 1)?;
+        total.key = w.key.clone();
+        out.emit(total);
         Ok(())
     }
 }

@@ -14,30 +14,20 @@ use weir_sdk::{Emitter, Event, Result};
 #[serde(deny_unknown_fields)]
 pub struct Geo {
     table: HashMap<String, String>,
-    #[serde(default = "default_field")]
-    field: String,
-    #[serde(default = "default_header")]
-    header: String,
+    field: Option<String>,
+    header: Option<String>,
     default: Option<String>,
-}
-
-fn default_field() -> String {
-    "country_code".into()
-}
-
-fn default_header() -> String {
-    "country".into()
 }
 
 /// Adds the header and route tag when the code is known; passes the event through otherwise.
 #[weir_sdk::enrich]
 pub fn geo(e: &Event, out: &mut Emitter, cfg: &Geo) -> Result<()> {
     let value: serde_json::Value = e.json()?;
-    let code = value.get(&cfg.field).and_then(|code| code.as_str());
+    let code = value[cfg.field.as_deref().unwrap_or("country_code")].as_str();
     match code.and_then(|c| Some((c, cfg.table.get(c).or(cfg.default.as_ref())?))) {
         Some((code, name)) => out
             .edit(e)
-            .with_header(&cfg.header, name.as_str())
+            .with_header(cfg.header.as_deref().unwrap_or("country"), name)
             .with_route(code.to_ascii_lowercase())
             .emit(),
         None => out.pass(e),

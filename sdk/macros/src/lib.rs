@@ -5,11 +5,16 @@
 //!
 //! - a `static __WEIR_CONFIG` holding the config built by `init`;
 //! - `__weir_*` functions that call the SDK's batch loops (`weir_sdk::__private`) with the
-//!   author's function; they compile on every target, so a mistake shows up in `cargo test`;
+//!   author's function; they compile on every target, so a mistake shows up in `cargo test`.
+//!   They take a `Batch` (a verified view), not bytes, so they are sound to call from any safe
+//!   code: natively a buffer becomes a `Batch` only through `Batch::verify`;
 //! - on `wasm32` only, a module `__weir_component` with `wit_bindgen::generate!` for the one
 //!   world of the attribute (read from the workspace's `wit/` folder, whose absolute path is
 //!   computed here from this crate's location) and the `export!` of an implementation that
-//!   forwards to the `__weir_*` functions. The host interface is taken from the SDK's bindings
+//!   forwards to the `__weir_*` functions. That implementation is the one place that reads the
+//!   host's buffer with `Batch::trusted`, without verifying it again: the host verified it
+//!   (see the SDK's `runtime` module), and the implementation is private to the module, so only
+//!   the canonical ABI export calls it. The host interface is taken from the SDK's bindings
 //!   (`with:`), and wit-bindgen's runtime through `weir_sdk::__private::wit_bindgen`
 //!   (`runtime_path`), so a plugin crate depends on nothing but weir-sdk.
 //!
@@ -140,13 +145,16 @@ fn expand_fn(attr: TokenStream2, item: ItemFn, kind: Kind) -> syn::Result<TokenS
             quote! {
                 #[doc(hidden)]
                 #[allow(dead_code)]
-                fn __weir_filter(batch: &[u8]) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                fn __weir_filter(
+                    batch: ::weir_sdk::__private::Batch<'_>,
+                ) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
                     ::weir_sdk::__private::filter(&__WEIR_CONFIG, batch, #call)
                 }
             },
             quote! {
                 fn filter(batch: ::std::vec::Vec<u8>) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
-                    super::__weir_filter(&batch)
+                    // SAFETY: the host verified `batch` before the call (weir-sdk's `runtime`).
+                    super::__weir_filter(unsafe { ::weir_sdk::__private::Batch::trusted(&batch) })
                 }
             },
         ),
@@ -154,13 +162,16 @@ fn expand_fn(attr: TokenStream2, item: ItemFn, kind: Kind) -> syn::Result<TokenS
             quote! {
                 #[doc(hidden)]
                 #[allow(dead_code)]
-                fn __weir_enrich(batch: &[u8]) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                fn __weir_enrich(
+                    batch: ::weir_sdk::__private::Batch<'_>,
+                ) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
                     ::weir_sdk::__private::enrich(&__WEIR_CONFIG, batch, #call)
                 }
             },
             quote! {
                 fn enrich(batch: ::std::vec::Vec<u8>) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
-                    super::__weir_enrich(&batch)
+                    // SAFETY: the host verified `batch` before the call (weir-sdk's `runtime`).
+                    super::__weir_enrich(unsafe { ::weir_sdk::__private::Batch::trusted(&batch) })
                 }
             },
         ),
@@ -201,7 +212,7 @@ fn expand_aggregate(attr: TokenStream2, item: ItemImpl) -> syn::Result<TokenStre
         #[doc(hidden)]
         #[allow(dead_code)]
         fn __weir_fold(
-            batch: &[u8],
+            batch: ::weir_sdk::__private::Batch<'_>,
             groups: impl ::std::iter::IntoIterator<Item = (::std::option::Option<::std::vec::Vec<u8>>, ::std::vec::Vec<u32>)>,
         ) -> ::std::result::Result<::std::vec::Vec<::std::vec::Vec<u8>>, ::std::string::String> {
             ::weir_sdk::__private::fold::<#acc>(&__WEIR_CONFIG, batch, groups)
@@ -220,7 +231,9 @@ fn expand_aggregate(attr: TokenStream2, item: ItemImpl) -> syn::Result<TokenStre
             batch: ::std::vec::Vec<u8>,
             groups: ::std::vec::Vec<bindings::weir::plugin::types::Group>,
         ) -> ::std::result::Result<::std::vec::Vec<::std::vec::Vec<u8>>, ::std::string::String> {
-            super::__weir_fold(&batch, groups.into_iter().map(|g| (g.window.acc, g.events)))
+            // SAFETY: the host verified `batch` before the call (weir-sdk's `runtime`).
+            let batch = unsafe { ::weir_sdk::__private::Batch::trusted(&batch) };
+            super::__weir_fold(batch, groups.into_iter().map(|g| (g.window.acc, g.events)))
         }
 
         fn finish(
@@ -330,6 +343,41 @@ mod tests {
         assert!(out.contains("ConfigCell < Cfg >"), "{out}");
         assert!(out.contains("world : \"enrich\""), "{out}");
         assert!(out.contains("tag (event , out , config)"), "{out}");
+    }
+
+    #[test]
+    fn only_the_wasm_export_glue_skips_verification() {
+        let filter: ItemFn = parse_quote!(
+            fn keep(e: &Event) -> bool {
+                true
+            }
+        );
+        let enrich: ItemFn = parse_quote!(
+            fn tag(e: &Event, out: &mut Emitter) {}
+        );
+        let aggregate: ItemImpl = parse_quote!(impl weir_sdk::Aggregate for Count {});
+        let expansions = [
+            expand_fn(TokenStream2::new(), filter, Kind::Filter),
+            expand_fn(TokenStream2::new(), enrich, Kind::Enrich),
+            expand_aggregate(TokenStream2::new(), aggregate),
+        ];
+        for out in expansions {
+            let out = out.map(|t| t.to_string()).unwrap_or_else(|e| panic!("{e}"));
+            // The `__weir_*` functions, compiled on every target, take a `Batch` view.
+            let (glue, component) = out
+                .split_once("mod __weir_component")
+                .unwrap_or_else(|| panic!("{out}"));
+            assert!(
+                glue.contains("batch : :: weir_sdk :: __private :: Batch < '_ >"),
+                "{out}"
+            );
+            assert!(!glue.contains("trusted"), "{out}");
+            assert!(!glue.contains("unsafe {"), "{out}");
+            // The wasm-only export reads the host's buffer without verifying it again.
+            let cfg = glue.rfind("# [cfg (target_arch = \"wasm32\")]");
+            assert!(cfg.is_some_and(|at| !glue[at..].contains(" fn ")), "{out}");
+            assert!(component.contains("Batch :: trusted (& batch)"), "{out}");
+        }
     }
 
     #[test]
