@@ -1,7 +1,7 @@
 //! The `weir` binary end to end: `weir test` outputs for fixed inputs (one plugin, a chain of
 //! three), dead letters of a misbehaving plugin, every kind of bad input with its error text and
-//! exit code, `weir bench` and `weir demo` counts, and the `weir new → build → test → bench`
-//! path a plugin author takes, for each kind.
+//! exit code, `weir bench` and `weir demo` counts, the `weir new → build → test → bench` path a
+//! plugin author takes, for each kind, and the example plugins' own native tests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -395,6 +395,27 @@ fn plugin_target_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// Runs `cargo test` natively in `dir` with the plugins' shared target directory.
+fn cargo_test(dir: &Path) -> Output {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .arg("test")
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", plugin_target_dir())
+        .output()
+        .expect("run cargo test")
+}
+
+#[test]
+fn the_example_plugins_pass_their_own_tests() {
+    let plugins = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
+    let test = cargo_test(&plugins);
+    assert!(
+        test.status.success(),
+        "plugins/: cargo test failed:\n{}",
+        stderr(&test)
+    );
+}
+
 /// `weir new KIND NAME`, `weir build NAME`, then the scaffold's own `cargo test`; returns the
 /// path of the component copied into `dir`.
 fn scaffold(dir: &Path, kind: &str, name: &str) -> PathBuf {
@@ -417,12 +438,7 @@ fn scaffold(dir: &Path, kind: &str, name: &str) -> PathBuf {
         "{built}"
     );
     assert!(wasm.is_file(), "{built}");
-    let test = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .arg("test")
-        .current_dir(dir.join(name))
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .expect("run cargo test");
+    let test = cargo_test(&dir.join(name));
     assert!(
         test.status.success(),
         "the scaffold's own test failed:\n{}",
