@@ -111,8 +111,9 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     };
 
     let mut counts: Vec<Counts> = stages.iter().map(|_| Counts::default()).collect();
+    let batches = spec.batches(1024);
     let started = Instant::now();
-    for batch in spec.batches(1024) {
+    for batch in batches {
         let mut input = batch;
         for (stage, counts) in stages.iter_mut().zip(counts.iter_mut()) {
             counts.events_in += Batch::verify(&input)?.len();
