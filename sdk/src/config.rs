@@ -65,9 +65,11 @@ impl Config {
         self.values.contains_key(key)
     }
 
-    /// The keys, in the order the host passed them.
+    /// The keys, sorted (the same on every target, whatever serde_json's map order).
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.values.keys().map(String::as_str)
+        let mut keys: Vec<&str> = self.values.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        keys.into_iter()
     }
 
     /// The raw JSON value of `key`.
