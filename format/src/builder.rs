@@ -48,10 +48,7 @@ impl BatchBuilder {
             event.key.as_deref(),
             &event.value,
             event.timestamp_ms,
-            event
-                .headers
-                .iter()
-                .map(|(n, v)| (n.as_str(), v.as_slice())),
+            event.header_pairs(),
             event.route.as_deref(),
             0,
         );

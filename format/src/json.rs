@@ -294,10 +294,7 @@ pub fn event_to_line(event: &Event) -> String {
         event.key.as_deref(),
         &event.value,
         event.timestamp_ms,
-        event
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_slice())),
+        event.header_pairs(),
         event.route.as_deref(),
     )
 }

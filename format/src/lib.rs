@@ -107,6 +107,11 @@ impl Event {
         self
     }
 
+    /// The headers as borrowed `(name, value)` pairs, in order.
+    pub fn header_pairs(&self) -> impl Iterator<Item = (&str, &[u8])> + Clone {
+        self.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+    }
+
     /// The first header with this name.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
