@@ -262,6 +262,46 @@ fn bad_plugins_are_clear_errors() {
         "error: plugin `missing` ({}): cannot read the file: ",
         path("missing.wasm")
     )));
+    // A component of no weir world, and one with a world's export missing.
+    std::fs::write(
+        path("other.wasm"),
+        wat::parse_str(
+            r#"(component
+                (core module $m (func (export "f")))
+                (core instance $i (instantiate $m))
+                (func (export "run") (canon lift (core func $i "f"))))"#,
+        )
+        .expect("wat"),
+    )
+    .expect("write");
+    std::fs::write(
+        path("half.wasm"),
+        wat::parse_str(
+            r#"(component
+                (core module $m (func (export "f")))
+                (core instance $i (instantiate $m))
+                (func (export "filter") (canon lift (core func $i "f"))))"#,
+        )
+        .expect("wat"),
+    )
+    .expect("write");
+    assert_eq!(
+        run(&path("other.wasm"), &[]),
+        format!(
+            "error: plugin `other` ({}): implements no weir world: expected the exports of world \
+             `weir:plugin/filter@0.1.0` (`init`, `filter`), `weir:plugin/enrich@0.1.0` (`init`, \
+             `enrich`) or `weir:plugin/aggregate@0.1.0` (`init`, `fold`, `finish`); it exports `run`",
+            path("other.wasm")
+        )
+    );
+    assert_eq!(
+        run(&path("half.wasm"), &[]),
+        format!(
+            "error: plugin `half` ({}): export `init` of world `weir:plugin/filter@0.1.0` not \
+             found; it exports `filter`",
+            path("half.wasm")
+        )
+    );
     let init = run(plugins::BAD_INIT, &["--with", "fail=true"]);
     assert!(init.starts_with("error: plugin `bad_init` "), "{init}");
     assert!(
