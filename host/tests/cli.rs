@@ -3,6 +3,8 @@
 //! exit code, `weir bench` and `weir demo` counts, the `weir new → build → test → bench` path a
 //! plugin author takes, for each kind, and the example plugins' own native tests.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -263,28 +265,8 @@ fn bad_plugins_are_clear_errors() {
         path("missing.wasm")
     )));
     // A component of no weir world, and one with a world's export missing.
-    std::fs::write(
-        path("other.wasm"),
-        wat::parse_str(
-            r#"(component
-                (core module $m (func (export "f")))
-                (core instance $i (instantiate $m))
-                (func (export "run") (canon lift (core func $i "f"))))"#,
-        )
-        .expect("wat"),
-    )
-    .expect("write");
-    std::fs::write(
-        path("half.wasm"),
-        wat::parse_str(
-            r#"(component
-                (core module $m (func (export "f")))
-                (core instance $i (instantiate $m))
-                (func (export "filter") (canon lift (core func $i "f"))))"#,
-        )
-        .expect("wat"),
-    )
-    .expect("write");
+    std::fs::write(path("other.wasm"), common::component_exporting(&["run"])).expect("write");
+    std::fs::write(path("half.wasm"), common::component_exporting(&["filter"])).expect("write");
     assert_eq!(
         run(&path("other.wasm"), &[]),
         format!(

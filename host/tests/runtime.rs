@@ -2,6 +2,8 @@
 //! wasm32-wasip2 into target/plugins): exact outputs, exact error texts, poison isolation, and
 //! every kind of bad module.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -185,13 +187,7 @@ fn a_component_of_the_wrong_world_names_world_and_export() {
 
 #[test]
 fn a_component_of_no_world_lists_what_it_exports() {
-    let component = wat::parse_str(
-        r#"(component
-            (core module $m (func (export "run")))
-            (core instance $i (instantiate $m))
-            (func (export "run") (canon lift (core func $i "run"))))"#,
-    )
-    .expect("wat");
+    let component = common::component_exporting(&["run"]);
     let e = runtime()
         .load_bytes("runner", &component)
         .expect_err("no world");
@@ -208,13 +204,7 @@ fn a_component_of_no_world_lists_what_it_exports() {
 
 #[test]
 fn a_missing_export_is_named() {
-    let component = wat::parse_str(
-        r#"(component
-            (core module $m (func (export "f")))
-            (core instance $i (instantiate $m))
-            (func (export "filter") (canon lift (core func $i "f"))))"#,
-    )
-    .expect("wat");
+    let component = common::component_exporting(&["filter"]);
     let e = runtime()
         .load_bytes("half", &component)
         .expect_err("no init");
@@ -227,14 +217,7 @@ fn a_missing_export_is_named() {
 
 #[test]
 fn exports_of_the_wrong_type_are_a_signature_error() {
-    let component = wat::parse_str(
-        r#"(component
-            (core module $m (func (export "f")))
-            (core instance $i (instantiate $m))
-            (func (export "init") (canon lift (core func $i "f")))
-            (func (export "filter") (canon lift (core func $i "f"))))"#,
-    )
-    .expect("wat");
+    let component = common::component_exporting(&["init", "filter"]);
     let e = runtime()
         .load_bytes("typo", &component)
         .expect_err("wrong types");
