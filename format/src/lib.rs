@@ -13,6 +13,7 @@
 
 mod bitmap;
 mod builder;
+pub mod frame;
 #[cfg(feature = "json")]
 pub mod json;
 mod reader;
@@ -33,6 +34,7 @@ pub mod generated {
 
 pub use bitmap::KeepBitmap;
 pub use builder::BatchBuilder;
+pub use frame::{Decoder, Frame, ProtocolError};
 pub use reader::{Batch, EventRef, Events, Headers};
 
 /// The FlatBuffers file identifier every weir batch carries.
