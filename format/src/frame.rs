@@ -1072,6 +1072,19 @@ impl<'a> Fields<'a> {
         self.array(field).map(u16::from_be_bytes)
     }
 
+    /// The `u16` count of pipelines that `hello` and `welcome` carry, at most [`MAX_PIPELINES`].
+    fn pipeline_count(&mut self) -> Result<usize, ProtocolError> {
+        let count = usize::from(self.u16("pipeline count")?);
+        if count > MAX_PIPELINES {
+            return Err(ProtocolError::TooManyPipelines {
+                frame: self.frame,
+                count,
+                limit: MAX_PIPELINES,
+            });
+        }
+        Ok(count)
+    }
+
     fn u32(&mut self, field: &'static str) -> Result<u32, ProtocolError> {
         self.array(field).map(u32::from_be_bytes)
     }
@@ -1116,14 +1129,7 @@ fn parse_control(ty: u8, body: &[u8]) -> Result<Frame, ProtocolError> {
             check_version(version)?;
             let producer_id = f.string("producer_id", NAME)?;
             let token = f.bytes("token", TOKEN)?.to_vec();
-            let count = usize::from(f.u16("pipeline count")?);
-            if count > MAX_PIPELINES {
-                return Err(ProtocolError::TooManyPipelines {
-                    frame,
-                    count,
-                    limit: MAX_PIPELINES,
-                });
-            }
+            let count = f.pipeline_count()?;
             let mut pipelines = Vec::with_capacity(count);
             for _ in 0..count {
                 pipelines.push(f.string("pipeline name", NAME)?);
@@ -1144,14 +1150,7 @@ fn parse_control(ty: u8, body: &[u8]) -> Result<Frame, ProtocolError> {
                 max_events_per_frame: f.u32("max_events_per_frame")?,
                 max_in_flight: f.u32("max_in_flight")?,
             };
-            let count = usize::from(f.u16("pipeline count")?);
-            if count > MAX_PIPELINES {
-                return Err(ProtocolError::TooManyPipelines {
-                    frame,
-                    count,
-                    limit: MAX_PIPELINES,
-                });
-            }
+            let count = f.pipeline_count()?;
             let mut pipelines = Vec::with_capacity(count);
             for index in 0..count {
                 let state = PipelineState {

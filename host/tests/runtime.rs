@@ -711,14 +711,19 @@ fn an_allocating_plugin_hits_its_memory_cap() {
     );
 }
 
-#[test]
-fn traps_never_exhaust_the_pool() {
-    // Many more traps than the pool has slots: every recycle returns its slot.
-    let runtime = Runtime::new(RuntimeConfig {
+/// A runtime whose pool has room for two instances only.
+fn two_slot_runtime() -> Runtime {
+    Runtime::new(RuntimeConfig {
         max_instances: 2,
         ..RuntimeConfig::default()
     })
-    .expect("runtime");
+    .expect("runtime")
+}
+
+#[test]
+fn traps_never_exhaust_the_pool() {
+    // Many more traps than the pool has slots: every recycle returns its slot.
+    let runtime = two_slot_runtime();
     let p = runtime.load_file(wasm("panic_on_mark")).expect("load");
     let mut instance = p.instantiate(StageConfig::new("t")).expect("instance");
     let poison = encode(&[Event::new("poison", 1)]);
@@ -956,11 +961,7 @@ fn isolated_output_is_bounded_by_the_memory_limit() {
 #[test]
 fn a_chain_hands_back_what_a_failed_stage_did_not_process() {
     // A pool of two: one instance per stage, none to spare.
-    let runtime = Runtime::new(RuntimeConfig {
-        max_instances: 2,
-        ..RuntimeConfig::default()
-    })
-    .expect("runtime");
+    let runtime = two_slot_runtime();
     let sum = runtime.load_file(wasm("count_sum")).expect("count_sum");
     let guard = runtime
         .load_file(wasm("panic_on_mark"))
