@@ -5,7 +5,7 @@
 include!("../plugins/build_support.rs");
 
 /// The example plugins every `weir` binary carries.
-const EXAMPLES: &[&str] = &["drop_bots", "geo_enrich", "count_sum"];
+const EXAMPLES: &[&str] = &["drop_bots", "geo_enrich", "count_sum", "identity"];
 
 fn main() {
     let built = build_plugins(ALL_PLUGINS);
@@ -21,6 +21,15 @@ fn main() {
             path.display().to_string()
         ));
     }
+    code.push_str("/// Every example plugin by its crate name (`drop-bots`), as configs name them (`example:drop-bots`).\npub const ALL: &[(&str, &[u8])] = &[\n");
+    for name in EXAMPLES {
+        code.push_str(&format!(
+            "    ({:?}, {}),\n",
+            name.replace('_', "-"),
+            name.to_uppercase()
+        ));
+    }
+    code.push_str("];\n");
     let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     std::fs::write(out.join("examples.rs"), code).expect("write examples.rs into OUT_DIR");
 }

@@ -20,6 +20,7 @@ const ALL_PLUGINS: &[&str] = &[
     "bad-init",
     "bad-finish",
     "record-filter",
+    "identity",
 ];
 
 /// Writes `OUT_DIR/plugin_paths.rs`: one `pub const CRATE_NAME: &str` path per built plugin.

@@ -19,6 +19,7 @@
 //!    the unacked batches come out of `poll_transmit` again with their original sequences.
 
 mod producer;
+pub mod tls;
 
 pub use producer::{
     BATCH_OVERHEAD_BYTES, ClientError, Completed, ProducerConfig, ProducerCore, SendOutcome,
