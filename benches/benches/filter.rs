@@ -11,8 +11,7 @@
 //!
 //! In these three the batches are verified once, before timing, as ingest verifies a batch
 //! once at the network boundary: verification is the same work for every variant (about
-//! 200 ns per event with the flatbuffers verifier) and would hide the differences measured
-//! here. The `stage/*` pair then measures what a pipeline stage costs per batch of 1024,
+//! 21 ns per event, docs/BENCHMARKS.md) and would only blur the differences measured here. The `stage/*` pair then measures what a pipeline stage costs per batch of 1024,
 //! verification and output included: [`weir::pipeline::Stage::process`] on the bytes (verify,
 //! call, re-encode the kept events) against native Rust doing the same
 //! ([`weir::baseline::NativeFilter::process`] after verifying).

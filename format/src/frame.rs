@@ -22,8 +22,8 @@
 //!   rest of a chunk for the next call. Every payload byte is copied exactly once, from the
 //!   caller's chunk into the frame's payload.
 //! - The FlatBuffers payload is **not** verified by the decoder: [`BatchFrame::verify`] is a
-//!   separate step the server runs on the pipeline worker. `Batch::verify` costs ~200 ns per
-//!   event (docs/BENCHMARKS.md), about the whole per-event ingest budget, so it must not run on
+//!   separate step the server runs on the pipeline worker. `Batch::verify` costs ~21 ns per
+//!   event (docs/BENCHMARKS.md), work that belongs on the pipeline's thread rather than on
 //!   the task that drains the stream; a resent batch the server already accepted (sequence below
 //!   the next expected one) is dropped without ever being verified; and verification happens
 //!   exactly once per batch, where the pipeline reads it. The decoder still enforces

@@ -1,14 +1,8 @@
 //! Zero-copy reading of a batch.
 
 use crate::generated::weir::batch as fb;
-use crate::{Event, FormatError};
+use crate::{Event, FormatError, verify};
 use flatbuffers::{ForwardsUOffset, Vector};
-
-/// Verifier limits. A batch is bounded by its frame size upstream; these bound the work the
-/// verifier does on a hostile buffer of that size.
-const MAX_TABLES: usize = 1 << 24;
-/// Batch → events → event → headers → header is four levels; leave room for schema growth.
-const MAX_DEPTH: usize = 16;
 
 /// A read-only view of a batch buffer.
 #[derive(Clone, Copy)]
@@ -19,22 +13,24 @@ pub struct Batch<'a> {
 
 impl<'a> Batch<'a> {
     /// Verifies `buf` (identifier, offsets, required fields) and returns a view of it.
+    ///
+    /// Accepts exactly the buffers the flatbuffers crate's verifier accepts (with weir's limits
+    /// on tables and size), checked by a walk specialised for the batch schema; a rejected
+    /// buffer's error is the crate verifier's, which names the field and position.
     pub fn verify(buf: &'a [u8]) -> Result<Self, FormatError> {
         // The root offset and the identifier come first; flatbuffers asserts on a shorter buffer.
         let header_len = flatbuffers::SIZE_UOFFSET + flatbuffers::FILE_IDENTIFIER_LENGTH;
         if buf.len() < header_len || !fb::batch_buffer_has_identifier(buf) {
             return Err(FormatError::MissingIdentifier { len: buf.len() });
         }
-        let opts = flatbuffers::VerifierOptions {
-            max_tables: MAX_TABLES,
-            max_depth: MAX_DEPTH,
-            ..Default::default()
-        };
-        let root = fb::root_as_batch_with_opts(&opts, buf)?;
-        Ok(Batch {
-            buf,
-            events: root.events(),
-        })
+        if !verify::fast(buf) {
+            // The walk accepts only buffers the generic verifier accepts; this either finds the
+            // error or accepts a layout the walk does not (none is known).
+            verify::generic(buf)?;
+        }
+        // SAFETY: the flatbuffers verifier accepts `buf` (the walk accepts no buffer it would
+        // reject), which is what `trusted` needs: every offset the accessors follow is checked.
+        Ok(unsafe { Batch::trusted(buf) })
     }
 
     /// A view of a buffer that was verified before, without checking it again.
