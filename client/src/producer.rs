@@ -30,10 +30,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use weir_format::frame::{
-    Ack, BATCH_HEADER_BYTES, Hello, LENGTH_BYTES, Limits, MAX_PIPELINES, PROTOCOL_VERSION, Welcome,
-    batch_header,
+    Ack, BATCH_HEADER_BYTES, ErrorCode, Hello, LENGTH_BYTES, Limits, MAX_PIPELINES,
+    PROTOCOL_VERSION, Welcome, batch_header,
 };
-use weir_format::{BatchBuilder, Event};
+use weir_format::{Batch, BatchBuilder, Event};
 
 /// Bytes of the length prefix and batch header that precede every payload.
 const FRAME_HEADER_BYTES: usize = LENGTH_BYTES + BATCH_HEADER_BYTES;
@@ -143,6 +143,23 @@ pub enum ClientError {
         bytes: usize,
         /// The configured buffer.
         limit: usize,
+    },
+    /// An encoded batch handed to [`ProducerCore::send_batch`] that is not a valid weir batch.
+    #[error("encoded batch is not a valid weir batch: {0}")]
+    InvalidEncodedBatch(String),
+    /// An encoded batch over the server's limits.
+    #[error(
+        "encoded batch of {events} events and {bytes} frame bytes exceeds the server's limits ({max_events} events, {max_frame_bytes} bytes)"
+    )]
+    EncodedBatchOverLimits {
+        /// Events in the batch.
+        events: u32,
+        /// Its frame length.
+        bytes: usize,
+        /// The server's `max_events_per_frame`.
+        max_events: u32,
+        /// The server's `max_frame_bytes`.
+        max_frame_bytes: u32,
     },
     /// A finished batch over the frame limit (the size bound failed; the events are lost).
     #[error(
@@ -281,6 +298,100 @@ pub enum ClientError {
         /// One past the highest sequence sent (or accepted by the server).
         sent_below: u64,
     },
+    /// No way to authenticate the server was configured.
+    #[error(
+        "no way to verify the server: pin the certificate fingerprint `weir serve` printed, or give a CA file"
+    )]
+    NoTrust,
+    /// A certificate, key or CA file that cannot be used, or a TLS configuration rustls refuses.
+    #[error("tls setup: {0}")]
+    Tls(String),
+    /// The connection to the server could not be established (network, QUIC or TLS handshake).
+    #[error("cannot connect to {server}: {message}")]
+    Connect {
+        /// The server's address.
+        server: String,
+        /// What failed.
+        message: String,
+    },
+    /// The server refused the `hello` (a `refuse` frame, or a close during the handshake).
+    #[error("refused by {server}: {}: {message}", code_label(*code))]
+    Refused {
+        /// The server's address.
+        server: String,
+        /// The refusal's code.
+        code: ErrorCode,
+        /// The server's message.
+        message: String,
+    },
+    /// The server reported a non-retryable error for a stream or the connection.
+    #[error("error from {server} on stream {stream}: {}: {message}", code_label(*code))]
+    Server {
+        /// The server's address.
+        server: String,
+        /// The error's code.
+        code: ErrorCode,
+        /// The QUIC id of the failed stream (0: the connection).
+        stream: u64,
+        /// The server's message.
+        message: String,
+    },
+    /// The server closed the connection with a non-retryable code.
+    #[error("connection closed by {server}: {}: {message}", code_label(*code))]
+    Closed {
+        /// The server's address.
+        server: String,
+        /// The close's code.
+        code: ErrorCode,
+        /// The close's reason phrase.
+        message: String,
+    },
+    /// The server sent bytes that are not valid `weir/1` frames.
+    #[error("protocol error from {server}: {message}")]
+    Protocol {
+        /// The server's address.
+        server: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// Reconnecting did not succeed within the reconnect policy's deadline.
+    #[error("gave up reconnecting to {server} after {seconds} s: {last}")]
+    GaveUp {
+        /// The server's address.
+        server: String,
+        /// Seconds spent trying.
+        seconds: u64,
+        /// The last failure.
+        last: String,
+    },
+    /// A pipeline name the producer was not configured with.
+    #[error("pipeline `{0}` is not one of the producer's pipelines")]
+    UnknownPipelineName(String),
+    /// The producer was closed (or dropped) before the operation completed.
+    #[error("the producer is closed")]
+    ProducerClosed,
+}
+
+/// An error code as messages show it: its name and wire value, e.g. `UNAUTHENTICATED (0x03)`.
+pub fn code_label(code: ErrorCode) -> String {
+    let name = match code {
+        ErrorCode::NoError => "NO_ERROR",
+        ErrorCode::ProtocolViolation => "PROTOCOL_VIOLATION",
+        ErrorCode::UnsupportedVersion => "UNSUPPORTED_VERSION",
+        ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+        ErrorCode::Unauthorized => "UNAUTHORIZED",
+        ErrorCode::UnknownPipeline => "UNKNOWN_PIPELINE",
+        ErrorCode::FrameTooLarge => "FRAME_TOO_LARGE",
+        ErrorCode::TooManyEvents => "TOO_MANY_EVENTS",
+        ErrorCode::InvalidBatch => "INVALID_BATCH",
+        ErrorCode::SequenceGap => "SEQUENCE_GAP",
+        ErrorCode::TooManyProducers => "TOO_MANY_PRODUCERS",
+        ErrorCode::Superseded => "SUPERSEDED",
+        ErrorCode::ShuttingDown => "SHUTTING_DOWN",
+        ErrorCode::InternalError => "INTERNAL_ERROR",
+        ErrorCode::Unknown(_) => "unknown code",
+    };
+    format!("{name} (0x{:02x})", code.to_u16())
 }
 
 /// What [`ProducerCore::send`] did with an event.
@@ -318,6 +429,38 @@ pub struct Transmit {
     pub header: [u8; FRAME_HEADER_BYTES],
     /// The FlatBuffers batch; cheap to clone, shared with the resend buffer.
     pub payload: Bytes,
+}
+
+/// A FlatBuffers batch encoded elsewhere, verified once, for [`ProducerCore::send_batch`].
+/// Cloning it is cheap (the payload is shared).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedBatch {
+    payload: Bytes,
+    events: u32,
+}
+
+impl EncodedBatch {
+    /// Verifies `payload` as a weir batch (`wit/batch.fbs`, identifier `WEIR`), so that a
+    /// batch the server would refuse as `INVALID_BATCH` is an error before it is numbered.
+    pub fn new(payload: Bytes) -> Result<EncodedBatch, ClientError> {
+        let events = Batch::verify(&payload)
+            .map_err(|e| ClientError::InvalidEncodedBatch(e.to_string()))?
+            .len();
+        let events = u32::try_from(events).map_err(|_| {
+            ClientError::InvalidEncodedBatch(format!("{events} events do not fit a frame"))
+        })?;
+        Ok(EncodedBatch { payload, events })
+    }
+
+    /// Events in the batch.
+    pub fn events(&self) -> u32 {
+        self.events
+    }
+
+    /// The FlatBuffers bytes.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
 }
 
 /// A closed batch, kept until an ack covers it.
@@ -702,6 +845,73 @@ impl ProducerCore {
         if p.open_events >= max_events || BATCH_OVERHEAD_BYTES + p.open_bytes >= max_bytes {
             self.close(index, limits)?;
         }
+        Ok(SendOutcome::Queued { sequence })
+    }
+
+    /// Queues an already encoded batch (e.g. one read from another weir, or built once and
+    /// sent many times) as one batch of `pipeline`, after closing the pipeline's open batch so
+    /// that order is kept. Answers [`SendOutcome::Full`], taking nothing, when the buffer has
+    /// no room for it.
+    pub fn send_batch(
+        &mut self,
+        pipeline: u16,
+        batch: &EncodedBatch,
+    ) -> Result<SendOutcome, ClientError> {
+        let limits = self.limits.ok_or(ClientError::NotWelcomed)?;
+        let count = self.pipelines.len();
+        let index = usize::from(pipeline);
+        if index >= count {
+            return Err(ClientError::UnknownPipeline {
+                index: pipeline,
+                count,
+            });
+        }
+        let payload = batch.payload.clone();
+        let event_count = batch.events;
+        let frame_len = payload.len() + BATCH_HEADER_BYTES;
+        if frame_len > limits.max_frame_bytes as usize || event_count > limits.max_events_per_frame
+        {
+            return Err(ClientError::EncodedBatchOverLimits {
+                events: event_count,
+                bytes: frame_len,
+                max_events: limits.max_events_per_frame,
+                max_frame_bytes: limits.max_frame_bytes,
+            });
+        }
+        let cost = LENGTH_BYTES + frame_len;
+        if cost > self.config.max_buffer_bytes {
+            return Err(ClientError::EventExceedsBuffer {
+                bytes: cost,
+                limit: self.config.max_buffer_bytes,
+            });
+        }
+        if self.buffered.saturating_add(cost) > self.config.max_buffer_bytes {
+            return Ok(SendOutcome::Full);
+        }
+        self.close(index, limits)?;
+        let p = &mut self.pipelines[index];
+        let sequence = p.next_sequence;
+        let next = sequence
+            .checked_add(1)
+            .ok_or_else(|| ClientError::SequencesExhausted(p.name.clone()))?;
+        let header =
+            batch_header(pipeline, sequence, event_count, payload.len()).map_err(|_| {
+                ClientError::EncodedBatchOverLimits {
+                    events: event_count,
+                    bytes: frame_len,
+                    max_events: limits.max_events_per_frame,
+                    max_frame_bytes: limits.max_frame_bytes,
+                }
+            })?;
+        p.next_sequence = next;
+        let batch = HeldBatch {
+            sequence,
+            event_count,
+            header,
+            payload,
+        };
+        self.buffered += batch.buffer_bytes();
+        p.held.push_back(batch);
         Ok(SendOutcome::Queued { sequence })
     }
 

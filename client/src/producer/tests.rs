@@ -688,3 +688,87 @@ fn size_bound_holds_for_varied_events() {
     let bound: usize = BATCH_OVERHEAD_BYTES + many.iter().map(encoded_len_bound).sum::<usize>();
     assert!(weir_format::encode(&many).len() <= bound);
 }
+
+fn encoded(events: std::ops::Range<usize>) -> EncodedBatch {
+    let mut builder = BatchBuilder::default();
+    for i in events {
+        builder.push(&event(i));
+    }
+    EncodedBatch::new(Bytes::from(builder.finish())).expect("a valid batch")
+}
+
+#[test]
+fn an_encoded_batch_follows_the_open_batch_with_the_next_sequence() {
+    let now = Instant::now();
+    let mut core = core(100, &[(7, 7)]);
+    assert_eq!(send_all(&mut core, 0, 0..3, now), vec![7, 7, 7]);
+    let batch = encoded(3..8);
+    assert_eq!(batch.events(), 5);
+    assert_eq!(
+        core.send_batch(0, &batch).expect("queued"),
+        SendOutcome::Queued { sequence: 8 }
+    );
+    let transmits = drain(&mut core);
+    assert_eq!(summary(&transmits), vec![(0, 7, 3), (0, 8, 5)]);
+    assert_eq!(transmits[1].payload, *batch.payload());
+    assert_eq!(
+        transmits[1].header,
+        batch_header(0, 8, 5, batch.payload().len()).expect("header")
+    );
+    assert_eq!(core.next_sequence(0), Some(9));
+}
+
+#[test]
+fn an_encoded_batch_is_verified_and_checked_against_the_limits() {
+    assert!(matches!(
+        EncodedBatch::new(Bytes::from_static(b"not a flatbuffer at all")),
+        Err(ClientError::InvalidEncodedBatch(_))
+    ));
+    let mut config = config(&["p0"]);
+    config.max_batch_events = 4;
+    let mut core = ProducerCore::new(config).expect("valid config");
+    let limits = Limits {
+        max_events_per_frame: 4,
+        ..Limits::DEFAULT
+    };
+    core.on_welcome(&welcome_with(limits, &[(0, 0)]))
+        .expect("welcome");
+    let batch = encoded(0..5);
+    let error = core.send_batch(0, &batch).expect_err("over the limit");
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "encoded batch of 5 events and {} frame bytes exceeds the server's limits (4 events, 4194304 bytes)",
+            batch.payload().len() + BATCH_HEADER_BYTES
+        )
+    );
+    assert_eq!(core.next_sequence(0), Some(0), "no sequence consumed");
+}
+
+#[test]
+fn an_encoded_batch_waits_for_room_in_the_buffer() {
+    let batch = encoded(0..10);
+    let frame = LENGTH_BYTES + BATCH_HEADER_BYTES + batch.payload().len();
+    let mut config = config(&["p0"]);
+    config.max_buffer_bytes = frame + frame / 2;
+    let mut core = ProducerCore::new(config).expect("valid config");
+    core.on_welcome(&welcome(&[(0, 0)])).expect("welcome");
+    assert_eq!(
+        core.send_batch(0, &batch).expect("first"),
+        SendOutcome::Queued { sequence: 0 }
+    );
+    assert_eq!(
+        core.send_batch(0, &batch).expect("second"),
+        SendOutcome::Full
+    );
+    assert_eq!(summary(&drain(&mut core)), vec![(0, 0, 10)]);
+    core.on_ack(Ack {
+        pipeline: 0,
+        next: 1,
+    })
+    .expect("ack");
+    assert_eq!(
+        core.send_batch(0, &batch).expect("after the ack"),
+        SendOutcome::Queued { sequence: 1 }
+    );
+}
