@@ -7,6 +7,8 @@
 //! [`weir::baseline`]: the example plugin of the same kind, which produces the same output
 //! batch in-process. Both are timed per batch after a warm-up pass on a separate instance;
 //! events/s and ns/event come from the total time, p50/p99 from the per-batch times.
+//!
+//! `weir bench --e2e` measures ingest over QUIC instead: see `ingest_bench.rs`.
 
 use super::StageArgs;
 use anyhow::{Context, Result, bail};
@@ -23,7 +25,12 @@ use weir_format::Batch;
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// The plugin component (.wasm).
-    plugin: PathBuf,
+    #[arg(required_unless_present = "e2e")]
+    plugin: Option<PathBuf>,
+    /// Instead of a plugin: ingest over QUIC on loopback, weir (identity plugin, null sink)
+    /// against raw quinn sending the same bytes, then weir's ack latency at half its rate.
+    #[arg(long, conflicts_with = "plugin")]
+    e2e: bool,
     /// Number of events to generate.
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
@@ -100,6 +107,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.batch == 0 || args.events == 0 {
         bail!("--events and --batch must be at least 1");
     }
+    let Some(plugin) = &args.plugin else {
+        return super::ingest_bench::run(&super::ingest_bench::E2eArgs {
+            events: args.events,
+            size: args.size,
+            batch: args.batch,
+            keys: args.keys,
+        });
+    };
     let spec = WorkloadSpec {
         events: args.events,
         value_size: args.size,
@@ -108,7 +123,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let batches = spec.batches(args.batch);
     let runtime = Runtime::new(RuntimeConfig::default())?;
-    let plugin = runtime.load_file(&args.plugin)?;
+    let plugin = runtime.load_file(plugin)?;
     eprintln!(
         "weir bench: {} `{}` {}, {} events of {} B in batches of {}, {} keys",
         plugin.kind(),

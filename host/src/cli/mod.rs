@@ -4,7 +4,10 @@
 mod bench;
 mod build;
 mod demo;
+mod ingest_bench;
 mod new;
+mod send;
+mod serve;
 mod test;
 
 use anyhow::{Context, Result, bail};
@@ -52,6 +55,10 @@ enum Command {
     Test(test::TestArgs),
     /// Measure a plugin on generated events, side by side with native Rust doing the same work.
     Bench(bench::BenchArgs),
+    /// Run the QUIC ingest server: producers stream events into the configured pipelines.
+    Serve(serve::ServeArgs),
+    /// Stream events into a pipeline of a `weir serve`: from a JSON-lines file or generated.
+    Send(send::SendArgs),
 }
 
 /// Runs one command.
@@ -72,6 +79,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Build { dir, out } => build(&dir, out.as_deref()),
         Command::Test(args) => test::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Serve(args) => serve::run(&args),
+        Command::Send(args) => send::run(&args),
     }
 }
 

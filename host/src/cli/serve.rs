@@ -1,0 +1,128 @@
+//! `weir serve --config FILE`: runs the QUIC ingest server until Ctrl-C or SIGTERM, then stops
+//! gracefully (every batch read is processed, written and acked before the exit).
+
+use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
+use weir::config::Config;
+use weir::ingest::Server;
+
+/// Arguments of `weir serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The config file (TOML; the reference is docs/SERVE.md).
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+/// Runs the command.
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let config = Config::load(&args.config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<()> {
+    use std::fmt::Write as _;
+    let anonymous = config.allow_anonymous;
+    let server = Server::start(config).await?;
+    let mut banner = String::new();
+    writeln!(
+        banner,
+        "weir serve: listening on {} (QUIC, ALPN weir/1)",
+        server.local_addr()
+    )?;
+    writeln!(
+        banner,
+        "certificate fingerprint (SHA-256): {}",
+        server.fingerprint()
+    )?;
+    writeln!(
+        banner,
+        "certificate: {}{}",
+        server.cert_path().display(),
+        if server.cert_generated() {
+            " (self-signed, generated once; pin it with `weir send --pin FINGERPRINT`)"
+        } else {
+            ""
+        }
+    )?;
+    if anonymous {
+        writeln!(
+            banner,
+            "auth: producers without a token or client certificate are accepted"
+        )?;
+    }
+    for pipeline in server.pipelines() {
+        writeln!(banner, "pipeline `{}`:", pipeline.name)?;
+        if pipeline.stages.is_empty() {
+            writeln!(
+                banner,
+                "  stages: none (events go to the sinks as they come)"
+            )?;
+        }
+        for (i, stage) in pipeline.stages.iter().enumerate() {
+            writeln!(banner, "  stage {}: {stage}", i + 1)?;
+        }
+        for sink in &pipeline.sinks {
+            writeln!(banner, "  sink: {sink}")?;
+        }
+        writeln!(banner, "  dead letters: {}", pipeline.dead_letters)?;
+    }
+    writeln!(banner, "Ctrl-C or SIGTERM stops gracefully.")?;
+    // A closed stdout is no reason to stop serving: the logs go to stderr.
+    let printed = print(&banner);
+    if let Err(e) = printed {
+        tracing::warn!("{e:#}");
+    }
+    stop_signal().await?;
+    tracing::info!("stopping: finishing and acking in-flight batches");
+    let report = server.shutdown().await?;
+    let s = &report.stats;
+    let summary = format!(
+        "weir serve: stopped; {} batches ({} events) accepted, {} acked, {} duplicates dropped, {} events out, {} dead letters\n",
+        s.batches_accepted,
+        s.events_accepted,
+        s.batches_acked,
+        s.duplicates_dropped,
+        s.events_out,
+        s.dead_letters
+    );
+    if let Err(e) = print(&summary) {
+        tracing::info!("{}: {e:#}", summary.trim_end());
+    }
+    if !report.problems.is_empty() {
+        bail!("stopped with problems: {}", report.problems.join("; "));
+    }
+    Ok(())
+}
+
+/// Writes to stdout and flushes; an error (a closed pipe) is returned, not a panic.
+fn print(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")
+}
+
+/// Completes on Ctrl-C or (on Unix) SIGTERM.
+async fn stop_signal() -> Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot listen for SIGTERM")?;
+        tokio::select! {
+            ctrl_c = tokio::signal::ctrl_c() => ctrl_c.context("cannot listen for Ctrl-C"),
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot listen for Ctrl-C")
+    }
+}
