@@ -118,7 +118,7 @@ pub fn run(args: &E2eArgs) -> Result<()> {
 }
 
 /// Throughput rounds, raw quinn and weir alternating.
-const ROUNDS: u32 = 3;
+const ROUNDS: u32 = 5;
 
 /// Length prefix and batch header before each payload.
 const FRAME_OVERHEAD: usize = 19;

@@ -151,15 +151,33 @@ fn options(addr: SocketAddr, fingerprint: &str, producer_id: &str) -> ConnectOpt
         .expect("fingerprint")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_million_events_arrive_exactly_once() {
+/// Options that notice a dead path within half a second and retry every 50 to 200 ms.
+fn reconnecting(addr: SocketAddr, fingerprint: &str, producer_id: &str) -> ConnectOptions {
+    options(addr, fingerprint, producer_id)
+        .idle_timeout(Duration::from_millis(500))
+        .keep_alive(Some(Duration::from_millis(100)))
+        .reconnect(ReconnectPolicy {
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+            give_up_after: Some(Duration::from_secs(120)),
+        })
+}
+
+/// An in-process server on a free loopback port, in a temporary directory.
+async fn start_server() -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let spec = workload(1_000_000);
     let config =
         Config::parse(&config_text("127.0.0.1:0"), dir.path().join("weir.toml")).expect("config");
     let server = within("server start", Server::start(config))
         .await
         .expect("server starts");
+    (dir, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_events_arrive_exactly_once() {
+    let (dir, server) = start_server().await;
+    let spec = workload(1_000_000);
     let producer = within(
         "connect",
         Producer::connect(options(server.local_addr(), &server.fingerprint(), "e2e")),
@@ -186,26 +204,12 @@ async fn a_million_events_arrive_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_connection_reconnects_without_loss_or_duplicate() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (dir, server) = start_server().await;
     let spec = workload(1_000_000);
-    let config =
-        Config::parse(&config_text("127.0.0.1:0"), dir.path().join("weir.toml")).expect("config");
-    let server = within("server start", Server::start(config))
-        .await
-        .expect("server starts");
     let relay = Relay::start(server.local_addr()).await;
     let producer = within(
         "connect",
-        Producer::connect(
-            options(relay.addr(), &server.fingerprint(), "e2e-cut")
-                .idle_timeout(Duration::from_millis(500))
-                .keep_alive(Some(Duration::from_millis(100)))
-                .reconnect(ReconnectPolicy {
-                    initial_backoff: Duration::from_millis(50),
-                    max_backoff: Duration::from_millis(200),
-                    give_up_after: Some(Duration::from_secs(60)),
-                }),
-        ),
+        Producer::connect(reconnecting(relay.addr(), &server.fingerprint(), "e2e-cut")),
     )
     .await
     .expect("connect");
@@ -290,15 +294,7 @@ async fn nothing_acked_is_lost_when_the_server_is_killed() {
         .expect("start weir serve");
     let producer = within(
         "connect",
-        Producer::connect(
-            options(addr, &fingerprint, "e2e-kill")
-                .idle_timeout(Duration::from_millis(500))
-                .reconnect(ReconnectPolicy {
-                    initial_backoff: Duration::from_millis(50),
-                    max_backoff: Duration::from_millis(200),
-                    give_up_after: Some(Duration::from_secs(120)),
-                }),
-        ),
+        Producer::connect(reconnecting(addr, &fingerprint, "e2e-kill")),
     )
     .await
     .expect("connect");
