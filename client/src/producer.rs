@@ -784,15 +784,8 @@ impl ProducerCore {
         })
     }
 
-    /// Adds `event` to `pipeline`'s open batch (closing the open batch first when the event
-    /// would overflow it, and after when it is full). `now` starts the linger of a new batch.
-    /// Answers [`SendOutcome::Full`], taking nothing, when the buffer has no room for it.
-    pub fn send(
-        &mut self,
-        pipeline: u16,
-        event: &Event,
-        now: Instant,
-    ) -> Result<SendOutcome, ClientError> {
+    /// The welcome's limits and `pipeline` as an index, checked.
+    fn welcomed_index(&self, pipeline: u16) -> Result<(Limits, usize), ClientError> {
         let limits = self.limits.ok_or(ClientError::NotWelcomed)?;
         let count = self.pipelines.len();
         let index = usize::from(pipeline);
@@ -802,6 +795,19 @@ impl ProducerCore {
                 count,
             });
         }
+        Ok((limits, index))
+    }
+
+    /// Adds `event` to `pipeline`'s open batch (closing the open batch first when the event
+    /// would overflow it, and after when it is full). `now` starts the linger of a new batch.
+    /// Answers [`SendOutcome::Full`], taking nothing, when the buffer has no room for it.
+    pub fn send(
+        &mut self,
+        pipeline: u16,
+        event: &Event,
+        now: Instant,
+    ) -> Result<SendOutcome, ClientError> {
+        let (limits, index) = self.welcomed_index(pipeline)?;
         let bound = encoded_len_bound(event);
         let alone = bound
             .saturating_add(BATCH_OVERHEAD_BYTES)
@@ -857,15 +863,7 @@ impl ProducerCore {
         pipeline: u16,
         batch: &EncodedBatch,
     ) -> Result<SendOutcome, ClientError> {
-        let limits = self.limits.ok_or(ClientError::NotWelcomed)?;
-        let count = self.pipelines.len();
-        let index = usize::from(pipeline);
-        if index >= count {
-            return Err(ClientError::UnknownPipeline {
-                index: pipeline,
-                count,
-            });
-        }
+        let (limits, index) = self.welcomed_index(pipeline)?;
         let payload = batch.payload.clone();
         let event_count = batch.events;
         let frame_len = payload.len() + BATCH_HEADER_BYTES;

@@ -480,6 +480,11 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
+/// The longest `handshake_timeout_ms` (one hour).
+const MAX_HANDSHAKE_TIMEOUT_MS: u64 = 3_600_000;
+// The smallest batch frame still holds its header.
+const _: () = assert!(MIN_FRAME_BYTES as usize > BATCH_HEADER_BYTES);
+
 fn limits(source: &Source<'_>, raw: &RawLimits) -> Result<ServerLimits, ConfigError> {
     let mut limits = ServerLimits::default();
     let at_least = |value: &Spanned<u32>, min: u32, name: &str| {
@@ -520,9 +525,18 @@ fn limits(source: &Source<'_>, raw: &RawLimits) -> Result<ServerLimits, ConfigEr
         if *v.get_ref() == 0 {
             return Err(source.at(v, "handshake_timeout_ms must be at least 1"));
         }
+        // A deadline past what `Instant` can hold would panic every connection's task.
+        if *v.get_ref() > MAX_HANDSHAKE_TIMEOUT_MS {
+            return Err(source.at(
+                v,
+                format!(
+                    "handshake_timeout_ms = {} is above the maximum of {MAX_HANDSHAKE_TIMEOUT_MS}",
+                    v.get_ref()
+                ),
+            ));
+        }
         limits.handshake_timeout = Duration::from_millis(*v.get_ref());
     }
-    debug_assert!(MIN_FRAME_BYTES as usize > BATCH_HEADER_BYTES);
     Ok(limits)
 }
 
@@ -882,6 +896,17 @@ path = "out.jsonl"
             )),
             "conf/weir.toml:11:10: pipeline `clicks`: bad window `tumbling:0s`: the window size must be longer than zero (expected e.g. `tumbling:60s`, `sliding:60s/10s`, `tumbling:1m,lateness:5s`)"
         );
+    }
+
+    #[test]
+    fn the_handshake_timeout_is_bounded() {
+        let text = |ms: u64| format!("{MINIMAL}\n[limits]\nhandshake_timeout_ms = {ms}\n");
+        assert_eq!(
+            error(&text(i64::MAX as u64)),
+            "conf/weir.toml:17:24: handshake_timeout_ms = 9223372036854775807 is above the maximum of 3600000"
+        );
+        let config = Config::parse(&text(3_600_000), "conf/weir.toml").expect("valid");
+        assert_eq!(config.limits.handshake_timeout, Duration::from_secs(3600));
     }
 
     #[test]

@@ -191,6 +191,15 @@ fn client_endpoint(
     fingerprint: &str,
     client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Endpoint {
+    let mut endpoint = Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    endpoint.set_default_client_config(client_config(fingerprint, client_cert));
+    endpoint
+}
+
+fn client_config(
+    fingerprint: &str,
+    client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> quinn::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -208,9 +217,7 @@ fn client_endpoint(
     };
     tls.alpn_protocols = vec![frame::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-    let mut endpoint = Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    endpoint
+    quinn::ClientConfig::new(Arc::new(crypto))
 }
 
 /// A producer speaking raw frames.
@@ -244,7 +251,10 @@ impl Producer {
         fingerprint: &str,
         client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     ) -> Producer {
-        let endpoint = client_endpoint(fingerprint, client_cert);
+        Producer::connect_on(client_endpoint(fingerprint, client_cert), addr).await
+    }
+
+    async fn connect_on(endpoint: Endpoint, addr: std::net::SocketAddr) -> Producer {
         let connecting = endpoint.connect(addr, "localhost").expect("connect");
         let conn = within("the QUIC handshake", connecting)
             .await
@@ -747,6 +757,25 @@ async fn garbage_payloads_and_bad_indexes_fail_the_stream_only() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_last_u64_sequence_is_refused_not_wrapped() {
+    let t = TestServer::start("", "").await;
+    // Accepting it would make the next expected sequence wrap to 0 (or panic).
+    let e = stream_error(&t, &batch_bytes(0, u64::MAX, &[click(1, "curl/8")]), false).await;
+    limits_error(
+        ErrorCode::ProtocolViolation,
+        "sequence 18446744073709551615 is reserved: no batch could follow it",
+    )(&e);
+    // No state was created for sensor-7: a fresh connection still starts anywhere.
+    let mut p = t.connect("sensor-7", "s3cret", &["clicks"]).await;
+    let mut s = p.stream().await;
+    let lines = send_clicks(&mut s, 0).await;
+    p.ack_reaching(0, 1).await;
+    assert_eq!(t.clicks(), lines);
+    let stats = t.server.stats();
+    assert_eq!((stats.batches_accepted, stats.stream_errors), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stream_reset_mid_frame_discards_the_partial_frame() {
     let t = TestServer::start("", "").await;
     let mut p = t.connect("sensor-7", "s3cret", &["clicks"]).await;
@@ -829,6 +858,45 @@ async fn a_flood_of_connections_is_refused_over_max_connections() {
     let lines = send_clicks(&mut s, 0).await;
     first.ack_reaching(0, 1).await;
     assert_eq!(t.clicks(), lines);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_producer_that_fails_streams_without_reading_errors_is_closed() {
+    let t = TestServer::start("", "").await;
+    // The control stream's receive window holds a few error frames: then the server's writer
+    // blocks, and the errors queue up on the server, up to a bound.
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(VarInt::from_u32(256));
+    let mut config = client_config(&t.server.fingerprint(), None);
+    config.transport_config(Arc::new(transport));
+    let mut endpoint = Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    endpoint.set_default_client_config(config);
+    let mut p = Producer::connect_on(endpoint, t.server.local_addr()).await;
+    let welcome = p.hello("sensor-7", "s3cret", &["clicks"]).await;
+    assert!(matches!(welcome, Frame::Welcome(_)), "{welcome:?}");
+    // Each stream: a frame of length 0, a protocol violation failing that stream.
+    let mut streams = 0;
+    let error = within("the connection to close", async {
+        loop {
+            let mut s = match p.conn.open_uni().await {
+                Ok(s) => s,
+                Err(e) => return e,
+            };
+            streams += 1;
+            let _ = s.write_all(&[0, 0, 0, 0]).await;
+            let _ = s.stopped().await;
+        }
+    })
+    .await;
+    assert_eq!(
+        app_close(&error),
+        (
+            code(ErrorCode::ProtocolViolation),
+            "64 error frames not sent yet: the producer does not read its control stream".into()
+        )
+    );
+    assert!(streams > 64, "closed after {streams} streams");
+    other_producer_still_works(&t, "").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -957,6 +1025,66 @@ async fn a_blocked_sink_stops_reading_at_max_in_flight() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn max_in_flight_holds_per_pipeline_across_streams() {
+    let (t, fifo) = start_slow("max_in_flight = 2").await;
+    let p = t.connect("sensor-7", "s3cret", &["slow"]).await;
+    // One batch per stream, each stream finished. The server takes batches 0 and 1 (its two
+    // permits of `slow`); a stream that ends gives the producer no fresh permits. Streams 2
+    // and 3 have their first frame read (the connection's two first-frame permits: one more
+    // than its pipelines) and wait for a permit of `slow`; stream 4 is not read at all.
+    let mut streams = Vec::new();
+    for seq in 0..5u64 {
+        let mut s = p.stream().await;
+        s.write_all(&batch_bytes(0, seq, &[big(seq as u32)]))
+            .await
+            .expect("write");
+        s.finish().expect("finish");
+        streams.push(s);
+        if seq < 4 {
+            wait_for_stats(&t.server, "the stream's batch read", |s| {
+                s.batches_received > seq
+            })
+            .await;
+        }
+    }
+    // Give the server every chance to read more; it must not (this can only fail if it does).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(t.server.stats().batches_received, 4);
+    // What happens once the sink drains is up to the scheduler: this producer breaks
+    // PROTOCOL §3 by starting a new stream before the old one is acked, so the waiting streams
+    // may take their turns out of sequence order and fail with SEQUENCE_GAP.
+    drop(fifo);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnected_producer_gets_the_acks_of_batches_accepted_before_without_resending() {
+    let (t, fifo) = start_slow("").await;
+    let first = t.connect("sensor-7", "s3cret", &["slow"]).await;
+    let mut s = first.stream().await;
+    s.write_all(&batch_bytes(0, 0, &[big(0)]))
+        .await
+        .expect("write");
+    // Accepted, but the sink blocks: not acked yet.
+    wait_for_stats(&t.server, "batch 0 accepted", |s| s.batches_accepted == 1).await;
+    let mut second = Producer::connect(&t.server).await;
+    let welcome = second.hello("sensor-7", "s3cret", &["slow"]).await;
+    let Frame::Welcome(welcome) = welcome else {
+        panic!("expected welcome, got {welcome:?}")
+    };
+    assert_eq!(
+        welcome.pipelines,
+        vec![frame::PipelineState {
+            next_sequence: 1,
+            acked_below: 0
+        }]
+    );
+    // PROTOCOL §9: batch 0 is acked on the new connection without being resent.
+    fifo.read_lines(1).await;
+    second.ack_reaching(0, 1).await;
+    assert_eq!(t.server.stats().batches_acked, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn graceful_shutdown_acks_what_was_read_and_closes_with_no_error() {
     let (t, fifo) = start_slow("max_in_flight = 2").await;
     let mut p = t.connect("sensor-7", "s3cret", &["slow"]).await;
@@ -991,8 +1119,8 @@ async fn graceful_shutdown_acks_what_was_read_and_closes_with_no_error() {
         })
     );
     // Unblock the sink: the two batches read get written and acked.
-    let text = fifo.read_lines(2).await;
-    assert_eq!(text.lines().count(), 2);
+    // (Batch 2 is larger than the pipe: its flush waits for reads that never come.)
+    fifo.read_lines(2).await;
     p.ack_reaching(0, 2).await;
     assert_eq!(
         p.next().await,
@@ -1009,6 +1137,45 @@ async fn graceful_shutdown_acks_what_was_read_and_closes_with_no_error() {
     assert_eq!(report.stats.batches_accepted, 2);
     assert_eq!(report.stats.batches_acked, 2);
     writer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_gives_up_on_a_sink_that_keeps_failing() {
+    // /dev/full: every write fails with ENOSPC, so the flush is retried while the server runs.
+    let extra = r#"
+[pipelines.full]
+sinks = ["full"]
+
+[sinks.full]
+type = "file"
+path = "/dev/full"
+fsync = "never"
+"#;
+    let t = TestServer::start("", extra).await;
+    let p = t.connect("sensor-7", "s3cret", &["full"]).await;
+    let mut s = p.stream().await;
+    s.write_all(&batch_bytes(0, 0, &[click(1, "curl/8")]))
+        .await
+        .expect("write");
+    wait_for_stats(&t.server, "the batch accepted", |s| s.batches_accepted == 1).await;
+    // Let the worker sit in its retry loop for a while: shutdown must still end.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let TestServer { server, dir: _dir } = t;
+    let report = within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    assert_eq!(
+        report.problems,
+        vec![
+            "pipeline `full`: sink `full`: cannot write /dev/full: No space left on device (os error 28)"
+                .to_string()
+        ]
+    );
+    assert_eq!(
+        (report.stats.batches_accepted, report.stats.batches_acked),
+        (1, 0),
+        "the batch stays unacked: the producer resends it to the next server"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2,17 +2,21 @@
 //! acks, errors, goaway) and reader, and one task per batch stream.
 //!
 //! A batch stream's task only frames: it decodes batch frames (limits checked at the header)
-//! and hands each to its pipeline's worker, which verifies and runs it. It reads at most
-//! `max_in_flight` batches that are not acked yet (a permit per batch, given back by the worker
-//! after the ack): past that it stops reading, the stream's QUIC flow-control window fills and
-//! the producer's writes block.
+//! and hands each to its pipeline's worker, which verifies and runs it. The connection reads at
+//! most `max_in_flight` batches of a pipeline that are not acked yet (a permit per batch from
+//! the connection's semaphore of that pipeline, given back by the worker after the ack),
+//! whatever streams they come on: past that it stops reading, the stream's QUIC flow-control
+//! window fills and the producer's writes block. A stream's first frame says which pipeline it
+//! carries, so it is read under one of the connection's first-frame permits (one more than its
+//! pipelines), traded for a pipeline permit once decoded: a producer cannot queue more by
+//! opening, finishing or resetting streams.
 
 use super::worker::{Item, PipelineHandle, Work, lock};
 use super::{Shared, WaitGuard, bump};
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, watch};
@@ -25,6 +29,9 @@ use weir_format::frame::{
 const READ_CHUNKS: usize = 64;
 /// How long a closing connection waits for the producer to receive its last control frames.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Most `error` frames queued and not sent: more means the producer fails streams faster than
+/// it reads its control stream, and its connection is closed (the queue stays bounded).
+const MAX_QUEUED_ERRORS: usize = 64;
 
 /// The QUIC code of an error code.
 pub(crate) fn code(code: ErrorCode) -> VarInt {
@@ -48,8 +55,14 @@ struct OutboxState {
 pub(crate) struct ConnState {
     /// The producer id.
     pub producer: Arc<str>,
+    /// The connection.
+    conn: Connection,
     /// Its pipelines, in `hello` order.
     pub pipelines: Vec<Arc<PipelineHandle>>,
+    /// Per pipeline (same order): `max_in_flight` permits, one per batch read and not acked.
+    permits: Vec<Semaphore>,
+    /// Streams reading their first frame (pipeline unknown yet): one more than the pipelines.
+    first_frames: Semaphore,
     outbox: Mutex<OutboxState>,
     wake: Notify,
 }
@@ -60,14 +73,34 @@ impl ConnState {
         self.wake.notify_one();
     }
 
-    /// Queues an `error` frame.
-    pub fn error(&self, code: ErrorCode, stream: u64, message: String) {
+    /// Queues an `error` frame; closes the connection instead when [`MAX_QUEUED_ERRORS`] are
+    /// queued already.
+    pub fn error(&self, error: ErrorCode, stream: u64, message: String) {
+        let mut outbox = lock(&self.outbox);
+        if outbox.errors.len() >= MAX_QUEUED_ERRORS {
+            drop(outbox);
+            let reason = format!(
+                "{MAX_QUEUED_ERRORS} error frames not sent yet: the producer does not read its control stream"
+            );
+            tracing::warn!("producer `{}`: {reason}", self.producer);
+            self.conn
+                .close(code(ErrorCode::ProtocolViolation), reason.as_bytes());
+            return;
+        }
+        outbox.errors.push(ErrorFrame {
+            code: error,
+            stream,
+            message: truncate(message),
+        });
+        drop(outbox);
+        self.wake.notify_one();
+    }
+
+    /// Queues an ack for pipeline `index` (acks only grow; queued ones coalesce).
+    pub fn ack(&self, index: u16, next: u64) {
         self.push(|o| {
-            o.errors.push(ErrorFrame {
-                code,
-                stream,
-                message: truncate(message),
-            })
+            let entry = o.acks.entry(index).or_insert(next);
+            *entry = (*entry).max(next);
         });
     }
 
@@ -100,11 +133,11 @@ fn truncate(mut message: String) -> String {
 pub(crate) struct StreamShared {
     /// QUIC stream id.
     pub id: u64,
-    /// The pipeline index (in the connection's `hello`) the stream carries.
-    pub index: u16,
+    /// The pipeline index (in the connection's `hello`) the stream carries, set by the stream's
+    /// task before its first batch leaves it.
+    index: AtomicU16,
     conn: Arc<ConnState>,
     shared: Arc<Shared>,
-    permits: Semaphore,
     failed: AtomicBool,
     stop: Mutex<Option<ErrorCode>>,
     wake: Notify,
@@ -135,16 +168,15 @@ impl StreamShared {
 
     /// Queues an ack for the stream's pipeline.
     pub fn ack(&self, next: u64) {
-        let index = self.index;
-        self.conn.push(|o| {
-            let entry = o.acks.entry(index).or_insert(next);
-            *entry = (*entry).max(next);
-        });
+        self.conn.ack(self.index.load(Ordering::Acquire), next);
     }
 
     /// Gives back the permit of one batch (processed, acked or discarded).
     pub fn release(&self) {
-        self.permits.add_permits(1);
+        let index = usize::from(self.index.load(Ordering::Acquire));
+        if let Some(permits) = self.conn.permits.get(index) {
+            permits.add_permits(1);
+        }
     }
 }
 
@@ -301,13 +333,25 @@ fn admit(
         }
         pipelines.push(pipeline.clone());
     }
+    let in_flight = shared.limits.protocol.max_in_flight as usize;
     let state = Arc::new(ConnState {
         producer: Arc::from(id),
+        conn: conn.clone(),
+        permits: pipelines
+            .iter()
+            .map(|_| Semaphore::new(in_flight))
+            .collect(),
+        first_frames: Semaphore::new(pipelines.len() + 1),
         pipelines,
         outbox: Mutex::new(OutboxState::default()),
         wake: Notify::new(),
     });
     shared.register(conn, state.clone())?;
+    // Before `welcome` reads the sequence state: acks of batches accepted on an earlier
+    // connection that complete from now on reach this one too (PROTOCOL §9, reconnect).
+    for (index, pipeline) in (0u16..).zip(&state.pipelines) {
+        lock(&pipeline.current).insert(state.producer.clone(), (Arc::downgrade(&state), index));
+    }
     Ok((state, hello.pipelines.clone()))
 }
 
@@ -466,29 +510,26 @@ async fn read_batches(
     let id = u64::from(recv.id());
     let stream = Arc::new(StreamShared {
         id,
-        index: 0,
+        index: AtomicU16::new(0),
         conn: conn.clone(),
         shared: shared.clone(),
-        permits: Semaphore::new(shared.limits.protocol.max_in_flight as usize),
         failed: AtomicBool::new(false),
         stop: Mutex::new(None),
         wake: Notify::new(),
     });
-    let end = read_loop(&shared, &conn, &mut recv, &mut stop, stream).await;
-    match end {
-        End::Quiet => {}
+    let end = read_loop(&shared, &conn, &mut recv, &mut stop, &stream).await;
+    let error = match end {
+        End::Quiet => None,
         End::Failed(error, message) => {
-            bump(&shared.counters.stream_errors, 1);
-            tracing::warn!(
-                "producer `{}`, stream {id}: {message} ({error:?})",
-                conn.producer
-            );
-            conn.error(error, id, message);
-            let _ = recv.stop(code(error));
+            // Only the first failure counts: the worker may have failed the stream already.
+            stream.fail(error, message);
+            Some(lock(&stream.stop).unwrap_or(error))
         }
-        End::Stopped(error) => {
-            let _ = recv.stop(code(error));
-        }
+        End::Stopped(error) => Some(error),
+    };
+    if let Some(error) = error {
+        // The stream may be gone already (finished or reset): nothing left to stop then.
+        let _ = recv.stop(code(error));
     }
     drop(guard);
 }
@@ -498,7 +539,7 @@ async fn read_loop(
     conn: &ConnState,
     recv: &mut RecvStream,
     stop: &mut watch::Receiver<bool>,
-    mut stream: Arc<StreamShared>,
+    stream: &Arc<StreamShared>,
 ) -> End {
     let limits = shared.limits.protocol;
     let mut decoder = Decoder::batch_stream(limits, conn.pipelines.len());
@@ -507,22 +548,22 @@ async fn read_loop(
     // Chunks read from quinn and not decoded yet: `chunks[next..filled]`.
     let mut chunks: Vec<Bytes> = vec![Bytes::new(); READ_CHUNKS];
     let (mut next, mut filled) = (0, 0);
-    // Whether this task holds the permit of the frame it is reading.
-    let mut holding = false;
+    // The permit of the frame being read: of the stream's pipeline once it is known, before
+    // that one of the connection's first frames. Given back if the stream ends first.
+    let mut holding: Option<Permit<'_>> = None;
     loop {
-        if !holding {
-            match stream.permits.try_acquire() {
-                Ok(permit) => permit.forget(),
-                Err(_) => tokio::select! {
-                    permit = stream.permits.acquire() => match permit {
-                        Ok(permit) => permit.forget(),
-                        Err(_) => return End::Quiet,
-                    },
-                    _ = stream.wake.notified() => return stopped(&stream),
-                    _ = stopping(stop) => return End::Quiet,
-                },
+        if holding.is_none() {
+            let permits = match pipeline {
+                // The index was checked with the stream's first frame.
+                Some(index) => conn.permits.get(usize::from(index)),
+                None => Some(&conn.first_frames),
+            };
+            if let Some(permits) = permits {
+                match acquire(permits, stream, stop).await {
+                    Ok(permit) => holding = Some(permit),
+                    Err(end) => return end,
+                }
             }
-            holding = true;
         }
         if rest.is_empty() && next < filled {
             rest = std::mem::take(&mut chunks[next]);
@@ -554,7 +595,7 @@ async fn read_loop(
                     }
                     Err(_) => return End::Quiet,
                 },
-                _ = stream.wake.notified() => return stopped(&stream),
+                _ = stream.wake.notified() => return stopped(stream),
                 _ = stopping(stop) => return End::Quiet,
             }
         }
@@ -567,16 +608,13 @@ async fn read_loop(
             Ok(Some(_)) | Ok(None) => continue,
             Err(e) => return End::Failed(e.code(), e.to_string()),
         };
-        holding = false;
         bump(&shared.counters.batches_received, 1);
+        let first = pipeline.is_none();
         match pipeline {
             None => {
                 pipeline = Some(frame.pipeline);
-                // The worker reads the index through the Arc: set it before the first batch
-                // leaves this task.
-                if let Some(s) = Arc::get_mut(&mut stream) {
-                    s.index = frame.pipeline;
-                }
+                // Set before the first batch leaves this task (the channel orders it).
+                stream.index.store(frame.pipeline, Ordering::Release);
             }
             Some(index) if index != frame.pipeline => {
                 let names = |i: u16| {
@@ -602,6 +640,21 @@ async fn read_loop(
                 format!("batch for pipeline index {}", frame.pipeline),
             );
         };
+        let permit = match holding.take() {
+            Some(permit) if !first => permit,
+            // A stream's first frame trades its first-frame permit, kept while it waits, for
+            // one of its pipeline.
+            first_frame => match conn.permits.get(usize::from(frame.pipeline)) {
+                Some(permits) => match acquire(permits, stream, stop).await {
+                    Ok(permit) => {
+                        drop(first_frame);
+                        permit
+                    }
+                    Err(end) => return end,
+                },
+                None => return End::Quiet,
+            },
+        };
         let item = Item {
             frame,
             producer: conn.producer.clone(),
@@ -616,7 +669,39 @@ async fn read_loop(
             },
             _ = stopping(stop) => return End::Quiet,
         }
+        // The permit went with the batch: the worker gives it back.
+        std::mem::forget(permit);
     }
+}
+
+/// A permit held by a stream task; given back when dropped.
+struct Permit<'a>(&'a Semaphore);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
+    }
+}
+
+/// Waits for a permit of `permits`; `Err` when the stream must end first (the worker failed
+/// it, or the server stops reading).
+async fn acquire<'a>(
+    permits: &'a Semaphore,
+    stream: &StreamShared,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Permit<'a>, End> {
+    match permits.try_acquire() {
+        Ok(permit) => permit.forget(),
+        Err(_) => tokio::select! {
+            permit = permits.acquire() => match permit {
+                Ok(permit) => permit.forget(),
+                Err(_) => return Err(End::Quiet),
+            },
+            _ = stream.wake.notified() => return Err(stopped(stream)),
+            _ = stopping(stop) => return Err(End::Quiet),
+        },
+    }
+    Ok(Permit(permits))
 }
 
 fn stopped(stream: &StreamShared) -> End {

@@ -13,13 +13,14 @@
 //!   `Bytes` into the frame), and one OS thread per pipeline that verifies, runs the stages,
 //!   writes and flushes the sinks, then acks (see `worker.rs`). wasmtime never blocks a tokio
 //!   worker.
-//! - **Backpressure and memory.** A stream task reads at most `max_in_flight` batches that are
-//!   not acked; then it stops reading and QUIC flow control pushes back. quinn's windows come
-//!   from the limits: stream receive window = `max_frame_bytes + 4` (one whole frame in flight),
-//!   connection receive window = that × the streams a connection may open (the pipelines
-//!   configured + 1). Per batch stream the server holds at most `max_in_flight` frames read
-//!   or being read, the chunks taken from quinn and not decoded yet (within one window) and
-//!   quinn's own buffer (one window), so the memory held for producers is at most
+//! - **Backpressure and memory.** A connection's stream tasks read at most `max_in_flight`
+//!   batches of a pipeline that are not acked (and one first frame per stream); then they stop
+//!   reading and QUIC flow control pushes back. quinn's windows come from the limits: stream
+//!   receive window = `max_frame_bytes + 4` (one whole frame in flight), connection receive
+//!   window = that × the streams a connection may open (the pipelines configured + 1). Per
+//!   connection the server holds at most `max_in_flight` frames per pipeline read or being
+//!   read, and per batch stream the chunks taken from quinn and not decoded yet (within one
+//!   window) and quinn's own buffer (one window), so the memory held for producers is at most
 //!   `max_connections × (pipelines + 1) × (max_in_flight + 2) × (max_frame_bytes + 4)`
 //!   plus 64 KiB per control stream, whatever the producers do.
 //! - **Sequence state** is per (producer id, pipeline) and lives with the pipeline, in memory
@@ -529,6 +530,10 @@ impl Server {
         shared.streams.wait().await;
 
         let mut problems = Vec::new();
+        for pipeline in shared.pipelines.values() {
+            // A round retrying a failing flush gives up too, instead of blocking shutdown.
+            pipeline.stopping.store(true, Ordering::Release);
+        }
         for (name, pipeline) in &shared.pipelines {
             let (reply, done) = oneshot::channel();
             if pipeline.tx.send(Work::Shutdown(reply)).await.is_err() {
@@ -702,7 +707,9 @@ fn build_pipeline(
     let core = Arc::new(PipelineCore {
         name: name.clone(),
         sequences: Mutex::new(HashMap::new()),
+        current: Mutex::new(HashMap::new()),
         counters: PipelineCounters::default(),
+        stopping: AtomicBool::new(false),
     });
     let handle = Arc::new(PipelineHandle {
         core: core.clone(),

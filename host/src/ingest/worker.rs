@@ -9,12 +9,13 @@
 //! connection. Dead letters and late events go to the pipeline's dead-letter sink with headers
 //! naming the error, stage and plugin, are flushed in the same round and counted.
 
-use super::connection::StreamShared;
+use super::connection::{ConnState, StreamShared};
 use super::{PipelineCounters, bump};
 use crate::pipeline::{Chain, DeadLetter, LateEvent};
 use crate::sinks::Sink;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use weir_format::frame::{BatchFrame, ErrorCode};
@@ -80,14 +81,23 @@ impl std::ops::Deref for PipelineHandle {
     }
 }
 
+/// A producer's newest connection and the pipeline's index in its `hello`.
+pub(crate) type CurrentConnection = (Weak<ConnState>, u16);
+
 /// What a pipeline's worker shares with the connections.
 pub(crate) struct PipelineCore {
     /// The pipeline's name.
     pub name: String,
     /// Sequence state per producer id.
     pub sequences: Mutex<HashMap<Arc<str>, Sequence>>,
+    /// Per producer id, its newest connection and the pipeline's index in its `hello`: acks
+    /// go there too, not only to the streams the batches came on.
+    pub current: Mutex<HashMap<Arc<str>, CurrentConnection>>,
     /// The pipeline's counters.
     pub counters: PipelineCounters,
+    /// Set when shutdown begins: a failing flush then gives up after
+    /// [`SHUTDOWN_FLUSH_ATTEMPTS`], also in the round under way.
+    pub stopping: AtomicBool,
 }
 
 impl PipelineCore {
@@ -101,8 +111,9 @@ impl PipelineCore {
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these locks cannot leave the data half-updated (each
-    // critical section is one assignment), so a poisoned lock is still usable.
+    // The maps behind these locks are updated in single steps, so a poisoned one is still
+    // usable. A sink's lock is poisoned only by a panic in that sink's write or flush, which
+    // ends its pipeline's thread (its batches are never acked).
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -196,6 +207,14 @@ impl Worker {
                 return;
             }
         }
+        // The last u64 cannot be accepted: nothing could follow it (PROTOCOL §9).
+        let Some(after) = sequence.checked_add(1) else {
+            stream.fail(
+                ErrorCode::ProtocolViolation,
+                format!("sequence {sequence} is reserved: no batch could follow it"),
+            );
+            return;
+        };
         let batch = match frame.verify() {
             Ok(batch) => batch,
             Err(e) => {
@@ -206,7 +225,7 @@ impl Worker {
         lock(&self.handle.sequences).insert(
             producer.clone(),
             Sequence {
-                next: sequence + 1,
+                next: after,
                 acked: state.map_or(sequence, |s| s.acked),
             },
         );
@@ -314,18 +333,29 @@ impl Worker {
     fn flush_windows(&mut self, round: &mut Round, problems: &mut Vec<String>) {
         match self.chain.flush() {
             Ok(output) => {
-                if let Ok(batch) = Batch::verify(&output.batch) {
-                    self.write(&batch);
-                }
+                self.write_windows(&output.batch, problems);
                 self.dead_letters(&output.dead_letters, &output.late, round);
             }
             Err(e) => {
-                if let Ok(batch) = Batch::verify(&e.output.batch) {
-                    self.write(&batch);
-                }
+                self.write_windows(&e.output.batch, problems);
                 self.dead_letters(&e.output.dead_letters, &e.output.late, round);
                 let message = format!(
                     "pipeline `{}`: windows not flushed at shutdown: {e}",
+                    self.handle.name
+                );
+                tracing::error!("{message}");
+                problems.push(message);
+            }
+        }
+    }
+
+    /// Writes the finished windows' output (host-built, so it verifies; never lost silently).
+    fn write_windows(&mut self, bytes: &[u8], problems: &mut Vec<String>) {
+        match Batch::verify(bytes) {
+            Ok(batch) => self.write(&batch),
+            Err(e) => {
+                let message = format!(
+                    "pipeline `{}`: window results not written: {e}",
                     self.handle.name
                 );
                 tracing::error!("{message}");
@@ -338,11 +368,19 @@ impl Worker {
     fn finish_round(&mut self, mut round: Round, stopping: bool, problems: &mut Vec<String>) {
         if round.dead_count > 0 {
             let bytes = round.dead.finish();
-            if let Ok(batch) = Batch::verify(&bytes) {
-                let mut sink = lock(&self.dead_letters);
-                if let Err(e) = sink.write(&batch) {
-                    tracing::error!("{e}");
+            match Batch::verify(&bytes) {
+                Ok(batch) => {
+                    let mut sink = lock(&self.dead_letters);
+                    if let Err(e) = sink.write(&batch) {
+                        tracing::error!("{e}");
+                    }
                 }
+                // The host built this batch: it always verifies. Never lose it silently.
+                Err(e) => tracing::error!(
+                    "pipeline `{}`: {} dead letters not written: {e}",
+                    self.handle.name,
+                    round.dead_count
+                ),
             }
         }
         let mut flushed = true;
@@ -359,6 +397,7 @@ impl Worker {
                             "pipeline `{}`: {e} (attempt {attempt}; acks wait)",
                             self.handle.name
                         );
+                        let stopping = stopping || self.handle.stopping.load(Ordering::Acquire);
                         if stopping && attempt >= SHUTDOWN_FLUSH_ATTEMPTS {
                             problems.push(format!("pipeline `{}`: {e}", self.handle.name));
                             flushed = false;
@@ -378,11 +417,20 @@ impl Worker {
             }
             // Counted before the acks leave, so a producer that sees an ack sees it counted.
             bump(&self.handle.counters.batches_acked, round.accepted);
+            let current = lock(&self.handle.current);
             for (stream, producer) in &round.streams {
                 if let Some(state) = sequences.get(producer) {
                     stream.ack(state.acked);
+                    // The producer may have reconnected since: its new connection waits for
+                    // these acks without resending (coalesced when it is the same one).
+                    if let Some((conn, index)) = current.get(producer)
+                        && let Some(conn) = conn.upgrade()
+                    {
+                        conn.ack(*index, state.acked);
+                    }
                 }
             }
+            drop(current);
             drop(sequences);
         }
         for (stream, _) in &round.streams {

@@ -54,7 +54,9 @@ pub trait Sink: Send {
     /// The sink's name.
     fn name(&self) -> &str;
 
-    /// Takes a verified batch; may buffer it until [`Sink::flush`].
+    /// Takes a verified batch; may buffer it until [`Sink::flush`]. An `Err` must leave the
+    /// sink failing its flushes until the batch is held: the pipeline logs write errors and
+    /// acks once a flush succeeds, so a batch a write dropped would be acked unwritten.
     fn write(&mut self, batch: &Batch<'_>) -> Result<(), SinkError>;
 
     /// Makes everything written so far durable; after `Ok`, every batch written is held.
