@@ -108,7 +108,7 @@ async fn a_file_arrives_exactly_and_generated_events_follow() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains(&format!(
-            "sent 3 of 3 events to pipeline `clicks` at {}: 3 acked",
+            "sent 3 of 3 events to pipeline `clicks` at {}: 3 acked in 1 batch, 0 reconnects",
             setup.server.local_addr()
         )),
         "{stdout}"

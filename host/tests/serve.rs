@@ -1471,6 +1471,14 @@ fn weir_serve_prints_its_setup_and_stops_on_sigterm() {
                     .join("data/dead-letters/restricted.jsonl")
                     .display()
             ),
+            format!(
+                "try: weir send --to {} --pin {} --pipeline clicks --generate 1000",
+                lines[0]
+                    .split(' ')
+                    .nth(4)
+                    .expect("the address in the first line"),
+                weir_client::tls::fingerprint(&der)
+            ),
             "Ctrl-C or SIGTERM stops gracefully.".into(),
         ]
     );

@@ -228,8 +228,11 @@ async fn produce(producer: &Producer, index: u16, source: &Source) -> Result<()>
 fn print_summary(stats: &Stats, total: u64, pipeline: &str, server: SocketAddr, elapsed: Duration) {
     let seconds = elapsed.as_secs_f64().max(1e-9);
     println!(
-        "sent {} of {total} events to pipeline `{pipeline}` at {server}: {} acked, {} batches, {} reconnects",
-        stats.events_sent, stats.events_acked, stats.batches_acked, stats.reconnects
+        "sent {} of {total} events to pipeline `{pipeline}` at {server}: {} acked in {}, {}",
+        stats.events_sent,
+        stats.events_acked,
+        count(stats.batches_acked, "batch", "batches"),
+        count(stats.reconnects, "reconnect", "reconnects")
     );
     println!(
         "elapsed {:.2} s: {:.0} events/s, {:.2} MB/s",
@@ -237,4 +240,9 @@ fn print_summary(stats: &Stats, total: u64, pipeline: &str, server: SocketAddr, 
         stats.events_acked as f64 / seconds,
         stats.bytes_sent as f64 / seconds / 1e6
     );
+}
+
+/// `1 batch`, `2 batches`.
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }

@@ -71,6 +71,15 @@ async fn serve(config: Config) -> Result<()> {
         }
         writeln!(banner, "  dead letters: {}", pipeline.dead_letters)?;
     }
+    if let Some(first) = server.pipelines().first() {
+        writeln!(
+            banner,
+            "try: weir send --to {} --pin {} --pipeline {} --generate 1000",
+            server.local_addr(),
+            server.fingerprint(),
+            first.name
+        )?;
+    }
     writeln!(banner, "Ctrl-C or SIGTERM stops gracefully.")?;
     // A closed stdout is no reason to stop serving: the logs go to stderr.
     let printed = print(&banner);
