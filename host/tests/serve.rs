@@ -7,15 +7,14 @@
 //! of the bad input was processed.
 
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use weir::config::Config;
 use weir::ingest::{Server, Stats};
+use weir_client::tls::{PinnedServerVerifier, parse_fingerprint};
 use weir_format::frame::{
     self, Ack, BatchFrame, Decoder, ErrorCode, ErrorFrame, Frame, Hello, Welcome,
 };
@@ -129,64 +128,6 @@ async fn start_in(dir: &Path, text: &str) -> Server {
 // ---------------------------------------------------------------------------------------------
 // Client side: raw frames over quinn
 
-/// Accepts exactly one certificate (pinning, PROTOCOL §2).
-#[derive(Debug)]
-struct Pinned {
-    fingerprint: String,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if weir_client::tls::fingerprint(end_entity) == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General("fingerprint mismatch".into()))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 fn client_endpoint(
     fingerprint: &str,
     client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
@@ -205,10 +146,10 @@ fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("tls13")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned {
-            fingerprint: fingerprint.to_owned(),
+        .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier::new(
+            parse_fingerprint(fingerprint).expect("a fingerprint"),
             provider,
-        }));
+        )));
     let mut tls = match client_cert {
         Some((chain, key)) => builder
             .with_client_auth_cert(chain, key)
