@@ -14,13 +14,7 @@ mod plugins {
 }
 
 /// Six events in the JSON-lines mapping; lines 2 and 4 come from crawlers.
-const EVENTS: &str = r#"{"key":"user-1","value":{"country_code":"US","amount":25.0},"timestamp_ms":1700000000000,"headers":{"user-agent":"Mozilla/5.0 (X11; Linux x86_64)"}}
-{"key":"user-2","value":{"country_code":"FR","amount":5.5},"timestamp_ms":1700000001000,"headers":{"user-agent":"Googlebot/2.1 (+http://www.google.com/bot.html)"}}
-{"key":"user-1","value":{"country_code":"DE","amount":12.0},"timestamp_ms":1700000030000,"headers":{"user-agent":"curl/8.5.0"}}
-{"key":"user-3","value":{"country_code":"US","amount":3.0},"timestamp_ms":1700000059000,"headers":{"user-agent":"Baiduspider"}}
-{"key":"user-2","value":{"country_code":"FR","amount":40.0},"timestamp_ms":1700000075000,"headers":{"user-agent":"Mozilla/5.0 (Macintosh)"}}
-{"key":"user-1","value":{"country_code":"JP","amount":7.25},"timestamp_ms":1700000130000,"headers":{"user-agent":"Mozilla/5.0 (iPhone)"},"route":"mobile"}
-"#;
+const EVENTS: &str = include_str!("fixtures/clicks.jsonl");
 
 fn line(n: usize) -> &'static str {
     EVENTS.lines().nth(n - 1).expect("fixture line")

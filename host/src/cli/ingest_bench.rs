@@ -221,8 +221,8 @@ async fn ack_latency(
 
 /// Sends `batches` as weir/1 batch frames on one stream of one fresh loopback connection to a
 /// server that reads and discards them; returns the time from the first write until the server
-/// has read the last byte. The transport uses the windows `weir serve` sets with default
-/// limits (a stream window of one maximum frame), so both sides get the same flow control.
+/// has read the last byte. The transport is `weir serve`'s with default limits and one
+/// pipeline ([`weir::ingest::transport_config`]), so both sides get the same flow control.
 async fn raw_quinn(batches: &[EncodedBatch]) -> Result<Duration> {
     let frames = batches
         .iter()
@@ -245,12 +245,10 @@ async fn raw_quinn(batches: &[EncodedBatch]) -> Result<Duration> {
     server_tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut server_config =
         quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
-    let window = u64::from(weir_format::frame::Limits::DEFAULT.max_frame_bytes) + 4;
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .stream_receive_window(quinn::VarInt::from_u64(window)?)
-        .receive_window(quinn::VarInt::from_u64(2 * window)?);
-    server_config.transport_config(Arc::new(transport));
+    server_config.transport_config(Arc::new(weir::ingest::transport_config(
+        weir_format::frame::Limits::DEFAULT,
+        1,
+    )?));
     let server = quinn::Endpoint::server(server_config, SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let server_addr = server.local_addr()?;
 

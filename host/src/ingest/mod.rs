@@ -602,13 +602,27 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: Endpoint, mut stop: watch::R
     }
 }
 
-/// quinn's server config: the TLS config plus transport limits derived from ours.
+/// quinn's server config: the TLS config plus [`transport_config`].
 fn server_config(config: &Config, tls: rustls::ServerConfig) -> Result<quinn::ServerConfig> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .context("TLS config unusable for QUIC")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let limits = config.limits.protocol;
-    let streams = config.pipelines.len().clamp(1, MAX_PIPELINES) as u32 + 1;
+    server.transport_config(Arc::new(transport_config(
+        config.limits.protocol,
+        config.pipelines.len(),
+    )?));
+    Ok(server)
+}
+
+/// The QUIC transport `weir serve` runs with `limits` and `pipelines` pipelines: one control
+/// stream, a batch stream per pipeline, a stream window of one maximum frame and a connection
+/// window of one per stream (the flow control that pushes back on producers, PROTOCOL §8).
+/// `weir bench --e2e` gives its raw-quinn baseline the same.
+pub fn transport_config(
+    limits: weir_format::frame::Limits,
+    pipelines: usize,
+) -> Result<quinn::TransportConfig> {
+    let streams = pipelines.clamp(1, MAX_PIPELINES) as u32 + 1;
     let stream_window = u64::from(limits.max_frame_bytes) + LENGTH_BYTES as u64;
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -620,8 +634,7 @@ fn server_config(config: &Config, tls: rustls::ServerConfig) -> Result<quinn::Se
         )
         // A producer with nothing to send stays connected; a dead one still times out.
         .keep_alive_interval(Some(KEEP_ALIVE));
-    server.transport_config(Arc::new(transport));
-    Ok(server)
+    Ok(transport)
 }
 
 /// Compiles (once per source) and instantiates a pipeline's stages and wires its sinks.
