@@ -77,6 +77,8 @@ pub struct Config {
     pub pipelines: Vec<PipelineConfig>,
     /// Sinks, by name.
     pub sinks: Vec<SinkConfig>,
+    /// Where the Prometheus endpoint listens (`[metrics] listen`); `None`: no endpoint.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The `[tls]` section.
@@ -140,8 +142,10 @@ pub struct PipelineConfig {
     pub stages: Vec<StageSpec>,
     /// Producers allowed to write to it; `None`: every authenticated producer.
     pub producers: Option<Vec<String>>,
-    /// Sinks it writes to (names of [`Config::sinks`]), at least one.
-    pub sinks: Vec<String>,
+    /// Sinks it writes to, with their conditions, at least one.
+    pub sinks: Vec<Route>,
+    /// Where events that no sink takes go.
+    pub unmatched: Unmatched,
     /// The sink its dead letters and late events go to; `None`: the file
     /// `DATA_DIR/dead-letters/PIPELINE.jsonl`.
     pub dead_letters: Option<String>,
@@ -195,38 +199,210 @@ impl std::fmt::Display for PluginSource {
     }
 }
 
-/// A named sink.
+/// A named sink: a destination and how its buffer behaves (docs/SINKS.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SinkConfig {
     /// Its name, as pipelines list it.
     pub name: String,
-    /// What it is.
+    /// What it delivers to.
     pub kind: SinkKind,
+    /// Its buffer and `when_full` policy.
+    pub buffer: BufferConfig,
+    /// How failed deliveries are retried.
+    pub retry: RetryConfig,
 }
 
 /// The kinds of sink.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkKind {
     /// JSON lines appended to a file.
-    File {
-        /// The file (resolved against the config file's directory).
-        path: PathBuf,
-        /// When the file is synced to disk.
-        fsync: Fsync,
-    },
+    File(FileConfig),
+    /// JSON lines on the router's standard output.
+    Stdout,
+    /// Batches POSTed as JSON to a URL.
+    Http(HttpConfig),
+    /// Batches forwarded to a pipeline of another weir over QUIC.
+    Quic(QuicConfig),
+    /// Rows inserted into a PostgreSQL table.
+    Postgres(PostgresConfig),
     /// Discards every event (counts them).
     Null,
+}
+
+/// `type = "file"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileConfig {
+    /// The file (resolved against the config file's directory).
+    pub path: PathBuf,
+    /// When the file is synced to disk.
+    pub fsync: Fsync,
+    /// Rotate once the file holds at least this many bytes.
+    pub rotate_bytes: Option<u64>,
+    /// Rotate once the file is this old.
+    pub rotate_interval: Option<Duration>,
+}
+
+/// `type = "http"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Where batches are POSTed (`http://` or `https://`).
+    pub url: String,
+    /// Extra request headers (name, value), e.g. `authorization`.
+    pub headers: Vec<(String, String)>,
+    /// Time one request may take before it is retried.
+    pub timeout: Duration,
+}
+
+/// `type = "quic"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuicConfig {
+    /// The downstream router's address (`host:port`).
+    pub address: String,
+    /// The downstream pipeline.
+    pub pipeline: String,
+    /// The producer id this router uses downstream.
+    pub producer_id: String,
+    /// Token for the downstream router, if it needs one.
+    pub token: Option<String>,
+    /// SHA-256 fingerprint of the downstream's certificate (as `weir serve` prints it).
+    pub pin: Option<String>,
+    /// CA certificates (PEM) that sign the downstream's certificate.
+    pub ca: Option<PathBuf>,
+    /// Name expected in the downstream's certificate; default: the host of `address`.
+    pub server_name: Option<String>,
+}
+
+/// `type = "postgres"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// Connection string (`host=127.0.0.1 port=5432 user=weir dbname=weir` or a
+    /// `postgresql://` URL).
+    pub url: String,
+    /// The table (optionally `schema.table`).
+    pub table: String,
+    /// Create the table at start when it does not exist (default columns only).
+    pub create: bool,
+    /// Column name → what of the event goes there (`key`, `value`, `timestamp_ms`, `headers`,
+    /// `route`, `value.FIELD`, `header.NAME`); empty for the default columns.
+    pub columns: Vec<(String, String)>,
 }
 
 /// When a file sink syncs its file to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fsync {
-    /// Before every ack (the default): an acked batch survives a power loss.
+    /// Before a send counts as delivered (the default); with `when_full = "block"` that is
+    /// before the ack, so an acked batch survives a power loss.
     OnAck,
-    /// Never explicitly: an acked batch is in the OS page cache (it survives a crash of weir,
-    /// not of the machine).
+    /// Never explicitly: delivered lines are in the OS page cache (they survive a crash of
+    /// weir, not of the machine).
     Never,
+}
+
+/// What a sink does when its buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Accepted once delivered: the pipeline, and so its producers, go at the sink's pace, and
+    /// a dead destination stops the pipeline until it is back. Nothing is lost (the default).
+    Block,
+    /// Drop the events that do not fit (counted).
+    DropNewest,
+    /// Drop the oldest buffered events to make room (counted).
+    DropOldest,
+    /// Write to a disk buffer under the data directory that survives a restart and is
+    /// replayed in order; blocks only when the disk buffer is full.
+    Spill,
+}
+
+impl WhenFull {
+    /// The name used in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WhenFull::Block => "block",
+            WhenFull::DropNewest => "drop_newest",
+            WhenFull::DropOldest => "drop_oldest",
+            WhenFull::Spill => "spill",
+        }
+    }
+}
+
+/// A sink's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferConfig {
+    /// The policy when the buffer is full.
+    pub when_full: WhenFull,
+    /// Most events buffered in memory.
+    pub max_events: usize,
+    /// Most bytes buffered in memory.
+    pub max_bytes: usize,
+    /// Most bytes in the disk buffer (`spill`).
+    pub spill_bytes: u64,
+    /// Most events handed to the destination in one send.
+    pub batch_events: usize,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            when_full: WhenFull::Block,
+            max_events: 10_000,
+            max_bytes: 16 << 20,
+            spill_bytes: 1 << 30,
+            batch_events: 1000,
+        }
+    }
+}
+
+/// Retries of a failing destination: exponential backoff from `initial` to `max`, forever
+/// (a destination that is down is waited for; its buffer's policy decides what happens to
+/// new events meanwhile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// The first wait.
+    pub initial: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Which events a pipeline sends to one of its sinks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// Every event.
+    All,
+    /// Events whose route tag is one of these.
+    Route(Vec<String>),
+    /// Events that carry every one of these headers with exactly this value.
+    Headers(Vec<(String, String)>),
+}
+
+/// One of a pipeline's sinks and which events it takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The sink's name.
+    pub sink: String,
+    /// Which events it takes.
+    pub condition: Condition,
+}
+
+/// Where events that no sink of a pipeline takes go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unmatched {
+    /// There are none: some sink takes every event.
+    Impossible,
+    /// Dropped, and counted (`unmatched = "drop"`).
+    Drop,
+    /// To this sink (`unmatched = "NAME"`).
+    Sink(String),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -246,7 +422,14 @@ struct RawConfig {
     #[serde(default)]
     pipelines: BTreeMap<Spanned<String>, RawPipeline>,
     #[serde(default)]
-    sinks: BTreeMap<Spanned<String>, Spanned<RawSink>>,
+    sinks: BTreeMap<Spanned<String>, Spanned<toml::Table>>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -297,8 +480,31 @@ struct RawPipeline {
     stages: Vec<Spanned<RawStage>>,
     producers: Option<Vec<String>>,
     #[serde(default)]
-    sinks: Vec<Spanned<String>>,
+    sinks: Vec<Spanned<RawRoute>>,
+    unmatched: Option<Spanned<String>>,
     dead_letters: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawRoute {
+    Name(String),
+    Table(RawRouteTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouteTable {
+    sink: String,
+    route: Option<OneOrMany>,
+    header: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -315,27 +521,74 @@ struct RawStage {
 }
 
 #[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 enum RawSink {
-    File(RawFileSink),
-    Null(RawNullSink),
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFileSink {
-    path: String,
-    #[serde(default = "default_fsync")]
-    fsync: Fsync,
+    File {
+        path: String,
+        #[serde(default = "default_fsync")]
+        fsync: Fsync,
+        rotate_bytes: Option<u64>,
+        rotate_interval: Option<String>,
+    },
+    Stdout {},
+    Http {
+        url: String,
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        timeout_ms: Option<u64>,
+    },
+    Quic {
+        address: String,
+        pipeline: String,
+        producer_id: Option<String>,
+        token: Option<String>,
+        token_env: Option<String>,
+        pin: Option<String>,
+        ca: Option<String>,
+        server_name: Option<String>,
+    },
+    Postgres {
+        url: Option<String>,
+        url_env: Option<String>,
+        table: String,
+        #[serde(default = "default_true")]
+        create: bool,
+        #[serde(default)]
+        columns: BTreeMap<String, String>,
+    },
+    Null {},
 }
 
 fn default_fsync() -> Fsync {
     Fsync::OnAck
 }
 
-#[derive(Deserialize)]
+fn default_true() -> bool {
+    true
+}
+
+/// The keys every sink table may have besides its `type`'s.
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawNullSink {}
+struct RawBuffer {
+    when_full: Option<WhenFull>,
+    buffer_events: Option<u64>,
+    buffer_bytes: Option<u64>,
+    spill_bytes: Option<u64>,
+    batch_events: Option<u64>,
+    retry_initial_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+}
+
+const BUFFER_KEYS: [&str; 7] = [
+    "when_full",
+    "buffer_events",
+    "buffer_bytes",
+    "spill_bytes",
+    "batch_events",
+    "retry_initial_ms",
+    "retry_max_ms",
+];
 
 /// The smallest `max_frame_bytes`: a batch header and a small payload.
 const MIN_FRAME_BYTES: u32 = 1024;
@@ -439,6 +692,20 @@ impl Config {
             .map(|(name, p)| pipeline(&source, name, p, &sink_names, &resolve))
             .collect::<Result<Vec<_>, _>>()?;
 
+        check_sinks_in_use(&source, &raw.sinks, &sinks, &pipelines, listen)?;
+        let metrics = match &raw.metrics {
+            None => None,
+            Some(m) => Some(m.listen.get_ref().parse::<SocketAddr>().map_err(|_| {
+                source.at(
+                    &m.listen,
+                    format!(
+                        "[metrics] listen address `{}` is not IP:PORT (e.g. 127.0.0.1:9090)",
+                        m.listen.get_ref()
+                    ),
+                )
+            })?),
+        };
+
         Ok(Config {
             path: path.to_path_buf(),
             listen,
@@ -449,6 +716,7 @@ impl Config {
             producers,
             pipelines,
             sinks,
+            metrics,
         })
     }
 
@@ -554,6 +822,28 @@ fn check_name(source: &Source<'_>, name: &Spanned<String>, what: &str) -> Result
     Ok(())
 }
 
+/// Pipeline and sink names also name files and directories under the data directory
+/// (`dead-letters/PIPELINE.jsonl`, `spill/SINK/`): letters, digits, `-`, `_` and `.`, not
+/// starting with `.`.
+fn check_file_name(
+    source: &Source<'_>,
+    name: &Spanned<String>,
+    what: &str,
+) -> Result<(), ConfigError> {
+    check_name(source, name, what)?;
+    let n = name.get_ref();
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if !n.chars().all(allowed) || n.starts_with('.') {
+        return Err(source.at(
+            name,
+            format!(
+                "{what} `{n}` may hold only letters, digits, `-`, `_` and `.` (not first): it also names files under data_dir"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn producers(
     source: &Source<'_>,
     raw: &[Spanned<RawProducer>],
@@ -604,29 +894,333 @@ fn producers(
     Ok(out)
 }
 
+/// Every sink is used; dead-letter sinks never drop; no quic sink forwards to this router.
+fn check_sinks_in_use(
+    source: &Source<'_>,
+    raw: &BTreeMap<Spanned<String>, Spanned<toml::Table>>,
+    sinks: &[SinkConfig],
+    pipelines: &[PipelineConfig],
+    listen: SocketAddr,
+) -> Result<(), ConfigError> {
+    for (name, table) in raw {
+        let sink = name.get_ref();
+        let Some(config) = sinks.iter().find(|s| &s.name == sink) else {
+            continue;
+        };
+        let used = pipelines.iter().any(|p| {
+            p.sinks.iter().any(|r| &r.sink == sink)
+                || p.unmatched == Unmatched::Sink(sink.clone())
+                || p.dead_letters.as_ref() == Some(sink)
+        });
+        if !used {
+            return Err(source.at(
+                name,
+                format!(
+                    "sink `{sink}` is not used by any pipeline: list it in a pipeline's `sinks`, `unmatched` or `dead_letters`, or remove it"
+                ),
+            ));
+        }
+        if let Some(path) = dead_letter_loop(pipelines, sink) {
+            return Err(source.at(
+                name,
+                format!(
+                    "sink `{sink}`: dead letters go round in a loop ({}): a sink waits for its dead-letter sink to take the events its destination refuses, so refusals on both sides would stall them for good; give one of these pipelines another dead-letter sink",
+                    path.join(" → ")
+                ),
+            ));
+        }
+        if let Some(p) = pipelines
+            .iter()
+            .find(|p| p.dead_letters.as_ref() == Some(sink))
+            && matches!(
+                config.buffer.when_full,
+                WhenFull::DropNewest | WhenFull::DropOldest
+            )
+        {
+            return Err(source.at(
+                table,
+                format!(
+                    "sink `{sink}` is pipeline `{}`'s dead-letter sink, so it may not drop events: use when_full = \"block\" or \"spill\"",
+                    p.name
+                ),
+            ));
+        }
+        if let SinkKind::Quic(q) = &config.kind
+            && forwards_to(&q.address, listen)
+        {
+            return Err(source.at(
+                table,
+                format!(
+                    "sink `{sink}` forwards to `{}`, this router's own listener: a loop (every event would come back forever)",
+                    q.address
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A loop of dead-letter hand-offs through sink `start`, if there is one, as the sinks on it:
+/// `s → t` when a pipeline sends events to `s` (routed or unmatched) and its dead letters to
+/// `t`.
+fn dead_letter_loop(pipelines: &[PipelineConfig], start: &str) -> Option<Vec<String>> {
+    let next = |from: &str| -> Vec<String> {
+        pipelines
+            .iter()
+            .filter(|p| {
+                p.sinks.iter().any(|r| r.sink == from)
+                    || p.unmatched == Unmatched::Sink(from.to_owned())
+            })
+            .filter_map(|p| p.dead_letters.clone())
+            .collect()
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![vec![start.to_owned()]];
+    while let Some(path) = stack.pop() {
+        for to in next(path.last()?) {
+            let mut longer = path.clone();
+            longer.push(to.clone());
+            if to == start {
+                return Some(longer);
+            }
+            if seen.insert(to) {
+                stack.push(longer);
+            }
+        }
+    }
+    None
+}
+
+/// Whether `address` (host:port) names `listen`: the same port on the same IP, on loopback
+/// or `localhost` when listening on a loopback or unspecified address.
+fn forwards_to(address: &str, listen: SocketAddr) -> bool {
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return false;
+    };
+    if port.parse::<u16>().ok() != Some(listen.port()) || listen.port() == 0 {
+        return false;
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = match host {
+        "localhost" => Some(std::net::IpAddr::from([127, 0, 0, 1])),
+        _ => host.parse::<std::net::IpAddr>().ok(),
+    };
+    match ip {
+        Some(ip) if ip == listen.ip() => true,
+        Some(ip) => ip.is_loopback() && (listen.ip().is_unspecified() || listen.ip().is_loopback()),
+        None => false,
+    }
+}
+
 fn sinks(
     source: &Source<'_>,
-    raw: &BTreeMap<Spanned<String>, Spanned<RawSink>>,
+    raw: &BTreeMap<Spanned<String>, Spanned<toml::Table>>,
     resolve: &impl Fn(&str) -> PathBuf,
 ) -> Result<Vec<SinkConfig>, ConfigError> {
-    let mut sinks: Vec<(&Spanned<String>, &Spanned<RawSink>)> = raw.iter().collect();
+    let mut sinks: Vec<(&Spanned<String>, &Spanned<toml::Table>)> = raw.iter().collect();
     sinks.sort_by_key(|(name, _)| name.span().start);
     let mut out = Vec::new();
-    for (name, sink) in sinks {
-        check_name(source, name, "sink name")?;
-        let kind = match sink.get_ref() {
-            RawSink::File(f) => SinkKind::File {
-                path: resolve(&f.path),
-                fsync: f.fsync,
-            },
-            RawSink::Null(RawNullSink {}) => SinkKind::Null,
-        };
-        out.push(SinkConfig {
-            name: name.get_ref().clone(),
-            kind,
-        });
+    for (name, table) in sinks {
+        check_file_name(source, name, "sink name")?;
+        out.push(sink(source, name, table, resolve)?);
     }
     Ok(out)
+}
+
+fn sink(
+    source: &Source<'_>,
+    name: &Spanned<String>,
+    table: &Spanned<toml::Table>,
+    resolve: &impl Fn(&str) -> PathBuf,
+) -> Result<SinkConfig, ConfigError> {
+    let sink = name.get_ref();
+    let bad = |message: String| source.at(table, format!("sink `{sink}`: {message}"));
+    let (common, rest): (toml::Table, toml::Table) = table
+        .get_ref()
+        .clone()
+        .into_iter()
+        .partition(|(k, _)| BUFFER_KEYS.contains(&k.as_str()));
+    let raw_buffer: RawBuffer = toml::Value::Table(common)
+        .try_into()
+        .map_err(|e: toml::de::Error| bad(e.message().trim_end().to_owned()))?;
+    if !rest.contains_key("type") {
+        return Err(bad(
+            "no `type` (one of `file`, `stdout`, `http`, `quic`, `postgres`, `null`)".into(),
+        ));
+    }
+    let raw: RawSink = toml::Value::Table(rest)
+        .try_into()
+        .map_err(|e: toml::de::Error| bad(e.message().trim_end().to_owned()))?;
+    let env = |var: &str| {
+        std::env::var(var).map_err(|_| {
+            bad(format!(
+                "environment variable `{var}` is not set (or not UTF-8)"
+            ))
+        })
+    };
+    let kind = match raw {
+        RawSink::File {
+            path,
+            fsync,
+            rotate_bytes,
+            rotate_interval,
+        } => {
+            if rotate_bytes == Some(0) {
+                return Err(bad("rotate_bytes must be above 0".into()));
+            }
+            let rotate_interval = match rotate_interval {
+                None => None,
+                Some(text) => match crate::pipeline::window::duration(&text) {
+                    Ok(ms) if ms > 0 => Some(Duration::from_millis(ms as u64)),
+                    Ok(_) => return Err(bad("rotate_interval must be longer than zero".into())),
+                    Err(e) => return Err(bad(format!("rotate_interval: {e}"))),
+                },
+            };
+            SinkKind::File(FileConfig {
+                path: resolve(&path),
+                fsync,
+                rotate_bytes,
+                rotate_interval,
+            })
+        }
+        RawSink::Stdout {} => SinkKind::Stdout,
+        RawSink::Http {
+            url,
+            headers,
+            timeout_ms,
+        } => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(bad(format!(
+                    "url `{url}` must start with http:// or https://"
+                )));
+            }
+            SinkKind::Http(HttpConfig {
+                url,
+                headers: headers.into_iter().collect(),
+                timeout: match timeout_ms.unwrap_or(10_000) {
+                    ms @ 1..=3_600_000 => Duration::from_millis(ms),
+                    ms => {
+                        return Err(bad(format!(
+                            "timeout_ms = {ms} is outside 1 to 3600000 (one hour)"
+                        )));
+                    }
+                },
+            })
+        }
+        RawSink::Quic {
+            address,
+            pipeline,
+            producer_id,
+            token,
+            token_env,
+            pin,
+            ca,
+            server_name,
+        } => {
+            if pin.is_none() && ca.is_none() {
+                return Err(bad(
+                    "a quic sink needs `pin` (the downstream's fingerprint, as `weir serve` prints it) or `ca`"
+                        .into(),
+                ));
+            }
+            if let Some(pin) = &pin {
+                weir_client::tls::parse_fingerprint(pin).map_err(|e| bad(format!("pin: {e}")))?;
+            }
+            let token = match (token, token_env) {
+                (Some(_), Some(_)) => {
+                    return Err(bad("give `token` or `token_env`, not both".into()));
+                }
+                (Some(t), None) => Some(t),
+                (None, Some(var)) => Some(env(&var)?),
+                (None, None) => None,
+            };
+            SinkKind::Quic(QuicConfig {
+                address,
+                pipeline,
+                producer_id: producer_id.unwrap_or_else(|| format!("weir-{sink}")),
+                token,
+                pin,
+                ca: ca.as_deref().map(resolve),
+                server_name,
+            })
+        }
+        RawSink::Postgres {
+            url,
+            url_env,
+            table,
+            create,
+            columns,
+        } => {
+            let url = match (url, url_env) {
+                (Some(u), None) => u,
+                (None, Some(var)) => env(&var)?,
+                _ => return Err(bad("give exactly one of `url` and `url_env`".into())),
+            };
+            let columns: Vec<(String, String)> = columns.into_iter().collect();
+            crate::sinks::check_table(&table).map_err(bad)?;
+            crate::sinks::check_columns(&columns).map_err(|e| bad(format!("columns: {e}")))?;
+            SinkKind::Postgres(PostgresConfig {
+                url,
+                table,
+                create,
+                columns,
+            })
+        }
+        RawSink::Null {} => SinkKind::Null,
+    };
+    let defaults = BufferConfig::default();
+    let positive = |key: &str, v: Option<u64>, default: u64| -> Result<u64, ConfigError> {
+        match v {
+            Some(0) => Err(bad(format!("{key} must be above 0"))),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        }
+    };
+    let buffer = BufferConfig {
+        when_full: raw_buffer.when_full.unwrap_or(defaults.when_full),
+        max_events: positive(
+            "buffer_events",
+            raw_buffer.buffer_events,
+            defaults.max_events as u64,
+        )? as usize,
+        max_bytes: positive(
+            "buffer_bytes",
+            raw_buffer.buffer_bytes,
+            defaults.max_bytes as u64,
+        )? as usize,
+        spill_bytes: positive("spill_bytes", raw_buffer.spill_bytes, defaults.spill_bytes)?,
+        batch_events: positive(
+            "batch_events",
+            raw_buffer.batch_events,
+            defaults.batch_events as u64,
+        )? as usize,
+    };
+    let retry_defaults = RetryConfig::default();
+    let retry = RetryConfig {
+        initial: Duration::from_millis(positive(
+            "retry_initial_ms",
+            raw_buffer.retry_initial_ms,
+            retry_defaults.initial.as_millis() as u64,
+        )?),
+        max: Duration::from_millis(positive(
+            "retry_max_ms",
+            raw_buffer.retry_max_ms,
+            retry_defaults.max.as_millis() as u64,
+        )?),
+    };
+    if retry.max < retry.initial {
+        return Err(bad(format!(
+            "retry_max_ms ({}) is below retry_initial_ms ({})",
+            retry.max.as_millis(),
+            retry.initial.as_millis()
+        )));
+    }
+    Ok(SinkConfig {
+        name: sink.clone(),
+        kind,
+        buffer,
+        retry,
+    })
 }
 
 fn pipeline(
@@ -636,17 +1230,16 @@ fn pipeline(
     sinks: &[&str],
     resolve: &impl Fn(&str) -> PathBuf,
 ) -> Result<PipelineConfig, ConfigError> {
-    check_name(source, name, "pipeline name")?;
+    check_file_name(source, name, "pipeline name")?;
     let pipeline = name.get_ref();
-    let known = |s: &Spanned<String>| -> Result<String, ConfigError> {
-        if sinks.contains(&s.get_ref().as_str()) {
-            Ok(s.get_ref().clone())
+    let known = |at: std::ops::Range<usize>, name: &str| -> Result<String, ConfigError> {
+        if sinks.contains(&name) {
+            Ok(name.to_owned())
         } else {
-            Err(source.at(
-                s,
+            Err(source.error(
+                at.start,
                 format!(
-                    "pipeline `{pipeline}`: unknown sink `{}` (configured sinks: {})",
-                    s.get_ref(),
+                    "pipeline `{pipeline}`: unknown sink `{name}` (configured sinks: {})",
                     list(sinks.iter().copied())
                 ),
             ))
@@ -660,18 +1253,99 @@ fn pipeline(
             ),
         ));
     }
-    let mut pipeline_sinks: Vec<String> = Vec::new();
-    for s in &raw.sinks {
-        let sink = known(s)?;
-        if pipeline_sinks.contains(&sink) {
+    let mut routes: Vec<Route> = Vec::new();
+    for spanned in &raw.sinks {
+        let (sink, condition) = match spanned.get_ref() {
+            RawRoute::Name(name) => (known(spanned.span(), name)?, Condition::All),
+            RawRoute::Table(t) => {
+                let sink = known(spanned.span(), &t.sink)?;
+                let condition = match (&t.route, &t.header) {
+                    (Some(_), Some(_)) => {
+                        return Err(source.at(
+                            spanned,
+                            format!(
+                                "pipeline `{pipeline}`, sink `{sink}`: give `route` or `header`, not both"
+                            ),
+                        ));
+                    }
+                    (Some(OneOrMany::One(r)), None) => Condition::Route(vec![r.clone()]),
+                    (Some(OneOrMany::Many(r)), None) if !r.is_empty() => {
+                        Condition::Route(r.clone())
+                    }
+                    (None, Some(h)) if !h.is_empty() => {
+                        Condition::Headers(h.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                    }
+                    _ => {
+                        return Err(source.at(
+                            spanned,
+                            format!(
+                                "pipeline `{pipeline}`, sink `{sink}`: a sink table needs a condition: `route = \"TAG\"` (or a list) or `header = {{ NAME = \"VALUE\" }}`; write just \"{sink}\" for every event"
+                            ),
+                        ));
+                    }
+                };
+                (sink, condition)
+            }
+        };
+        if routes.iter().any(|r| r.sink == sink) {
             return Err(source.at(
-                s,
+                spanned,
                 format!("pipeline `{pipeline}` lists sink `{sink}` twice"),
             ));
         }
-        pipeline_sinks.push(sink);
+        routes.push(Route { sink, condition });
     }
-    let dead_letters = raw.dead_letters.as_ref().map(known).transpose()?;
+    let catch_all = routes
+        .iter()
+        .find(|r| r.condition == Condition::All)
+        .map(|r| r.sink.clone());
+    let unmatched = match (&raw.unmatched, catch_all) {
+        (None, Some(_)) => Unmatched::Impossible,
+        (None, None) => {
+            return Err(source.at(
+                name,
+                format!(
+                    "pipeline `{pipeline}`: every sink has a condition, so some events may match none: set `unmatched = \"drop\"` to drop (and count) them, or `unmatched = \"SINK\"` to send them to a sink"
+                ),
+            ));
+        }
+        (Some(u), Some(all)) => {
+            return Err(source.at(
+                u,
+                format!(
+                    "pipeline `{pipeline}`: unused output: `unmatched` never receives an event, because sink `{all}` takes every event"
+                ),
+            ));
+        }
+        (Some(u), None) if u.get_ref() == "drop" => Unmatched::Drop,
+        (Some(u), None) => {
+            let sink = known(u.span(), u.get_ref())?;
+            if routes.iter().any(|r| r.sink == sink) {
+                return Err(source.at(
+                    u,
+                    format!(
+                        "pipeline `{pipeline}`: sink `{sink}` is both a routed sink and `unmatched`: give it `unmatched` only, or list it without a condition"
+                    ),
+                ));
+            }
+            Unmatched::Sink(sink)
+        }
+    };
+    let dead_letters = raw
+        .dead_letters
+        .as_ref()
+        .map(|d| known(d.span(), d.get_ref()))
+        .transpose()?;
+    if let (Some(d), Some(sink)) = (&raw.dead_letters, &dead_letters)
+        && (routes.iter().any(|r| &r.sink == sink) || unmatched == Unmatched::Sink(sink.clone()))
+    {
+        return Err(source.at(
+            d,
+            format!(
+                "pipeline `{pipeline}`: sink `{sink}` is both a destination of the pipeline and its dead-letter sink: a loop (events it refuses would come back to it); name another sink"
+            ),
+        ));
+    }
 
     let mut stages: Vec<StageSpec> = Vec::new();
     for spanned in &raw.stages {
@@ -699,7 +1373,8 @@ fn pipeline(
         name: pipeline.clone(),
         stages,
         producers: raw.producers.clone(),
-        sinks: pipeline_sinks,
+        sinks: routes,
+        unmatched,
         dead_letters,
     })
 }
@@ -854,10 +1529,14 @@ path = "out.jsonl"
             config.sinks,
             vec![SinkConfig {
                 name: "out".into(),
-                kind: SinkKind::File {
+                kind: SinkKind::File(FileConfig {
                     path: PathBuf::from("conf/out.jsonl"),
-                    fsync: Fsync::OnAck
-                }
+                    fsync: Fsync::OnAck,
+                    rotate_bytes: None,
+                    rotate_interval: None,
+                }),
+                buffer: BufferConfig::default(),
+                retry: RetryConfig::default(),
             }]
         );
         let clicks = config.pipeline("clicks").expect("clicks");
@@ -915,6 +1594,166 @@ path = "out.jsonl"
         assert!(e.contains("unknown field `rotate`"), "{e}");
         let e = error(&MINIMAL.replace("type = \"file\"", "type = \"kafka\""));
         assert!(e.contains("unknown variant `kafka`"), "{e}");
+    }
+
+    /// MINIMAL with the pipeline's sinks and extra sink tables replaced.
+    fn routed(sinks: &str, extra: &str) -> String {
+        MINIMAL.replace("sinks = [\"out\"]", sinks) + extra
+    }
+
+    const HTTP: &str =
+        "\n[sinks.eu]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/in\"\nwhen_full = \"spill\"\n";
+
+    #[test]
+    fn sinks_take_every_event_a_route_or_a_header_match() {
+        let text = routed(
+            "sinks = [\"out\", { sink = \"eu\", route = [\"fr\", \"de\"] }, { sink = \"gold\", header = { tier = \"gold\" } }]",
+            &format!(
+                "{HTTP}\n[sinks.gold]\ntype = \"null\"\nwhen_full = \"drop_oldest\"\nbuffer_events = 5\n"
+            ),
+        );
+        let config = Config::parse(&text, "conf/weir.toml").expect("valid");
+        let clicks = config.pipeline("clicks").expect("clicks");
+        assert_eq!(
+            clicks.sinks,
+            vec![
+                Route {
+                    sink: "out".into(),
+                    condition: Condition::All
+                },
+                Route {
+                    sink: "eu".into(),
+                    condition: Condition::Route(vec!["fr".into(), "de".into()])
+                },
+                Route {
+                    sink: "gold".into(),
+                    condition: Condition::Headers(vec![("tier".into(), "gold".into())])
+                },
+            ]
+        );
+        assert_eq!(clicks.unmatched, Unmatched::Impossible);
+        let eu = &config.sinks[1];
+        assert_eq!(eu.buffer.when_full, WhenFull::Spill);
+        assert_eq!(
+            eu.kind,
+            SinkKind::Http(HttpConfig {
+                url: "http://127.0.0.1:9/in".into(),
+                headers: vec![],
+                timeout: Duration::from_secs(10),
+            })
+        );
+        assert_eq!(config.sinks[2].buffer.max_events, 5);
+        assert_eq!(config.sinks[0].buffer, BufferConfig::default());
+        assert_eq!(BufferConfig::default().when_full, WhenFull::Block);
+    }
+
+    #[test]
+    fn events_no_sink_takes_need_an_explicit_unmatched() {
+        let only_eu = "sinks = [{ sink = \"eu\", route = \"fr\" }]";
+        assert_eq!(
+            error(&routed(only_eu, HTTP)),
+            "conf/weir.toml:6:12: pipeline `clicks`: every sink has a condition, so some events may match none: set `unmatched = \"drop\"` to drop (and count) them, or `unmatched = \"SINK\"` to send them to a sink"
+        );
+        let dropped = routed(
+            &format!("{only_eu}\nunmatched = \"drop\"\ndead_letters = \"out\""),
+            HTTP,
+        );
+        let config = Config::parse(&dropped, "w.toml").expect("valid");
+        assert_eq!(
+            config.pipeline("clicks").expect("clicks").unmatched,
+            Unmatched::Drop
+        );
+        let to_out = routed(&format!("{only_eu}\nunmatched = \"out\""), HTTP);
+        let config = Config::parse(&to_out, "w.toml").expect("valid");
+        assert_eq!(
+            config.pipeline("clicks").expect("clicks").unmatched,
+            Unmatched::Sink("out".into())
+        );
+        assert_eq!(
+            error(&routed(
+                "sinks = [\"out\", \"eu\"]\nunmatched = \"drop\"",
+                HTTP
+            )),
+            "conf/weir.toml:8:13: pipeline `clicks`: unused output: `unmatched` never receives an event, because sink `out` takes every event"
+        );
+        assert_eq!(
+            error(&routed("sinks = [{ sink = \"eu\" }]", HTTP)),
+            "conf/weir.toml:7:10: pipeline `clicks`, sink `eu`: a sink table needs a condition: `route = \"TAG\"` (or a list) or `header = { NAME = \"VALUE\" }`; write just \"eu\" for every event"
+        );
+    }
+
+    #[test]
+    fn unused_sinks_dropping_dead_letters_and_loops_are_refused() {
+        assert_eq!(
+            error(&routed("sinks = [\"out\"]", HTTP)),
+            "conf/weir.toml:16:8: sink `eu` is not used by any pipeline: list it in a pipeline's `sinks`, `unmatched` or `dead_letters`, or remove it"
+        );
+        let dropping = "\n[sinks.dl]\ntype = \"null\"\nwhen_full = \"drop_newest\"\n";
+        let e = error(&routed(
+            "sinks = [\"out\"]\ndead_letters = \"dl\"",
+            dropping,
+        ));
+        assert!(
+            e.ends_with("sink `dl` is pipeline `clicks`'s dead-letter sink, so it may not drop events: use when_full = \"block\" or \"spill\""),
+            "{e}"
+        );
+        let quic = |address: &str| {
+            format!(
+                "\n[sinks.up]\ntype = \"quic\"\naddress = \"{address}\"\npipeline = \"clicks\"\npin = \"{}\"\n",
+                "ab".repeat(32)
+            )
+        };
+        let text = routed("sinks = [\"out\", \"up\"]", &quic("localhost:4433"))
+            .replace("127.0.0.1:0", "0.0.0.0:4433");
+        let e = error(&text);
+        assert!(
+            e.ends_with("sink `up` forwards to `localhost:4433`, this router's own listener: a loop (every event would come back forever)"),
+            "{e}"
+        );
+        let other = routed("sinks = [\"out\", \"up\"]", &quic("10.0.0.2:4433"))
+            .replace("127.0.0.1:0", "0.0.0.0:4433");
+        Config::parse(&other, "w.toml").expect("another router is not a loop");
+        let e = error(&MINIMAL.replace(
+            "type = \"file\"",
+            "type = \"file\"\nwhen_full = \"sometimes\"",
+        ));
+        assert!(e.contains("sink `out`: unknown variant `sometimes`"), "{e}");
+        let e = error(&routed("sinks = [\"out\"]\ndead_letters = \"out\"", ""));
+        assert!(
+            e.ends_with("pipeline `clicks`: sink `out` is both a destination of the pipeline and its dead-letter sink: a loop (events it refuses would come back to it); name another sink"),
+            "{e}"
+        );
+        let crossed = routed(
+            "sinks = [\"out\"]\ndead_letters = \"dl\"",
+            "\n[pipelines.other]\nsinks = [\"dl\"]\ndead_letters = \"out\"\n\n[sinks.dl]\ntype = \"null\"\n",
+        );
+        let e = error(&crossed);
+        assert!(
+            e.contains("sink `dl`: dead letters go round in a loop (dl → out → dl)"),
+            "{e}"
+        );
+        let e = error(
+            &MINIMAL
+                .replace("[sinks.out]", "[sinks.\"../out\"]")
+                .replace("[\"out\"]", "[\"../out\"]"),
+        );
+        assert!(
+            e.ends_with("sink name `../out` may hold only letters, digits, `-`, `_` and `.` (not first): it also names files under data_dir"),
+            "{e}"
+        );
+        let e = error(&routed(
+            "sinks = [\"out\", \"eu\"]",
+            &HTTP.replace("when_full", "timeout_ms = 0\nwhen_full"),
+        ));
+        assert!(
+            e.ends_with("sink `eu`: timeout_ms = 0 is outside 1 to 3600000 (one hour)"),
+            "{e}"
+        );
+        let e = error(&MINIMAL.replace("type = \"file\"", "type = \"file\"\nbuffer_events = 0"));
+        assert!(
+            e.ends_with("sink `out`: buffer_events must be above 0"),
+            "{e}"
+        );
     }
 
     #[test]

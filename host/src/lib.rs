@@ -12,7 +12,9 @@
 pub mod baseline;
 pub mod config;
 pub mod ingest;
+pub mod metrics;
 pub mod pipeline;
+pub mod receiver;
 pub mod runtime;
 pub mod sinks;
 pub mod workload;

@@ -1108,8 +1108,12 @@ fsync = "never"
     assert_eq!(
         report.problems,
         vec![
-            "pipeline `full`: sink `full`: cannot write /dev/full: No space left on device (os error 28)"
-                .to_string()
+            "pipeline `full`: a sink gave up on the last batches; they are not acked".to_string(),
+            "sink `full`: cannot write file /dev/full: No space left on device (os error 28); \
+             cutting it back to its last whole line also failed: Invalid argument (os error 22) \
+             (it is reopened and repaired before the next write); 1 buffered events of sink \
+             `full` not delivered"
+                .to_string(),
         ]
     );
     assert_eq!(
@@ -1302,7 +1306,7 @@ fn the_example_config_is_valid() {
             (
                 p.name.clone(),
                 p.stages.iter().map(|s| s.plugin.to_string()).collect(),
-                p.sinks.clone(),
+                p.sinks.iter().map(|r| r.sink.clone()).collect(),
             )
         })
         .collect();
@@ -1396,18 +1400,18 @@ fn weir_serve_prints_its_setup_and_stops_on_sigterm() {
                     .trim_end_matches(')')
             ),
             format!(
-                "  sink: clicks (file {}, fsync on ack)",
+                "  sink: clicks: file {} (fsync on ack), when_full = block",
                 dir.path().join("clicks.jsonl").display()
             ),
             format!(
-                "  dead letters: {}",
+                "  dead letters: clicks/dead-letters: file {} (fsync on ack), when_full = block",
                 dir.path().join("data/dead-letters/clicks.jsonl").display()
             ),
             "pipeline `restricted`:".into(),
             "  stages: none (events go to the sinks as they come)".into(),
-            "  sink: discard (null)".into(),
+            "  sink: discard: null (discards events), when_full = block".into(),
             format!(
-                "  dead letters: {}",
+                "  dead letters: restricted/dead-letters: file {} (fsync on ack), when_full = block",
                 dir.path()
                     .join("data/dead-letters/restricted.jsonl")
                     .display()

@@ -243,6 +243,6 @@ fn print_summary(stats: &Stats, total: u64, pipeline: &str, server: SocketAddr, 
 }
 
 /// `1 batch`, `2 batches`.
-fn count(n: u64, one: &str, many: &str) -> String {
+pub(super) fn count(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }

@@ -1,6 +1,7 @@
 //! `weir serve --config FILE`: runs the QUIC ingest server until Ctrl-C or SIGTERM, then stops
 //! gracefully (every batch read is processed, written and acked before the exit).
 
+use super::send::count;
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use weir::config::Config;
@@ -71,6 +72,9 @@ async fn serve(config: Config) -> Result<()> {
         }
         writeln!(banner, "  dead letters: {}", pipeline.dead_letters)?;
     }
+    if let Some(addr) = server.metrics_addr() {
+        writeln!(banner, "metrics: http://{addr}/metrics (Prometheus)")?;
+    }
     if let Some(first) = server.pipelines().first() {
         writeln!(
             banner,
@@ -91,13 +95,13 @@ async fn serve(config: Config) -> Result<()> {
     let report = server.shutdown().await?;
     let s = &report.stats;
     let summary = format!(
-        "weir serve: stopped; {} batches ({} events) accepted, {} acked, {} duplicates dropped, {} events out, {} dead letters\n",
-        s.batches_accepted,
-        s.events_accepted,
+        "weir serve: stopped; {} ({}) accepted, {} acked, {} dropped, {} out, {}\n",
+        count(s.batches_accepted, "batch", "batches"),
+        count(s.events_accepted, "event", "events"),
         s.batches_acked,
-        s.duplicates_dropped,
-        s.events_out,
-        s.dead_letters
+        count(s.duplicates_dropped, "duplicate", "duplicates"),
+        count(s.events_out, "event", "events"),
+        count(s.dead_letters, "dead letter", "dead letters"),
     );
     if let Err(e) = print(&summary) {
         tracing::info!("{}: {e:#}", summary.trim_end());

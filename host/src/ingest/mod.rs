@@ -33,10 +33,15 @@ mod connection;
 mod tls;
 mod worker;
 
-use crate::config::{Config, Fsync, PipelineConfig, ServerLimits, SinkConfig, SinkKind};
+use crate::config::{
+    BufferConfig, Condition, Config, FileConfig, Fsync, PipelineConfig, RetryConfig, ServerLimits,
+    Unmatched, WhenFull,
+};
+use crate::metrics::Metrics;
 use crate::pipeline::{Chain, Stage};
 use crate::runtime::{Limits, Plugin, Runtime, RuntimeConfig, StageConfig};
-use crate::sinks::{self, FileSink, Sink};
+use crate::sinks::runner::Sink;
+use crate::sinks::{self, FileDestination};
 use anyhow::{Context, Result, bail};
 use connection::ConnState;
 use quinn::{Connection, Endpoint, VarInt};
@@ -48,7 +53,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use weir_format::frame::{ErrorCode, LENGTH_BYTES, MAX_PIPELINES};
-use worker::{PipelineCore, PipelineHandle, SharedSink, Work, Worker, lock};
+use worker::{PipelineCore, PipelineHandle, UnmatchedOut, Work, Worker, lock};
 
 /// How often the server pings an idle connection (quinn's idle timeout is 30 s).
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
@@ -97,9 +102,9 @@ pub struct PipelineStats {
     pub duplicates_dropped: u64,
     /// Batches read after their stream failed, dropped unprocessed.
     pub batches_discarded: u64,
-    /// Accepted batches acked (held by every sink).
+    /// Accepted batches acked (accepted by every sink that takes events of them).
     pub batches_acked: u64,
-    /// Events the last stage output (written to every sink).
+    /// Events the last stage output (fanned out to the sinks).
     pub events_out: u64,
     /// Dead letters written to the dead-letter sink.
     pub dead_letters: u64,
@@ -149,6 +154,25 @@ pub struct Stats {
     pub dead_letters: u64,
     /// Per pipeline, by name.
     pub pipelines: BTreeMap<String, PipelineStats>,
+    /// Per sink, by name (dead-letter files included, named `PIPELINE/dead-letters`).
+    pub sinks: BTreeMap<String, SinkStats>,
+}
+
+/// A snapshot of a sink's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkStats {
+    /// Events accepted into its buffer (memory or disk).
+    pub events_in: u64,
+    /// Events delivered to its destination.
+    pub events_out: u64,
+    /// Events dropped by its `when_full` policy.
+    pub dropped: u64,
+    /// Failed send attempts.
+    pub errors: u64,
+    /// Events its destination refused, sent to the dead-letter sink.
+    pub dead_lettered: u64,
+    /// Events buffered now (memory or disk).
+    pub buffered: u64,
 }
 
 /// What a graceful shutdown did.
@@ -222,6 +246,8 @@ pub(crate) struct Shared {
     stop_reading: watch::Sender<bool>,
     streams: WaitGroup,
     connections: WaitGroup,
+    /// Every sink, by name (pipelines' default dead-letter files included).
+    sinks: BTreeMap<String, Arc<Sink>>,
 }
 
 impl Shared {
@@ -349,6 +375,20 @@ impl Shared {
             stats.dead_letters += s.dead_letters;
             stats.pipelines.insert(name.clone(), s);
         }
+        for (name, sink) in &self.sinks {
+            let m = sink.metrics();
+            stats.sinks.insert(
+                name.clone(),
+                SinkStats {
+                    events_in: m.events_in.get(),
+                    events_out: m.events_out.get(),
+                    dropped: m.dropped.get(),
+                    errors: m.errors.get(),
+                    dead_lettered: m.dead_lettered.get(),
+                    buffered: sink.buffered(),
+                },
+            );
+        }
         stats
     }
 }
@@ -381,6 +421,9 @@ pub struct Server {
     cert_generated: bool,
     pipelines: Vec<PipelineInfo>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    runners: Vec<(Arc<Sink>, tokio::task::JoinHandle<Vec<String>>)>,
+    metrics: Arc<Metrics>,
+    metrics_server: Option<crate::metrics::MetricsServer>,
     stop_accept: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -418,21 +461,49 @@ impl Server {
             ..RuntimeConfig::default()
         })?;
 
-        let mut sinks: HashMap<String, SharedSink> = HashMap::new();
+        let metrics = Metrics::new();
+        let mut sinks: BTreeMap<String, Arc<Sink>> = BTreeMap::new();
+        let mut destinations = Vec::new();
         for sink in &config.sinks {
-            sinks.insert(sink.name.clone(), Arc::new(Mutex::new(sinks::open(sink)?)));
+            let destination = sinks::open(sink)?;
+            let handle = Sink::new(
+                &sink.name,
+                destination.describe(),
+                sink.buffer,
+                sink.retry,
+                &config.data_dir.join("spill").join(&sink.name),
+                metrics.sink(&sink.name),
+            )
+            .map_err(anyhow::Error::msg)?;
+            sinks.insert(sink.name.clone(), handle.clone());
+            destinations.push((handle, destination));
         }
         let mut plugins: HashMap<String, Plugin> = HashMap::new();
         let mut handles = HashMap::new();
         let mut workers = Vec::new();
         let mut infos = Vec::new();
         for pipeline in &config.pipelines {
-            let (handle, worker, info) =
-                build_pipeline(&config, pipeline, &runtime, &mut plugins, &sinks)?;
+            let (handle, worker, info) = build_pipeline(
+                &config,
+                pipeline,
+                &runtime,
+                &mut plugins,
+                &mut sinks,
+                &mut destinations,
+                &metrics,
+            )?;
             handles.insert(pipeline.name.clone(), handle);
             infos.push(info);
             workers.push(worker);
         }
+        let metrics_server = match config.metrics {
+            Some(addr) => Some(
+                crate::metrics::serve(addr, metrics.clone())
+                    .await
+                    .with_context(|| format!("cannot serve metrics on {addr}"))?,
+            ),
+            None => None,
+        };
 
         let server_config = server_config(&config, tls.config)?;
         let endpoint = Endpoint::server(server_config, config.listen)
@@ -454,6 +525,7 @@ impl Server {
             stop_reading: watch::Sender::new(false),
             streams: WaitGroup::default(),
             connections: WaitGroup::default(),
+            sinks,
         });
         let mut threads = Vec::new();
         for worker in workers {
@@ -465,6 +537,12 @@ impl Server {
                     .context("cannot start a pipeline thread")?,
             );
         }
+        // After everything that can fail: a runner holds its sink (and its disk buffer's lock)
+        // until shutdown.
+        let runners = destinations
+            .into_iter()
+            .map(|(sink, destination)| (sink.clone(), tokio::spawn(sink.run(destination))))
+            .collect();
         let (stop_accept, stop_rx) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(shared.clone(), endpoint.clone(), stop_rx));
         Ok(Server {
@@ -476,6 +554,9 @@ impl Server {
             cert_generated: tls.generated,
             pipelines: infos,
             workers: threads,
+            runners,
+            metrics,
+            metrics_server,
             stop_accept,
             accept,
         })
@@ -511,6 +592,16 @@ impl Server {
         self.shared.stats()
     }
 
+    /// The metrics (what the Prometheus endpoint serves).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The address of the Prometheus endpoint, when `[metrics]` configures one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(|m| m.local_addr())
+    }
+
     /// Stops gracefully (PROTOCOL §12): `goaway` to every producer, new connections refused
     /// with `SHUTTING_DOWN`, no further batch read; every batch already read is processed,
     /// aggregate windows are flushed, sinks flushed and everything accepted acked; then each
@@ -531,19 +622,58 @@ impl Server {
 
         let mut problems = Vec::new();
         for pipeline in shared.pipelines.values() {
-            // A round retrying a failing flush gives up too, instead of blocking shutdown.
+            // A round waiting for its sinks gives up too, instead of blocking shutdown.
+            pipeline.stopping_since.get_or_init(std::time::Instant::now);
             pipeline.stopping.store(true, Ordering::Release);
         }
+        for sink in shared.sinks.values() {
+            sink.stopping();
+        }
+        // Every worker finishes at once (their last rounds wait in parallel, not in turn).
+        let mut replies = Vec::new();
         for (name, pipeline) in &shared.pipelines {
             let (reply, done) = oneshot::channel();
             if pipeline.tx.send(Work::Shutdown(reply)).await.is_err() {
                 problems.push(format!("pipeline `{name}`: its worker had stopped"));
                 continue;
             }
+            replies.push((name, done));
+        }
+        for (name, done) in replies {
             match done.await {
                 Ok(mut p) => problems.append(&mut p),
                 Err(_) => problems.push(format!("pipeline `{name}`: its worker stopped")),
             }
+        }
+
+        // Every pipeline is done: the sinks deliver what they buffer, then end; a sink only
+        // once every sink that may still dead-letter into it has ended (the config has no
+        // dead-letter loops).
+        let mut left = self.runners;
+        while !left.is_empty() {
+            let fed: Vec<bool> = left
+                .iter()
+                .map(|(sink, _)| {
+                    left.iter()
+                        .any(|(other, _)| !Arc::ptr_eq(other, sink) && other.dead_letters_to(sink))
+                })
+                .collect();
+            let all = fed.iter().all(|f| *f);
+            let (now, later): (Vec<_>, Vec<_>) =
+                left.into_iter().zip(fed).partition(|(_, fed)| all || !fed);
+            for ((sink, _), _) in &now {
+                sink.close();
+            }
+            for ((_, runner), _) in now {
+                match runner.await {
+                    Ok(mut p) => problems.append(&mut p),
+                    Err(e) => problems.push(format!("a sink's task failed: {e}")),
+                }
+            }
+            left = later.into_iter().map(|(runner, _)| runner).collect();
+        }
+        if let Some(server) = self.metrics_server {
+            server.stop().await;
         }
 
         let connections: Vec<Arc<ConnState>> = lock(&shared.registry)
@@ -638,12 +768,15 @@ pub fn transport_config(
 }
 
 /// Compiles (once per source) and instantiates a pipeline's stages and wires its sinks.
+#[allow(clippy::too_many_arguments)]
 fn build_pipeline(
     config: &Config,
     pipeline: &PipelineConfig,
     runtime: &Runtime,
     plugins: &mut HashMap<String, Plugin>,
-    sinks: &HashMap<String, SharedSink>,
+    sinks: &mut BTreeMap<String, Arc<Sink>>,
+    destinations: &mut Vec<(Arc<Sink>, Box<dyn sinks::Destination>)>,
+    metrics: &Metrics,
 ) -> Result<(Arc<PipelineHandle>, Worker, PipelineInfo)> {
     let name = &pipeline.name;
     let mut stages = Vec::new();
@@ -688,31 +821,76 @@ fn build_pipeline(
         ));
         stages.push(stage);
     }
-    let mut pipeline_sinks = Vec::new();
-    for sink in &pipeline.sinks {
-        let Some(shared) = sinks.get(sink) else {
-            bail!("pipeline `{name}`: unknown sink `{sink}`");
-        };
-        pipeline_sinks.push(shared.clone());
+    let find = |sink: &str| -> Result<Arc<Sink>> {
+        match sinks.get(sink) {
+            Some(s) => Ok(s.clone()),
+            None => bail!("pipeline `{name}`: unknown sink `{sink}`"),
+        }
+    };
+    let mut routes = Vec::new();
+    let mut described = Vec::new();
+    for route in &pipeline.sinks {
+        let sink = find(&route.sink)?;
+        described.push(describe_route(&sink, Some(&route.condition)));
+        routes.push((sink, route.condition.clone()));
     }
-    let (dead_letters, dead_name) = match &pipeline.dead_letters {
-        Some(sink) => match sinks.get(sink) {
-            Some(shared) => (shared.clone(), format!("sink `{sink}`")),
-            None => bail!("pipeline `{name}`: unknown dead-letter sink `{sink}`"),
-        },
+    let unmatched = match &pipeline.unmatched {
+        Unmatched::Impossible => UnmatchedOut::Impossible,
+        Unmatched::Drop => {
+            described.push("unmatched events: dropped (counted)".into());
+            UnmatchedOut::Drop
+        }
+        Unmatched::Sink(sink) => {
+            let sink = find(sink)?;
+            described.push(format!(
+                "unmatched events → {}",
+                describe_route(&sink, None)
+            ));
+            UnmatchedOut::Sink(sink)
+        }
+    };
+    let dead_letters = match &pipeline.dead_letters {
+        Some(sink) => find(sink)?,
         None => {
             let path = config
                 .data_dir
                 .join("dead-letters")
                 .join(format!("{name}.jsonl"));
-            let sink: Box<dyn Sink> = Box::new(FileSink::open(
-                &format!("{name}/dead-letters"),
-                &path,
-                Fsync::OnAck,
-            )?);
-            (Arc::new(Mutex::new(sink)), path.display().to_string())
+            let sink_name = format!("{name}/dead-letters");
+            let destination = FileDestination::open(
+                &sink_name,
+                &FileConfig {
+                    path,
+                    fsync: Fsync::OnAck,
+                    rotate_bytes: None,
+                    rotate_interval: None,
+                },
+            )?;
+            let sink = Sink::new(
+                &sink_name,
+                sinks::Destination::describe(&destination),
+                BufferConfig {
+                    when_full: WhenFull::Block,
+                    ..BufferConfig::default()
+                },
+                RetryConfig::default(),
+                &config.data_dir.join("spill").join(&sink_name),
+                metrics.sink(&sink_name),
+            )
+            .map_err(anyhow::Error::msg)?;
+            sinks.insert(sink_name, sink.clone());
+            destinations.push((sink.clone(), Box::new(destination)));
+            sink
         }
     };
+    let dead_name = describe_route(&dead_letters, None);
+    let pipeline_name: Arc<str> = Arc::from(name.as_str());
+    for (sink, _) in &routes {
+        sink.set_dead_letters(pipeline_name.clone(), dead_letters.clone());
+    }
+    if let UnmatchedOut::Sink(sink) = &unmatched {
+        sink.set_dead_letters(pipeline_name.clone(), dead_letters.clone());
+    }
     let capacity = (config.limits.protocol.max_in_flight as usize)
         .saturating_mul(config.limits.max_producers_per_pipeline as usize)
         .clamp(1, 65_536);
@@ -723,6 +901,7 @@ fn build_pipeline(
         current: Mutex::new(HashMap::new()),
         counters: PipelineCounters::default(),
         stopping: AtomicBool::new(false),
+        stopping_since: std::sync::OnceLock::new(),
     });
     let handle = Arc::new(PipelineHandle {
         core: core.clone(),
@@ -732,11 +911,7 @@ fn build_pipeline(
     let info = PipelineInfo {
         name: name.clone(),
         stages: stage_names,
-        sinks: pipeline
-            .sinks
-            .iter()
-            .map(|s| describe_sink(config.sinks.iter().find(|c| &c.name == s), s))
-            .collect(),
+        sinks: described,
         dead_letters: dead_name,
     };
     Ok((
@@ -744,24 +919,37 @@ fn build_pipeline(
         Worker {
             handle: core,
             chain: Chain::new(stages),
-            sinks: pipeline_sinks,
+            name: pipeline_name,
+            routes,
+            unmatched,
             dead_letters,
+            metrics: metrics.pipeline(name),
+            stage_metrics: pipeline
+                .stages
+                .iter()
+                .map(|s| metrics.stage(name, &s.name))
+                .collect(),
             rx,
+            withhold_acks: false,
         },
         info,
     ))
 }
 
-fn describe_sink(config: Option<&SinkConfig>, name: &str) -> String {
-    match config.map(|c| &c.kind) {
-        Some(SinkKind::File { path, fsync }) => {
-            let fsync = match fsync {
-                Fsync::OnAck => "fsync on ack",
-                Fsync::Never => "no fsync",
-            };
-            format!("{name} (file {}, {fsync})", path.display())
+/// `NAME: DESTINATION, when_full = POLICY`, and the condition when there is one.
+fn describe_route(sink: &Sink, condition: Option<&Condition>) -> String {
+    let condition = match condition {
+        None | Some(Condition::All) => String::new(),
+        Some(Condition::Route(tags)) => format!(" (route {})", tags.join(" or ")),
+        Some(Condition::Headers(headers)) => {
+            let h: Vec<String> = headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!(" (header {})", h.join(" and "))
         }
-        Some(SinkKind::Null) => format!("{name} (null)"),
-        None => name.to_owned(),
-    }
+    };
+    format!(
+        "{}{condition}: {}, when_full = {}",
+        sink.name(),
+        sink.describe(),
+        sink.buffer().when_full.as_str()
+    )
 }

@@ -1,25 +1,33 @@
-//! The pipeline worker: one thread per pipeline runs its stages, writes its sinks and acks.
+//! The pipeline worker: one thread per pipeline runs its stages, fans the output out to its
+//! sinks and acks.
 //!
 //! wasmtime is synchronous, so stages never run on the async workers. Stream tasks hand the
 //! worker decoded batch frames over a bounded channel; the worker takes what is queued (up to
 //! [`MAX_ROUND`] batches) as one **round**: for each batch, the sequence check (duplicates
 //! dropped unverified, gaps fail the stream), verification (here, not on the stream task),
-//! the stages, and writes to every sink; then one flush per sink (one fsync per round under
-//! load), and only then the acks, cumulative per (producer, pipeline) and coalesced per
-//! connection. Dead letters and late events go to the pipeline's dead-letter sink with headers
-//! naming the error, stage and plugin, are flushed in the same round and counted.
+//! the stages, and the fan-out: the output batch is shared by every sink, each offered the
+//! events its condition selects (`sinks/runner.rs` says when a sink has accepted them); events
+//! no sink takes go to the `unmatched` output. Then the disk buffers written are synced, the
+//! worker waits until every sink has accepted the round, and only then acks, cumulative per
+//! (producer, pipeline) and coalesced per connection. Dead letters and late events go to the
+//! pipeline's dead-letter sink with headers naming the error, stage and plugin, accepted in
+//! the same round and counted.
 
 use super::connection::{ConnState, StreamShared};
 use super::{PipelineCounters, bump};
+use crate::config::Condition;
+use crate::metrics::{PipelineMetrics, StageMetrics};
 use crate::pipeline::{Chain, DeadLetter, LateEvent};
-use crate::sinks::Sink;
+use crate::runtime::PluginKind;
+use crate::sinks::runner::{Accepted, Sink, Ticket};
+use crate::sinks::{Outgoing, Selection, SharedBatch};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use weir_format::frame::{BatchFrame, ErrorCode};
-use weir_format::{Batch, BatchBuilder, Event};
+use weir_format::{Batch, BatchBuilder, Event, EventRef};
 
 /// Most batches one round takes before it flushes and acks.
 pub(crate) const MAX_ROUND: usize = 256;
@@ -27,12 +35,12 @@ pub(crate) const MAX_ROUND: usize = 256;
 /// the batch is given up with `INTERNAL_ERROR` (its sequence is not consumed: a resend runs it
 /// again).
 const STAGE_ATTEMPTS: u32 = 5;
-/// Attempts at a failing sink flush once shutdown has begun (before it, the worker retries
-/// until the sink recovers: backpressure, never loss).
-const SHUTDOWN_FLUSH_ATTEMPTS: u32 = 3;
-
-/// A sink shared by the pipelines that write to it.
-pub(crate) type SharedSink = Arc<Mutex<Box<dyn Sink>>>;
+/// Attempts at a failing disk-buffer sync once shutdown has begun (before it, the worker
+/// retries until it works: backpressure, never loss).
+const SHUTDOWN_SYNC_ATTEMPTS: u32 = 3;
+/// How long a round waits for its sinks once shutdown has begun (before it, as long as it
+/// takes: a `block` sink's destination being down is backpressure).
+const SHUTDOWN_ACCEPT_WAIT: Duration = Duration::from_secs(10);
 
 /// What stream tasks send a worker.
 pub(crate) enum Work {
@@ -95,9 +103,13 @@ pub(crate) struct PipelineCore {
     pub current: Mutex<HashMap<Arc<str>, CurrentConnection>>,
     /// The pipeline's counters.
     pub counters: PipelineCounters,
-    /// Set when shutdown begins: a failing flush then gives up after
-    /// [`SHUTDOWN_FLUSH_ATTEMPTS`], also in the round under way.
+    /// Set when shutdown begins: a failing disk-buffer sync then gives up after
+    /// [`SHUTDOWN_SYNC_ATTEMPTS`], and waiting for sinks after [`SHUTDOWN_ACCEPT_WAIT`], also
+    /// in the round under way.
     pub stopping: AtomicBool,
+    /// When shutdown began: rounds stop waiting for their sinks [`SHUTDOWN_ACCEPT_WAIT`]
+    /// after it (one deadline for the whole drain, not one per round).
+    pub stopping_since: OnceLock<Instant>,
 }
 
 impl PipelineCore {
@@ -117,18 +129,42 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Where a pipeline's events that no sink takes go.
+pub(crate) enum UnmatchedOut {
+    /// Some sink takes every event.
+    Impossible,
+    /// Dropped and counted.
+    Drop,
+    /// To this sink.
+    Sink(Arc<Sink>),
+}
+
 /// A pipeline's worker, run on its own thread.
 pub(crate) struct Worker {
     pub handle: Arc<PipelineCore>,
     pub chain: Chain,
-    pub sinks: Vec<SharedSink>,
-    pub dead_letters: SharedSink,
+    /// The pipeline's name, shared by its deliveries.
+    pub name: Arc<str>,
+    /// Its sinks and which events each takes.
+    pub routes: Vec<(Arc<Sink>, Condition)>,
+    pub unmatched: UnmatchedOut,
+    pub dead_letters: Arc<Sink>,
+    pub metrics: PipelineMetrics,
+    /// One per stage, in order.
+    pub stage_metrics: Vec<StageMetrics>,
     pub rx: mpsc::Receiver<Work>,
+    /// A round was not accepted (only while stopping): acks are cumulative, so acking any
+    /// later round would ack it too. No more acks from this worker.
+    pub withhold_acks: bool,
 }
 
 /// What one round did, for the acks.
 #[derive(Default)]
 struct Round {
+    /// Counts the round's deliveries not accepted yet.
+    ticket: Arc<Ticket>,
+    /// A delivery was refused (only while stopping): the round is not acked.
+    refused: Vec<String>,
     /// Every item's stream and producer, in order: a permit each, and an ack.
     streams: Vec<(Arc<StreamShared>, Arc<str>)>,
     /// Batches accepted this round.
@@ -143,6 +179,8 @@ impl Worker {
     /// Runs until a [`Work::Shutdown`] (or until every sender is gone).
     pub fn run(mut self) {
         let mut stopping = None;
+        // What kept rounds from being acked (only ever while stopping), for the shutdown report.
+        let mut problems = Vec::new();
         while stopping.is_none() {
             let Some(first) = self.rx.blocking_recv() else {
                 break;
@@ -163,7 +201,6 @@ impl Worker {
                     next = self.rx.try_recv().ok();
                 }
             }
-            let mut problems = Vec::new();
             if stopping.is_some() {
                 self.flush_windows(&mut round, &mut problems);
             }
@@ -194,6 +231,7 @@ impl Worker {
         if let Some(state) = state {
             if sequence < state.next {
                 bump(&counters.duplicates_dropped, 1);
+                self.metrics.duplicates_dropped.inc();
                 return;
             }
             if sequence > state.next {
@@ -229,11 +267,22 @@ impl Worker {
                 acked: state.map_or(sequence, |s| s.acked),
             },
         );
+        let events = batch.len() as u64;
         match self.run_stages(&batch, round) {
-            Ok(()) => {
+            Ok(output) => {
                 round.accepted += 1;
                 bump(&counters.batches_accepted, 1);
-                bump(&counters.events_accepted, batch.len() as u64);
+                bump(&counters.events_accepted, events);
+                self.metrics.batches_in.inc();
+                self.metrics.events_in.inc_by(events);
+                let output = match output {
+                    // SAFETY: a stage's output batch is one the host built or verified
+                    // (`Stage::process_batch`).
+                    Some(bytes) => unsafe { SharedBatch::trusted(bytes) },
+                    // SAFETY: verified above.
+                    None => unsafe { SharedBatch::trusted(frame.payload) },
+                };
+                self.fan_out(output, round);
             }
             Err(message) => {
                 // Nothing of the batch reached a sink: give its sequence back, so that a
@@ -249,8 +298,13 @@ impl Worker {
         }
     }
 
-    /// Runs a verified batch through the stages and writes the output to every sink.
-    fn run_stages(&mut self, input: &Batch<'_>, round: &mut Round) -> Result<(), String> {
+    /// Runs a verified batch through the stages; the last stage's output (`None`: no stages,
+    /// the input itself). Dead letters and late events go to the round.
+    fn run_stages(
+        &mut self,
+        input: &Batch<'_>,
+        round: &mut Round,
+    ) -> Result<Option<Vec<u8>>, String> {
         let mut current: Option<Vec<u8>> = None;
         let mut dead = Vec::new();
         let mut late = Vec::new();
@@ -262,6 +316,7 @@ impl Worker {
                 None => *input,
             };
             let mut attempt = 0;
+            let started = Instant::now();
             let output = loop {
                 let stage = &mut self.chain.stages_mut()[k];
                 match stage.process_batch(&view) {
@@ -281,30 +336,93 @@ impl Worker {
                     }
                 }
             };
+            let metrics = &self.stage_metrics[k];
+            metrics.latency.observe(started.elapsed().as_secs_f64());
+            let (inputs, errors) = (view.len(), output.dead_letters.len());
+            // SAFETY: as above.
+            let outputs = unsafe { Batch::trusted(&output.batch) }.len();
+            metrics.events_in.inc_by(inputs as u64);
+            metrics.events_out.inc_by(outputs as u64);
+            metrics.errors.inc_by(errors as u64);
+            // An aggregate folds its input into windows: nothing of it is dropped.
+            let aggregate = self.chain.stages()[k].plugin().kind() == PluginKind::Aggregate;
+            if !aggregate {
+                metrics
+                    .dropped
+                    .inc_by(inputs.saturating_sub(outputs + errors) as u64);
+            }
             dead.extend(output.dead_letters);
             late.extend(output.late);
             current = Some(output.batch);
         }
-        let out = match &current {
-            // SAFETY: as above, the last stage's output is host-built or verified.
-            Some(bytes) => unsafe { Batch::trusted(bytes) },
-            None => *input,
-        };
-        self.write(&out);
         self.dead_letters(&dead, &late, round);
-        Ok(())
+        Ok(current)
     }
 
-    fn write(&mut self, out: &Batch<'_>) {
-        bump(&self.handle.counters.events_out, out.len() as u64);
-        if out.is_empty() {
+    /// Offers each sink the events its condition selects; the rest to `unmatched`.
+    fn fan_out(&mut self, out: SharedBatch, round: &mut Round) {
+        let batch = out.batch();
+        let n = batch.len();
+        bump(&self.handle.counters.events_out, n as u64);
+        if n == 0 {
             return;
         }
-        for sink in &self.sinks {
-            let mut sink = lock(sink);
-            if let Err(e) = sink.write(out) {
-                // Writes only buffer; a sink whose write fails reports it again on flush.
-                tracing::error!("{e}");
+        let mut taken = match self.unmatched {
+            UnmatchedOut::Impossible => Vec::new(),
+            _ => vec![false; n],
+        };
+        for (sink, condition) in &self.routes {
+            let selection = match condition {
+                Condition::All => Selection::All,
+                _ => {
+                    let indices: Vec<u32> = batch
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, e)| matches(condition, e))
+                        .map(|(i, _)| i as u32)
+                        .collect();
+                    if indices.is_empty() {
+                        continue;
+                    }
+                    for &i in &indices {
+                        if let Some(t) = taken.get_mut(i as usize) {
+                            *t = true;
+                        }
+                    }
+                    if indices.len() == n {
+                        Selection::All
+                    } else {
+                        Selection::Some(indices.into())
+                    }
+                }
+            };
+            let delivery = Outgoing::new(out.clone(), selection, self.name.clone());
+            if let Err(e) = sink.offer(delivery, &round.ticket) {
+                round.refused.push(e);
+            }
+        }
+        if taken.is_empty() {
+            return;
+        }
+        let rest: Vec<u32> = (0..n as u32).filter(|&i| !taken[i as usize]).collect();
+        if rest.is_empty() {
+            return;
+        }
+        self.metrics.unmatched.inc_by(rest.len() as u64);
+        match &self.unmatched {
+            UnmatchedOut::Sink(sink) => {
+                let selection = if rest.len() == n {
+                    Selection::All
+                } else {
+                    Selection::Some(rest.into())
+                };
+                let delivery = Outgoing::new(out.clone(), selection, self.name.clone());
+                if let Err(e) = sink.offer(delivery, &round.ticket) {
+                    round.refused.push(e);
+                }
+            }
+            _ => {
+                self.metrics.unmatched_dropped.inc_by(rest.len() as u64);
             }
         }
     }
@@ -327,32 +445,48 @@ impl Worker {
         round.dead_count += dead.len() + late.len();
         bump(&self.handle.counters.dead_letters, dead.len() as u64);
         bump(&self.handle.counters.late_events, late.len() as u64);
+        self.metrics.dead_letters.inc_by(dead.len() as u64);
+        self.metrics.late_events.inc_by(late.len() as u64);
     }
 
     /// End of input: aggregates finish their open windows.
     fn flush_windows(&mut self, round: &mut Round, problems: &mut Vec<String>) {
         match self.chain.flush() {
             Ok(output) => {
-                self.write_windows(&output.batch, problems);
+                self.count_windows(&output.batch);
+                self.write_windows(output.batch, round, problems);
                 self.dead_letters(&output.dead_letters, &output.late, round);
             }
             Err(e) => {
-                self.write_windows(&e.output.batch, problems);
-                self.dead_letters(&e.output.dead_letters, &e.output.late, round);
                 let message = format!(
                     "pipeline `{}`: windows not flushed at shutdown: {e}",
                     self.handle.name
                 );
+                let e = *e;
+                self.count_windows(&e.output.batch);
+                self.write_windows(e.output.batch, round, problems);
+                self.dead_letters(&e.output.dead_letters, &e.output.late, round);
                 tracing::error!("{message}");
                 problems.push(message);
             }
         }
     }
 
-    /// Writes the finished windows' output (host-built, so it verifies; never lost silently).
-    fn write_windows(&mut self, bytes: &[u8], problems: &mut Vec<String>) {
-        match Batch::verify(bytes) {
-            Ok(batch) => self.write(&batch),
+    /// Counts the windows finished at shutdown as the last stage's output.
+    fn count_windows(&self, bytes: &[u8]) {
+        if let (Some(metrics), Ok(batch)) = (self.stage_metrics.last(), Batch::verify(bytes)) {
+            metrics.events_out.inc_by(batch.len() as u64);
+        }
+    }
+
+    /// Fans the finished windows' output out (host-built, so it verifies; never lost
+    /// silently).
+    fn write_windows(&mut self, bytes: Vec<u8>, round: &mut Round, problems: &mut Vec<String>) {
+        if bytes.is_empty() {
+            return;
+        }
+        match SharedBatch::verify(bytes) {
+            Ok(batch) => self.fan_out(batch, round),
             Err(e) => {
                 let message = format!(
                     "pipeline `{}`: window results not written: {e}",
@@ -364,51 +498,91 @@ impl Worker {
         }
     }
 
-    /// Flushes the sinks, then acks and releases the round's permits.
+    /// Every sink this pipeline offers to, each once.
+    fn sinks(&self) -> Vec<&Arc<Sink>> {
+        let mut sinks: Vec<&Arc<Sink>> = Vec::new();
+        let unmatched = match &self.unmatched {
+            UnmatchedOut::Sink(sink) => Some(sink),
+            _ => None,
+        };
+        let all = self.routes.iter().map(|(s, _)| s);
+        for sink in all.chain(unmatched).chain([&self.dead_letters]) {
+            if !sinks.iter().any(|s| Arc::ptr_eq(s, sink)) {
+                sinks.push(sink);
+            }
+        }
+        sinks
+    }
+
+    /// Hands the round's dead letters to the dead-letter sink, syncs the disk buffers written,
+    /// waits until every sink accepted the round, then acks and releases the round's permits.
     fn finish_round(&mut self, mut round: Round, stopping: bool, problems: &mut Vec<String>) {
         if round.dead_count > 0 {
             let bytes = round.dead.finish();
-            match Batch::verify(&bytes) {
+            match SharedBatch::verify(bytes) {
                 Ok(batch) => {
-                    let mut sink = lock(&self.dead_letters);
-                    if let Err(e) = sink.write(&batch) {
-                        tracing::error!("{e}");
+                    let letters = Outgoing::all(batch, self.name.clone());
+                    if let Err(e) = self.dead_letters.offer(letters, &round.ticket) {
+                        round.refused.push(e);
                     }
                 }
                 // The host built this batch: it always verifies. Never lose it silently.
-                Err(e) => tracing::error!(
+                Err(e) => round.refused.push(format!(
                     "pipeline `{}`: {} dead letters not written: {e}",
-                    self.handle.name,
-                    round.dead_count
-                ),
+                    self.handle.name, round.dead_count
+                )),
             }
         }
-        let mut flushed = true;
-        let sinks = self.sinks.iter().chain(std::iter::once(&self.dead_letters));
-        for sink in sinks {
+        let stopping = || stopping || self.handle.stopping.load(Ordering::Acquire);
+        for sink in self.sinks() {
             let mut attempt: u32 = 0;
-            loop {
-                let result = lock(sink).flush();
-                match result {
-                    Ok(()) => break,
-                    Err(e) => {
-                        attempt += 1;
-                        tracing::error!(
-                            "pipeline `{}`: {e} (attempt {attempt}; acks wait)",
-                            self.handle.name
-                        );
-                        let stopping = stopping || self.handle.stopping.load(Ordering::Acquire);
-                        if stopping && attempt >= SHUTDOWN_FLUSH_ATTEMPTS {
-                            problems.push(format!("pipeline `{}`: {e}", self.handle.name));
-                            flushed = false;
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(100 * u64::from(attempt.min(50))));
-                    }
+            while let Err(e) = sink.sync() {
+                attempt += 1;
+                tracing::error!(
+                    "pipeline `{}`: {e} (attempt {attempt}; acks wait)",
+                    self.handle.name
+                );
+                if stopping() && attempt >= SHUTDOWN_SYNC_ATTEMPTS {
+                    round
+                        .refused
+                        .push(format!("pipeline `{}`: {e}", self.handle.name));
+                    break;
                 }
+                std::thread::sleep(Duration::from_millis(100 * u64::from(attempt.min(50))));
             }
         }
-        if flushed {
+        // A round already refused is not acked whatever the rest does: no need to wait.
+        while round.refused.is_empty() {
+            match round.ticket.wait(Duration::from_millis(100)) {
+                Accepted::Yes => break,
+                Accepted::Never => {
+                    round.refused.push(format!(
+                        "pipeline `{}`: a sink gave up on the last batches; they are not acked",
+                        self.handle.name
+                    ));
+                    break;
+                }
+                Accepted::Waiting => {}
+            }
+            let since = self.handle.stopping_since.get();
+            if stopping() && since.is_none_or(|since| since.elapsed() >= SHUTDOWN_ACCEPT_WAIT) {
+                round.refused.push(format!(
+                    "pipeline `{}`: a sink did not accept the last batches in {}s; they are not acked",
+                    self.handle.name,
+                    SHUTDOWN_ACCEPT_WAIT.as_secs()
+                ));
+                break;
+            }
+        }
+        if !round.refused.is_empty() {
+            self.withhold_acks = true;
+        } else if self.withhold_acks && round.accepted > 0 {
+            round.refused.push(format!(
+                "pipeline `{}`: {} batches not acked: an earlier round was not accepted, and an ack would cover it too",
+                self.handle.name, round.accepted
+            ));
+        }
+        if round.refused.is_empty() && !self.withhold_acks {
             let mut sequences = lock(&self.handle.sequences);
             for (_, producer) in &round.streams {
                 if let Some(state) = sequences.get_mut(producer) {
@@ -417,6 +591,7 @@ impl Worker {
             }
             // Counted before the acks leave, so a producer that sees an ack sees it counted.
             bump(&self.handle.counters.batches_acked, round.accepted);
+            self.metrics.batches_acked.inc_by(round.accepted);
             let current = lock(&self.handle.current);
             for (stream, producer) in &round.streams {
                 if let Some(state) = sequences.get(producer) {
@@ -432,10 +607,26 @@ impl Worker {
             }
             drop(current);
             drop(sequences);
+        } else {
+            for message in &round.refused {
+                tracing::error!("{message}");
+            }
+            problems.append(&mut round.refused);
         }
         for (stream, _) in &round.streams {
             stream.release();
         }
+    }
+}
+
+/// Whether an event meets a routed sink's condition.
+fn matches(condition: &Condition, event: &EventRef<'_>) -> bool {
+    match condition {
+        Condition::All => true,
+        Condition::Route(tags) => event.route().is_some_and(|r| tags.iter().any(|t| t == r)),
+        Condition::Headers(headers) => headers
+            .iter()
+            .all(|(name, value)| event.header(name) == Some(value.as_bytes())),
     }
 }
 

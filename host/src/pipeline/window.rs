@@ -394,7 +394,7 @@ impl fmt::Display for Span {
 }
 
 /// Parses `digits unit` into milliseconds.
-fn duration(text: &str) -> Result<i64, String> {
+pub(crate) fn duration(text: &str) -> Result<i64, String> {
     let digits = text.bytes().take_while(u8::is_ascii_digit).count();
     let (number, unit) = text.split_at(digits);
     if number.is_empty() {
