@@ -4,7 +4,7 @@
 //! `weir new`, `weir build`, `weir test` and `weir bench` take a plugin from a scaffold to a
 //! measured component. Errors print as one `error:` line naming the file or line and the problem,
 //! with exit code 1; logs (including every plugin's log lines) go to stderr, filtered by
-//! `WEIR_LOG` (default `info`).
+//! `WEIR_LOG` (default `info`; `warn` for `weir demo`, whose live view owns the terminal).
 
 mod cli;
 
@@ -12,13 +12,14 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.default_log_level()));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    match cli::run(cli::Cli::parse()) {
+    match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

@@ -379,27 +379,138 @@ fn bench_reports_both_sides_and_their_ratio() {
 
 #[test]
 fn demo_runs_the_embedded_examples() {
+    use std::collections::BTreeSet;
+    use weir::workload::WorkloadSpec;
+
+    // What the demo's workload holds: 10 000 events of 10 users, one every 10 ms of event
+    // time; drop-bots drops the crawlers, geo-enrich routes FR and DE to `fr` and `de`, and
+    // count-sum gives one result per user and minute-aligned window.
+    let spec = WorkloadSpec {
+        events: 10_000,
+        keys: 10,
+        ..WorkloadSpec::default()
+    };
+    let humans: Vec<weir_format::Event> = (0..spec.events)
+        .map(|i| spec.event(i))
+        .filter(|e| {
+            let agent = String::from_utf8_lossy(e.header("user-agent").unwrap_or_default());
+            let agent = agent.to_ascii_lowercase();
+            !["bot", "crawler", "spider"]
+                .iter()
+                .any(|m| agent.contains(m))
+        })
+        .collect();
+    let routed_eu = humans
+        .iter()
+        .filter(|e| {
+            let value: serde_json::Value = serde_json::from_slice(&e.value).expect("JSON value");
+            matches!(value["country_code"].as_str(), Some("FR" | "DE"))
+        })
+        .count();
+    let windows: BTreeSet<(String, i64)> = humans
+        .iter()
+        .map(|e| {
+            let key = String::from_utf8(e.key.clone().expect("a key")).expect("UTF-8 key");
+            (key, e.timestamp_ms.div_euclid(60_000) * 60_000)
+        })
+        .collect();
+    assert_eq!((humans.len(), routed_eu, windows.len()), (9000, 4000, 18));
+
+    // An earlier demo's files in the directory are replaced; nothing else there is touched.
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = ok(weir(
+    ok(weir(
         dir.path(),
-        &["demo", "--events", "10000", "--out", "windows.jsonl"],
+        &["demo", "--events", "1000", "--dir", "demo"],
     ));
-    // 10 000 events, one every 10 ms: 100 s of event time over two minute-aligned windows;
-    // users 9, 19, ... 99 are the crawlers, so 90 users x 2 windows remain.
+    std::fs::write(dir.path().join("demo/notes.txt"), "mine").expect("write notes");
+    let output = weir(dir.path(), &["demo", "--events", "10000", "--dir", "demo"]);
+    let live = stderr(&output);
+    let out = ok(output);
+    // stderr is not a terminal: no live view.
+    assert!(!live.contains("events in"), "{live}");
+
+    // Window results on stdout: exactly one per user and window, counting every human event.
+    let results: Vec<serde_json::Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let seen: BTreeSet<(String, i64)> = results
+        .iter()
+        .map(|r| {
+            let key = r["key"].as_str().expect("a key").to_owned();
+            (key, r["value"]["start_ms"].as_i64().expect("start_ms"))
+        })
+        .collect();
+    assert_eq!((results.len(), &seen), (windows.len(), &windows), "{out}");
+    let counted: u64 = results
+        .iter()
+        .map(|r| r["value"]["count"].as_u64().expect("count"))
+        .sum();
+    assert_eq!(counted, humans.len() as u64);
+
+    // The fan-out: every human event archived, the FR and DE ones at the receiver.
+    let demo = dir.path().join("demo");
+    let lines = |file: &str| {
+        std::fs::read_to_string(demo.join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(lines("clicks.jsonl").len(), humans.len());
+    assert_eq!(
+        std::fs::read_to_string(demo.join("notes.txt")).expect("notes"),
+        "mine"
+    );
+    let received = lines("eu-received.jsonl");
+    assert_eq!(received.len(), routed_eu);
+    assert!(
+        received
+            .iter()
+            .all(|e| matches!(e["route"].as_str(), Some("fr" | "de"))),
+        "{received:?}"
+    );
+
+    // The summary's counts.
     let rows: Vec<Vec<&str>> = out
         .lines()
         .map(|l| l.split_whitespace().collect())
         .collect();
-    let row = |stage: &str| {
+    let row = |name: &str| {
         rows.iter()
-            .find(|r| r.first() == Some(&stage))
-            .map(|r| r[1..5].join(" "))
+            .find(|r| r.first() == Some(&name))
+            .map(|r| r[1..].join(" "))
     };
-    assert_eq!(row("drop_bots").as_deref(), Some("10000 9000 0 0"), "{out}");
-    assert_eq!(row("geo_enrich").as_deref(), Some("9000 9000 0 0"), "{out}");
-    assert_eq!(row("count_sum").as_deref(), Some("9000 180 0 0"), "{out}");
-    let windows = std::fs::read_to_string(dir.path().join("windows.jsonl")).expect("output file");
-    assert_eq!(windows.lines().count(), 180);
+    let expected = [
+        ("clicks/drop-bots", "10000 9000 1000 0"),
+        ("clicks/geo-enrich", "9000 9000 0 0"),
+        ("totals/drop-bots", "10000 9000 1000 0"),
+        ("totals/count-sum", "9000 18 - 0"),
+        ("archive", "9000 0 0 0"),
+        ("eu", "4000 0 0 0"),
+        ("console", "18 0 0 0"),
+        ("clicks/dead-letters", "0 0 0 0"),
+        ("totals/dead-letters", "0 0 0 0"),
+    ];
+    for (name, counts) in expected {
+        assert_eq!(row(name).as_deref(), Some(counts), "{name}: {out}");
+    }
+    assert!(out.contains("\n  receiver: 4000 events "), "{out}");
+
+    // The config it wrote is one `weir serve` runs.
+    let config_path = demo
+        .canonicalize()
+        .expect("demo dir")
+        .join("weir-demo.toml");
+    let config = weir::config::Config::load(&config_path).expect("a valid config");
+    let names: Vec<&str> = config.pipelines.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["clicks", "totals"]);
+    let rerun = format!(
+        "run the same router: weir serve --config {}",
+        config_path.display()
+    );
+    assert!(out.lines().any(|l| l == rerun), "{out}");
 }
 
 /// The plugins' shared target directory, so that scaffolded crates reuse compiled dependencies.

@@ -1,172 +1,259 @@
-//! `weir demo`: the example plugins over a generated workload, with no setup.
+//! `weir demo`: a router with two pipelines of the example plugins, fed a generated clickstream
+//! over QUIC, with live counts; no setup, no arguments.
 //!
-//! A chain of the three example plugins embedded in the binary: drop-bots (filter) →
-//! geo-enrich (enrich, with a lookup table) → count-sum (aggregate, tumbling one-minute
-//! windows), over generated clickstream events. It prints what each stage took in and gave
-//! out, the first window results, and writes every result to a JSON-lines file.
+//! The demo writes its config to `DIR/weir-demo.toml` (what `weir serve --config` runs) and
+//! starts, in this process: an HTTP receiver (`weir::receiver`, the other end of sink `eu`),
+//! the router (`weir::ingest::Server`) on loopback with its Prometheus endpoint, and a
+//! weir-client producer that pins the router's certificate and sends every generated event to
+//! both pipelines:
+//!
+//! - `clicks`: drop-bots → geo-enrich, fanned out to `archive` (a JSON-lines file, every event)
+//!   and `eu` (HTTP to the receiver, only the events geo-enrich routed `fr` or `de`);
+//! - `totals`: drop-bots → count-sum over tumbling one-minute windows of event time, to
+//!   `console` (stdout): each window's result is printed as the window closes.
+//!
+//! While it streams, stderr shows per-stage and per-sink counts (`live.rs`). Then the router
+//! stops gracefully (windows still open are flushed, sinks drained) and the summary gives the
+//! final counts (`counts.rs`), the throughput and where the files are (`setup.rs`).
 
-use anyhow::{Context, Result};
-use std::io::Write;
+mod counts;
+mod live;
+mod setup;
+
+use anyhow::{Context, Result, bail};
+use counts::Table;
+use setup::{Files, PIPELINES};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use weir::examples;
-use weir::pipeline::{Stage, StageOutput, WindowConfig};
-use weir::runtime::{Runtime, RuntimeConfig, StageConfig};
-use weir::workload::WorkloadSpec;
-use weir_format::Batch;
-use weir_format::json::event_ref_to_line;
+use weir::config::Config;
+use weir::ingest::{Server, ShutdownReport};
+use weir::receiver::{Receiver, ReceiverOptions};
+use weir::workload::{BOT_EVERY, WorkloadSpec};
+use weir_client::{ConnectOptions, Producer, Trust};
+
+/// Distinct users in the workload: few, so that the console shows a readable number of window
+/// results (one per user and minute).
+const USERS: u64 = 10;
+/// The producer's id.
+const PRODUCER: &str = "weir-demo";
 
 /// Arguments of `weir demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Number of events to generate.
-    #[arg(long, default_value_t = 100_000)]
+    /// Events to generate; each is sent to both pipelines.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
     events: u64,
-    /// Where to write the window results (default: weir-demo/windows.jsonl in the temp dir).
-    #[arg(long)]
-    out: Option<PathBuf>,
+    /// The demo's directory: its config, output files and the router's data (default:
+    /// weir-demo in the system's temp directory). What an earlier demo wrote there is
+    /// replaced; nothing else is touched.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
 }
 
-/// Per-stage counters. A stage's output count is derived: the next stage's input, or the
-/// results written for the last stage.
-#[derive(Default)]
-struct Counts {
-    events_in: usize,
-    dead: usize,
-    late: usize,
-    time: Duration,
-}
-
-/// The window results: all of them to the file, the first few kept for the screen.
-struct Results {
-    out: std::io::BufWriter<std::fs::File>,
-    first: Vec<String>,
-    written: usize,
-}
-
-impl Results {
-    fn write(&mut self, batch: &[u8]) -> Result<()> {
-        for event in Batch::verify(batch)?.iter() {
-            let line = event_ref_to_line(&event);
-            writeln!(self.out, "{line}").context("writing the window results")?;
-            if self.first.len() < 5 {
-                self.first.push(line);
-            }
-            self.written += 1;
-        }
-        Ok(())
-    }
-}
-
-fn count(output: &StageOutput, counts: &mut Counts) {
-    counts.dead += output.dead_letters.len();
-    counts.late += output.late.len();
+/// What the producer did.
+struct Streamed {
+    /// Events acked, over both pipelines.
+    acked: u64,
+    /// From the first send to the last ack.
+    elapsed: Duration,
 }
 
 /// Runs the command.
 pub fn run(args: &DemoArgs) -> Result<()> {
-    let runtime = Runtime::new(RuntimeConfig::default())?;
-    let table = super::bench::demo_table();
-    let mut stages = [
-        Stage::new(
-            &runtime.load_bytes("drop_bots", examples::DROP_BOTS)?,
-            StageConfig::new("drop_bots"),
-            None,
-        )?,
-        Stage::new(
-            &runtime.load_bytes("geo_enrich", examples::GEO_ENRICH)?,
-            StageConfig::new("geo_enrich").with("table", serde_json::to_value(&table)?),
-            None,
-        )?,
-        Stage::new(
-            &runtime.load_bytes("count_sum", examples::COUNT_SUM)?,
-            StageConfig::new("count_sum"),
-            Some(WindowConfig::tumbling(Duration::from_secs(60))),
-        )?,
-    ];
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let files = Files::new(args.dir.as_deref())?;
+    files.clear()?;
+    let receiver = runtime.block_on(Receiver::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        ReceiverOptions {
+            output: Some(files.received.clone()),
+            ..ReceiverOptions::default()
+        },
+    ))?;
+    let text = setup::config_text(&files, &receiver.url());
+    std::fs::write(&files.config, &text)
+        .with_context(|| format!("cannot write {}", files.config.display()))?;
+    let config = Config::parse(&text, &files.config)?;
+    let server = runtime.block_on(Server::start(config.clone()))?;
+    let table = Table::new(&config, server.metrics());
     let spec = WorkloadSpec {
         events: args.events,
+        keys: USERS,
         ..WorkloadSpec::default()
     };
-    println!(
-        "weir demo: {} generated clickstream events ({} B values, {} users, one every 10 ms of event time)",
-        spec.events, spec.value_size, spec.keys
-    );
-    println!(
-        "pipeline: drop_bots (filter) -> geo_enrich (enrich) -> count_sum (aggregate, tumbling:60s)"
-    );
+    print(&banner(&server, &config, &files, &spec)?)?;
 
-    let out_path = match &args.out {
-        Some(path) => path.clone(),
-        None => std::env::temp_dir().join("weir-demo").join("windows.jsonl"),
-    };
-    if let Some(dir) = out_path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let file = std::fs::File::create(&out_path)
-        .with_context(|| format!("cannot create {}", out_path.display()))?;
-    let mut results = Results {
-        out: std::io::BufWriter::new(file),
-        first: Vec::new(),
-        written: 0,
-    };
-
-    let mut counts: Vec<Counts> = stages.iter().map(|_| Counts::default()).collect();
-    let batches = spec.batches(1024);
-    let started = Instant::now();
-    for batch in batches {
-        let mut input = batch;
-        for (stage, counts) in stages.iter_mut().zip(counts.iter_mut()) {
-            // Verified once: for the count and for the stage.
-            let view = Batch::verify(&input)?;
-            counts.events_in += view.len();
-            let start = Instant::now();
-            let output = stage.process_batch(&view)?;
-            counts.time += start.elapsed();
-            count(&output, counts);
-            input = output.batch;
-        }
-        results.write(&input)?;
-    }
-    // End of input: the aggregate finishes its open windows.
-    let last = stages.len() - 1;
-    let flushed = stages[last].flush()?;
-    count(&flushed, &mut counts[last]);
-    results.write(&flushed.batch)?;
-    results.out.flush().context("writing the window results")?;
-    let elapsed = started.elapsed();
-
-    println!();
-    println!(
-        "  {:<12}{:>10}{:>10}{:>8}{:>8}{:>12}",
-        "stage", "in", "out", "dead", "late", "time"
-    );
-    let outs = counts.iter().skip(1).map(|c| c.events_in);
-    let outs: Vec<usize> = outs.chain([results.written]).collect();
-    for ((stage, c), events_out) in stages.iter().zip(&counts).zip(outs) {
-        println!(
-            "  {:<12}{:>10}{:>10}{:>8}{:>8}{:>9.1} ms",
-            stage.name(),
-            c.events_in,
-            events_out,
-            c.dead,
-            c.late,
-            c.time.as_secs_f64() * 1e3
+    // Connected and closed outside the live view, so that the router's log lines about it
+    // do not land inside the view.
+    let producer = runtime.block_on(connect(&server))?;
+    let expected = spec.events * PIPELINES.len() as u64;
+    let streamed = live::show_while(&server, &table, expected, || {
+        runtime.block_on(stream(&producer, &spec))
+    });
+    let closed = runtime.block_on(producer.close());
+    // The router stops gracefully even when streaming failed.
+    let report = runtime.block_on(server.shutdown())?;
+    let received = receiver.events();
+    runtime.block_on(receiver.stop());
+    let streamed = streamed?;
+    closed?;
+    print(&summary(
+        &report, &table, &streamed, received, &files, &spec,
+    )?)?;
+    if !report.problems.is_empty() {
+        bail!(
+            "the router stopped with problems: {}",
+            report.problems.join("; ")
         );
     }
-    println!();
-    println!("first window results:");
-    for line in &results.first {
-        println!("  {line}");
+    if streamed.acked != expected {
+        bail!("{} of {expected} events acked", streamed.acked);
     }
-    println!();
-    println!(
-        "{} events through 3 plugins in {:.1} ms ({:.2} M events/s); {} window results in {}",
-        spec.events,
-        elapsed.as_secs_f64() * 1e3,
-        spec.events as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6,
-        results.written,
-        out_path.display()
-    );
     Ok(())
+}
+
+/// Connects a producer to both pipelines that pins the server's certificate, as
+/// `weir send --pin` does.
+async fn connect(server: &Server) -> Result<Producer> {
+    let options = ConnectOptions::new(server.local_addr(), PRODUCER, PIPELINES)
+        .trust(Trust::pin(&server.fingerprint())?);
+    Ok(Producer::connect(options).await?)
+}
+
+/// Sends every event of `spec` to each pipeline; returns once all are acked.
+async fn stream(producer: &Producer, spec: &WorkloadSpec) -> Result<Streamed> {
+    let pipelines = PIPELINES
+        .iter()
+        .map(|p| producer.pipeline_index(p))
+        .collect::<Result<Vec<u16>, _>>()?;
+    let started = Instant::now();
+    for i in 0..spec.events {
+        let event = spec.event(i);
+        for &pipeline in &pipelines {
+            producer.send_to(pipeline, &event).await?;
+        }
+    }
+    producer.flush().await?;
+    Ok(Streamed {
+        acked: producer.stats().events_acked,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// What runs where, printed before the events stream.
+fn banner(server: &Server, config: &Config, files: &Files, spec: &WorkloadSpec) -> Result<String> {
+    let mut text = String::new();
+    writeln!(
+        text,
+        "weir demo: {} generated clickstream events ({USERS} users, one event every 10 ms of \
+         event time, one in {BOT_EVERY} from a crawler), each sent to both pipelines of a \
+         router on {} (QUIC)",
+        spec.events,
+        server.local_addr()
+    )?;
+    for (pipeline, info) in config.pipelines.iter().zip(server.pipelines()) {
+        let stages: Vec<String> = pipeline
+            .stages
+            .iter()
+            .map(|s| match &s.window {
+                Some(window) => format!("{} ({window})", s.name),
+                None => s.name.clone(),
+            })
+            .collect();
+        writeln!(text, "pipeline `{}`: {}", pipeline.name, stages.join(" → "))?;
+        for sink in &info.sinks {
+            writeln!(text, "  sink {sink}")?;
+        }
+        writeln!(text, "  dead letters: {}", info.dead_letters)?;
+    }
+    writeln!(text, "config: {}", files.config.display())?;
+    if let Some(metrics) = server.metrics_addr() {
+        writeln!(
+            text,
+            "metrics: http://{metrics}/metrics (Prometheus, while the demo runs)"
+        )?;
+    }
+    writeln!(
+        text,
+        "\nwindow results of `totals` (count and sum of `amount` per user), as each minute of \
+         event time closes:"
+    )?;
+    Ok(text)
+}
+
+/// The final counts, the throughput and the files.
+fn summary(
+    report: &ShutdownReport,
+    table: &Table,
+    streamed: &Streamed,
+    received: u64,
+    files: &Files,
+    spec: &WorkloadSpec,
+) -> Result<String> {
+    let stats = &report.stats;
+    let delivered = |sink: &str| stats.sinks.get(sink).map_or(0, |s| s.events_out);
+    let seconds = streamed.elapsed.as_secs_f64().max(1e-9);
+    let mut text = String::new();
+    writeln!(
+        text,
+        "\nweir demo: {} events × {} pipelines in {seconds:.2} s: {:.0} events/s, acked end to end",
+        spec.events,
+        PIPELINES.len(),
+        streamed.acked as f64 / seconds
+    )?;
+    text.push_str(&table.render(stats));
+    writeln!(
+        text,
+        "  receiver: {received} events (what sink eu delivered: the events routed fr or de)"
+    )?;
+    let dead: u64 = PIPELINES
+        .iter()
+        .map(|p| delivered(&format!("{p}/dead-letters")))
+        .sum();
+    writeln!(text, "files:")?;
+    let listed = [
+        (
+            "archive",
+            files.archive.display().to_string(),
+            Some(delivered("archive")),
+        ),
+        (
+            "received",
+            files.received.display().to_string(),
+            Some(received),
+        ),
+        (
+            "dead letters",
+            format!("{}/", files.dead_letters.display()),
+            Some(dead),
+        ),
+        ("config", files.config.display().to_string(), None),
+    ];
+    for (what, path, events) in listed {
+        match events {
+            Some(n) => writeln!(text, "  {what:<13} {path} ({n} events)")?,
+            None => writeln!(text, "  {what:<13} {path}")?,
+        }
+    }
+    writeln!(
+        text,
+        "run the same router: weir serve --config {}\n  (sink eu posts to this demo's receiver, \
+         which has stopped: point its url at a receiver of yours)",
+        files.config.display()
+    )?;
+    Ok(text)
+}
+
+/// Writes to stdout and flushes; an error (a closed pipe) is returned, not a panic.
+fn print(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")
 }
