@@ -8,9 +8,11 @@
 //! batch in-process. Both are timed per batch after a warm-up pass on a separate instance;
 //! events/s and ns/event come from the total time, p50/p99 from the per-batch times.
 //!
-//! `weir bench --e2e` measures ingest over QUIC instead: see `ingest_bench.rs`.
+//! `weir bench --e2e` measures ingest over QUIC instead: see `ingest_bench.rs`; `weir bench
+//! --fanout` measures fanning out to 1, 2 and 4 sinks: see `fanout_bench.rs`.
 
 use super::StageArgs;
+use super::fanout_bench::KindChoice;
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use std::collections::HashMap;
@@ -25,12 +27,19 @@ use weir_format::Batch;
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// The plugin component (.wasm).
-    #[arg(required_unless_present = "e2e")]
+    #[arg(required_unless_present_any = ["e2e", "fanout"])]
     plugin: Option<PathBuf>,
     /// Instead of a plugin: ingest over QUIC on loopback, weir (identity plugin, null sink)
     /// against raw quinn sending the same bytes, then weir's ack latency at half its rate.
     #[arg(long, conflicts_with = "plugin")]
     e2e: bool,
+    /// Instead of a plugin: fan-out over QUIC on loopback, a pipeline (no stages) into 1, 2
+    /// and 4 sinks of `--kind`, each taking every event; events/s and time as a ratio to 1 sink.
+    #[arg(long, conflicts_with_all = ["plugin", "e2e"])]
+    fanout: bool,
+    /// With --fanout: the sinks' kind.
+    #[arg(long, value_enum, default_value_t = KindChoice::Null, requires = "fanout")]
+    kind: KindChoice,
     /// Number of events to generate.
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
@@ -106,6 +115,15 @@ pub fn demo_table() -> HashMap<String, String> {
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.batch == 0 || args.events == 0 {
         bail!("--events and --batch must be at least 1");
+    }
+    if args.fanout {
+        return super::fanout_bench::run(&super::fanout_bench::FanoutArgs {
+            events: args.events,
+            size: args.size,
+            batch: args.batch,
+            keys: args.keys,
+            kind: args.kind,
+        });
     }
     let Some(plugin) = &args.plugin else {
         return super::ingest_bench::run(&super::ingest_bench::E2eArgs {

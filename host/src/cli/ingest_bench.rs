@@ -45,11 +45,7 @@ pub fn run(args: &E2eArgs) -> Result<()> {
         keys: args.keys,
         ..WorkloadSpec::default()
     };
-    let batches = spec
-        .batches(args.batch)
-        .into_iter()
-        .map(|payload| EncodedBatch::new(Bytes::from(payload)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let batches = encoded_batches(&spec, args.batch)?;
     let bytes: u64 = batches
         .iter()
         .map(|b| (FRAME_OVERHEAD + b.payload().len()) as u64)
@@ -67,7 +63,7 @@ pub fn run(args: &E2eArgs) -> Result<()> {
         .context("starting the tokio runtime")?;
     runtime.block_on(async {
         let dir = tempfile::tempdir().context("a temporary data directory")?;
-        let server = start_server(dir.path()).await?;
+        let server = start_server(dir.path(), E2E_CONFIG).await?;
         let row = |label: &str, took: Duration| {
             println!(
                 "  {label:<40}{:>8.3} s{:>8.2} M events/s{:>6.0} MB/s",
@@ -117,15 +113,23 @@ pub fn run(args: &E2eArgs) -> Result<()> {
     })
 }
 
-/// Throughput rounds, raw quinn and weir alternating.
-const ROUNDS: u32 = 5;
+/// Throughput rounds, raw quinn and weir alternating (`--fanout`: its three configurations).
+pub(super) const ROUNDS: u32 = 5;
 
 /// Length prefix and batch header before each payload.
 const FRAME_OVERHEAD: usize = 19;
 
-/// A weir server on loopback whose pipeline `bench` runs the identity plugin into a null sink.
-async fn start_server(dir: &Path) -> Result<Server> {
-    let text = r#"
+/// The workload's batches, encoded once.
+pub(super) fn encoded_batches(spec: &WorkloadSpec, batch: usize) -> Result<Vec<EncodedBatch>> {
+    Ok(spec
+        .batches(batch)
+        .into_iter()
+        .map(|payload| EncodedBatch::new(Bytes::from(payload)))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// The `--e2e` server: pipeline `bench` runs the identity plugin into a null sink.
+const E2E_CONFIG: &str = r#"
 [listener]
 listen = "127.0.0.1:0"
 data_dir = "data"
@@ -142,6 +146,10 @@ plugin = "example:identity"
 [sinks.discard]
 type = "null"
 "#;
+
+/// A weir server on loopback configured by `text` (relative paths in it are under `dir`); its
+/// producers write to pipeline `bench`.
+pub(super) async fn start_server(dir: &Path, text: &str) -> Result<Server> {
     let config = Config::parse(text, dir.join("bench.toml"))?;
     Server::start(config).await
 }
@@ -153,7 +161,11 @@ async fn connect(server: &Server, producer_id: &str) -> Result<Producer> {
 }
 
 /// Sends every batch through weir-client as prepared bytes and waits for the last ack.
-async fn weir_batches(server: &Server, batches: &[EncodedBatch], round: u32) -> Result<Duration> {
+pub(super) async fn weir_batches(
+    server: &Server,
+    batches: &[EncodedBatch],
+    round: u32,
+) -> Result<Duration> {
     let producer = connect(server, &format!("bench-batches-{round}")).await?;
     let start = Instant::now();
     for batch in batches {

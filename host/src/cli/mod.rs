@@ -4,6 +4,7 @@
 mod bench;
 mod build;
 mod demo;
+mod fanout_bench;
 mod ingest_bench;
 mod new;
 mod send;
@@ -27,7 +28,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the example plugins over a generated workload: no setup, no arguments.
+    /// Run a router with the example plugins, fed a generated clickstream over QUIC, fanning
+    /// out to a file, stdout and an HTTP receiver: no setup, no arguments.
     Demo(demo::DemoArgs),
     /// Scaffold a plugin crate that builds as-is and passes its own test.
     New {
@@ -59,6 +61,17 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Stream events into a pipeline of a `weir serve`: from a JSON-lines file or generated.
     Send(send::SendArgs),
+}
+
+impl Cli {
+    /// The log level when `WEIR_LOG` is not set: `warn` for `weir demo` (its live view owns
+    /// the terminal), `info` otherwise.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Demo(_) => "warn",
+            _ => "info",
+        }
+    }
 }
 
 /// Runs one command.
