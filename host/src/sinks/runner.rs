@@ -690,7 +690,6 @@ impl Sink {
     async fn dead_letter(&self, part: &[Outgoing], message: &str) -> Result<(), String> {
         for out in part {
             let events = out.len() as u64;
-            self.metrics.dead_lettered.inc_by(events);
             let target = lock(&self.dead_letters).get(out.pipeline_name()).cloned();
             let Some(target) = target else {
                 tracing::error!(
@@ -757,6 +756,7 @@ impl Sink {
                     out.pipeline()
                 )
             })?;
+            self.metrics.dead_lettered.inc_by(events);
         }
         Ok(())
     }

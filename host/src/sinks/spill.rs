@@ -126,8 +126,8 @@ pub enum SpillError {
     },
     /// An earlier fsync failed: the log takes no records until it is opened again.
     #[error(
-        "spill {}: takes no records after an earlier failure ({cause}); open it again to \
-         recover what was synced",
+        "spill {}: takes no records after an earlier failure ({cause}); restart weir to \
+         recover what was synced (its pipelines wait until then)",
         dir.display()
     )]
     Broken {
