@@ -364,12 +364,13 @@ fn parse(
             let at = || format!("event {} of {count}", i + 1);
             let event = weir_format::json::parse_line(raw.get(), now)
                 .map_err(|e| format!("{} is not an event: {e}", at()))?;
-            let value = match keep {
-                true => Some(
+            let value = if keep {
+                Some(
                     serde_json::from_str(raw.get())
                         .map_err(|e| format!("{} is not an event: {e}", at()))?,
-                ),
-                false => None,
+                )
+            } else {
+                None
             };
             Ok((value, event))
         })

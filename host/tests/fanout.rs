@@ -643,10 +643,24 @@ retry_max_ms = 100
         let batches = batches(&spec);
         let producer =
             Arc::new(connect(server.local_addr(), &server.fingerprint(), &["clicks"]).await);
-        send(&producer, 0, &batches[..FIRST_BATCHES]).await;
-        within("the first part's acks", producer.flush())
-            .await
-            .expect("the first part acked");
+        // One batch at a time, each delivered before the next: a slow (not dead) receiver
+        // must not fill the buffer here, or `drop_newest` would rightly drop some already.
+        for (i, batch) in batches[..FIRST_BATCHES].iter().enumerate() {
+            send(&producer, 0, std::slice::from_ref(batch)).await;
+            within("the first part's acks", producer.flush())
+                .await
+                .expect("the first part acked");
+            let delivered = ((i + 1) * EU_PER_BATCH) as u64;
+            wait_for("the http sink to deliver the batch", || {
+                let eu = sink(&server, "eu");
+                if eu.events_out == delivered {
+                    Ok(())
+                } else {
+                    Err(format!("eu {eu:?}"))
+                }
+            })
+            .await;
+        }
         let first = model_batches(&spec, 0..FIRST_BATCHES);
         let first_eu = eu_events(&first).len() as u64;
         assert_eq!(first_eu, (FIRST_BATCHES * EU_PER_BATCH) as u64);

@@ -489,7 +489,7 @@ impl Sink {
                 }
                 break;
             }
-            self.complete(taken, &mut problems);
+            self.complete(taken, &mut problems).await;
         }
         if let Err(e) = destination.close().await {
             problems.push(format!(
@@ -515,13 +515,25 @@ impl Sink {
 
     /// The next deliveries, in order; `None` once closed and (for memory) empty. A disk
     /// buffer is left as it is at close: it is replayed at the next start.
-    async fn take(&self) -> Option<Taken> {
+    async fn take(self: &Arc<Self>) -> Option<Taken> {
         loop {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(spill) = &self.spill {
-                match spill.peek(SPILL_READ) {
+            if self.spill.is_some() {
+                // Disk reads: off the async workers.
+                let me = Arc::clone(self);
+                let read = tokio::task::spawn_blocking(move || {
+                    me.spill.as_ref().map_or(Ok(Vec::new()), |spill| {
+                        spill.peek(SPILL_READ, me.buffer.batch_events as u64)
+                    })
+                })
+                .await;
+                let read: Result<Vec<SpillRecord>, String> = match read {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match read {
                     Ok(records) if !records.is_empty() => {
                         return Some(self.take_records(records));
                     }
@@ -655,9 +667,10 @@ impl Sink {
                     let halted = self.halt.notified();
                     tokio::pin!(halted);
                     halted.as_mut().enable();
-                    let wait = match self.stopping.load(Ordering::Acquire) {
-                        true => wait.min(SHUTDOWN_RETRY_WAIT),
-                        false => wait,
+                    let wait = if self.stopping.load(Ordering::Acquire) {
+                        wait.min(SHUTDOWN_RETRY_WAIT)
+                    } else {
+                        wait
                     };
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
@@ -762,7 +775,7 @@ impl Sink {
     }
 
     /// Removes delivered deliveries from the buffer and completes their tickets.
-    fn complete(&self, taken: Taken, problems: &mut Vec<String>) {
+    async fn complete(self: &Arc<Self>, taken: Taken, problems: &mut Vec<String>) {
         let now = Instant::now();
         for since in &taken.since {
             self.metrics
@@ -770,7 +783,18 @@ impl Sink {
                 .observe(now.duration_since(*since).as_secs_f64());
         }
         if let Some(spill) = &self.spill {
-            if let Err(e) = spill.commit(taken.count) {
+            // A cursor write and maybe a segment deletion: off the async workers.
+            let me = Arc::clone(self);
+            let count = taken.count;
+            let committed = tokio::task::spawn_blocking(move || {
+                me.spill
+                    .as_ref()
+                    .map_or(Ok(()), |spill| spill.commit(count))
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(e) = committed {
                 let message = format!(
                     "sink `{}`: cannot record delivered events in the disk buffer (they will be delivered again after a restart): {e}",
                     self.name

@@ -372,14 +372,20 @@ impl SpillLog {
         Ok(())
     }
 
-    /// The oldest unconsumed records, at most `max_records` of them, without consuming them:
-    /// the next `peek` returns them again until they are committed.
-    pub fn peek(&self, max_records: usize) -> Result<Vec<SpillRecord>, SpillError> {
+    /// The oldest unconsumed records, at most `max_records` of them and no more than it takes
+    /// to reach `max_events` events, without consuming them: the next `peek` returns them
+    /// again until they are committed.
+    pub fn peek(
+        &self,
+        max_records: usize,
+        max_events: u64,
+    ) -> Result<Vec<SpillRecord>, SpillError> {
         let mut reader = lock(&self.reader);
         let mut records = Vec::new();
         let mut steps = VecDeque::new();
         let mut next = reader.cursor;
-        while records.len() < max_records {
+        let mut events = 0u64;
+        while records.len() < max_records && events < max_events {
             let (at, len) = lock(&self.shared).first_unread(next);
             if at.offset >= len {
                 break;
@@ -389,6 +395,7 @@ impl SpillLog {
                 segment: at.segment,
                 offset: at.offset + bytes,
             };
+            events += u64::from(record.events);
             steps.push_back(Step {
                 end: next,
                 bytes,
@@ -1029,7 +1036,7 @@ mod tests {
     }
 
     fn peek(log: &SpillLog, max: usize) -> Vec<SpillRecord> {
-        log.peek(max).expect("peek")
+        log.peek(max, u64::MAX).expect("peek")
     }
 
     fn commit(log: &SpillLog, n: usize) {
@@ -1094,6 +1101,9 @@ mod tests {
 
         assert_eq!(peek(&log, 5), rs[..5]);
         assert_eq!(peek(&log, 5), rs[..5], "peek does not consume");
+        // Events 1, 2, 3 reach 6: a budget of 6 events stops after three records, 7 after four.
+        assert_eq!(log.peek(100, 6).expect("peek"), rs[..3]);
+        assert_eq!(log.peek(100, 7).expect("peek"), rs[..4]);
         commit(&log, 3);
         assert_eq!(counts(&log), expected(&rs[3..]));
         assert_eq!(segment_names(&dir), names(1..10));
