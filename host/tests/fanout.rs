@@ -476,6 +476,86 @@ url = "{}"
     assert_eq!(report.problems, Vec::<String>::new());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_round_is_not_accepted_no_later_ack_covers_it() {
+    // Nothing listens where the http sink posts: its first round waits until shutdown, when
+    // the sink gives up. The next batch is all crawlers: nothing for any sink, so its round is
+    // accepted at once, but an ack for it would be cumulative and cover the first one.
+    let (_dir, server) = start_server(&format!(
+        r#"
+[pipelines.clicks]
+sinks = ["eu"]
+
+[[pipelines.clicks.stages]]
+plugin = "example:drop-bots"
+
+[sinks.eu]
+type = "http"
+url = "http://{}/ingest"
+retry_initial_ms = 10
+retry_max_ms = 50
+"#,
+        free_tcp_addr()
+    ))
+    .await;
+    let event = |i: i64, agent: &str| {
+        weir_format::Event::new(format!("{{\"path\":\"/p/{i}\"}}"), i)
+            .with_header("user-agent", agent)
+    };
+    let encode = |events: Vec<weir_format::Event>| {
+        let mut builder = weir_format::BatchBuilder::new();
+        for e in &events {
+            builder.push(e);
+        }
+        EncodedBatch::new(Bytes::from(builder.finish())).expect("a valid batch")
+    };
+    let people = encode((0..3).map(|i| event(i, "curl/8")).collect());
+    let crawlers = encode((3..6).map(|i| event(i, "Googlebot/2.1")).collect());
+    let producer = connect(server.local_addr(), &server.fingerprint(), &["clicks"]).await;
+    send(&producer, 0, &[people]).await;
+    wait_for("the first batch processed", || {
+        let stats = server.stats();
+        if stats.batches_accepted == 1 {
+            Ok(())
+        } else {
+            Err(format!("{stats:?}"))
+        }
+    })
+    .await;
+    // The first round now waits for the sink: the second batch is a round of its own.
+    send(&producer, 0, &[crawlers]).await;
+    wait_for("the second batch read, not yet processed", || {
+        let stats = server.stats();
+        if stats.batches_received == 2 && stats.batches_accepted == 1 {
+            Ok(())
+        } else {
+            Err(format!("{stats:?}"))
+        }
+    })
+    .await;
+    let report = within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    assert_eq!(report.stats.batches_accepted, 2, "{report:?}");
+    assert_eq!(report.stats.batches_acked, 0, "{report:?}");
+    assert_eq!(producer.stats().batches_acked, 0);
+    assert_eq!(
+        report.problems[..2],
+        [
+            "pipeline `clicks`: a sink gave up on the last batches; they are not acked".to_string(),
+            "pipeline `clicks`: 1 later batch not acked: an earlier round was not accepted, and an ack would cover it too"
+                .to_string(),
+        ],
+        "{:?}",
+        report.problems
+    );
+    assert!(
+        report.problems[2].ends_with("; 3 buffered events of sink `eu` not delivered"),
+        "{:?}",
+        report.problems
+    );
+}
+
 fn metric(text: &str, series: &str) -> u64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))

@@ -577,8 +577,13 @@ impl Worker {
         if !round.refused.is_empty() {
             self.withhold_acks = true;
         } else if self.withhold_acks && round.accepted > 0 {
+            let batches = if round.accepted == 1 {
+                "batch"
+            } else {
+                "batches"
+            };
             round.refused.push(format!(
-                "pipeline `{}`: {} batches not acked: an earlier round was not accepted, and an ack would cover it too",
+                "pipeline `{}`: {} later {batches} not acked: an earlier round was not accepted, and an ack would cover it too",
                 self.handle.name, round.accepted
             ));
         }
