@@ -22,14 +22,13 @@
 //! 1), so that none always gets the quieter moment; the ratio reported for k sinks is the
 //! median over the rounds of time(k) / time(1) of the same round.
 
-use super::ingest_bench::{ROUNDS, encoded_batches, start_server, weir_batches};
+use super::ingest_bench::{ROUNDS, start_server, weir_batches, workload};
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use weir::receiver::{Receiver, ReceiverOptions};
-use weir::workload::WorkloadSpec;
 use weir_client::EncodedBatch;
 
 /// The sinks' counts compared, in the order runs go in a round.
@@ -104,16 +103,7 @@ struct Run {
 
 /// Runs every configuration of every kind asked for and prints the table.
 pub fn run(args: &FanoutArgs) -> Result<()> {
-    if args.batch == 0 || args.events == 0 {
-        bail!("--events and --batch must be at least 1");
-    }
-    let spec = WorkloadSpec {
-        events: args.events,
-        value_size: args.size,
-        keys: args.keys,
-        ..WorkloadSpec::default()
-    };
-    let batches = encoded_batches(&spec, args.batch)?;
+    let (_, batches) = workload(args.events, args.size, args.keys, args.batch)?;
     let bytes: usize = batches.iter().map(|b| b.payload().len()).sum();
     eprintln!(
         "weir bench --fanout: {} events of {} B in batches of {} ({:.1} MB), one connection on loopback; \
@@ -350,16 +340,15 @@ async fn lines(path: &Path) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weir::workload::WorkloadSpec;
 
     /// Every sink of every kind and count gets every event: the runner delivers all 1000 and
     /// all 1000 reach the destination (lines in the file, events at the receiver).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_sink_of_every_kind_delivers_every_event() {
-        let spec = WorkloadSpec {
-            events: 1000,
-            ..WorkloadSpec::default()
-        };
-        let batches = encoded_batches(&spec, 128).expect("the workload encodes");
+        let defaults = WorkloadSpec::default();
+        let (_, batches) =
+            workload(1000, defaults.value_size, defaults.keys, 128).expect("the workload encodes");
         let mut id = 0;
         for kind in KindChoice::All.kinds() {
             for sinks in SINKS {

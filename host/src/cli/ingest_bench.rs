@@ -36,16 +36,7 @@ pub struct E2eArgs {
 
 /// Runs the three measurements and prints them.
 pub fn run(args: &E2eArgs) -> Result<()> {
-    if args.batch == 0 || args.events == 0 {
-        bail!("--events and --batch must be at least 1");
-    }
-    let spec = WorkloadSpec {
-        events: args.events,
-        value_size: args.size,
-        keys: args.keys,
-        ..WorkloadSpec::default()
-    };
-    let batches = encoded_batches(&spec, args.batch)?;
+    let (spec, batches) = workload(args.events, args.size, args.keys, args.batch)?;
     let bytes: u64 = batches
         .iter()
         .map(|b| (FRAME_OVERHEAD + b.payload().len()) as u64)
@@ -119,13 +110,28 @@ pub(super) const ROUNDS: u32 = 5;
 /// Length prefix and batch header before each payload.
 const FRAME_OVERHEAD: usize = 19;
 
-/// The workload's batches, encoded once.
-pub(super) fn encoded_batches(spec: &WorkloadSpec, batch: usize) -> Result<Vec<EncodedBatch>> {
-    Ok(spec
+/// The generated workload (`--events`, `--size`, `--keys`) and its batches of `batch` events, encoded once.
+pub(super) fn workload(
+    events: u64,
+    size: usize,
+    keys: u64,
+    batch: usize,
+) -> Result<(WorkloadSpec, Vec<EncodedBatch>)> {
+    if batch == 0 || events == 0 {
+        bail!("--events and --batch must be at least 1");
+    }
+    let spec = WorkloadSpec {
+        events,
+        value_size: size,
+        keys,
+        ..WorkloadSpec::default()
+    };
+    let batches = spec
         .batches(batch)
         .into_iter()
         .map(|payload| EncodedBatch::new(Bytes::from(payload)))
-        .collect::<Result<Vec<_>, _>>()?)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((spec, batches))
 }
 
 /// The `--e2e` server: pipeline `bench` runs the identity plugin into a null sink.
