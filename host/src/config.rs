@@ -19,6 +19,11 @@
 //!   environment variable (`token_env`) read at load, so the file holds no secret.
 //! - Plugins are not compiled here (that is the server's start): loading a config is cheap and
 //!   checks everything that can be checked without wasmtime.
+//! - **Each component owns its config type**: [`ListenerConfig`] and its parts live in
+//!   `sources::quic`, [`PipelineConfig`] and the routes in `pipeline`, [`SinkConfig`] and each
+//!   destination's config in `sinks`. This module only reads the file into them (it imports
+//!   them; they never import it), so a component can be built, tested and later reloaded from
+//!   its own config alone.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -26,9 +31,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
-use weir_format::frame::{BATCH_HEADER_BYTES, Limits as ProtocolLimits, MAX_NAME_BYTES};
+use weir_format::frame::{BATCH_HEADER_BYTES, MAX_NAME_BYTES};
 
 use crate::pipeline::WindowConfig;
+use crate::pipeline::config::{PipelineConfig, PluginSource, StageSpec};
+use crate::pipeline::route::{Condition, Route, Unmatched};
+use crate::sinks::{
+    BufferConfig, FileConfig, Fsync, HttpConfig, PostgresConfig, QuicConfig, RetryConfig,
+    SinkConfig, SinkKind, WhenFull,
+};
+use crate::sources::quic::config::{ListenerConfig, ProducerConfig, ServerLimits, TlsConfig};
 
 /// A config that cannot be read or is not valid.
 #[derive(Debug, thiserror::Error)]
@@ -60,349 +72,16 @@ pub enum ConfigError {
 pub struct Config {
     /// The file it came from (for messages).
     pub path: PathBuf,
-    /// The UDP address the server listens on (port 0: any free port).
-    pub listen: SocketAddr,
     /// Where the server keeps its generated certificate and its dead-letter files.
     pub data_dir: PathBuf,
-    /// TLS files; `None` for the generated self-signed certificate and no client certificates.
-    pub tls: Option<TlsConfig>,
-    /// Protocol and server limits.
-    pub limits: ServerLimits,
-    /// Whether producers that present neither a token nor a client certificate are accepted
-    /// (under any producer id that is not configured with a token).
-    pub allow_anonymous: bool,
-    /// Producers that authenticate with a token.
-    pub producers: Vec<ProducerConfig>,
+    /// The QUIC listener: address, TLS, limits, producers.
+    pub listener: ListenerConfig,
     /// Pipelines, in file order.
     pub pipelines: Vec<PipelineConfig>,
     /// Sinks, by name.
     pub sinks: Vec<SinkConfig>,
     /// Where the Prometheus endpoint listens (`[metrics] listen`); `None`: no endpoint.
     pub metrics: Option<SocketAddr>,
-}
-
-/// The `[tls]` section.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsConfig {
-    /// Certificate chain (PEM) and private key (PEM) the server presents; `None` for the
-    /// self-signed certificate generated into the data directory.
-    pub cert_key: Option<(PathBuf, PathBuf)>,
-    /// CA certificates (PEM) that sign producers' client certificates (mutual TLS).
-    pub client_ca: Option<PathBuf>,
-}
-
-/// The `[limits]` section.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerLimits {
-    /// The limits announced in `welcome`.
-    pub protocol: ProtocolLimits,
-    /// Producers connected to one pipeline at once.
-    pub max_producers_per_pipeline: u32,
-    /// Connections at once (handshaking included); more are refused at the QUIC level.
-    pub max_connections: u32,
-    /// Time from the QUIC handshake's start to the `hello`.
-    pub handshake_timeout: Duration,
-}
-
-impl Default for ServerLimits {
-    fn default() -> Self {
-        ServerLimits {
-            protocol: ProtocolLimits::DEFAULT,
-            max_producers_per_pipeline: 64,
-            max_connections: 1024,
-            handshake_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-/// A producer that authenticates with a token.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ProducerConfig {
-    /// Its producer id.
-    pub id: String,
-    /// Its token (from the file or the environment).
-    pub token: Vec<u8>,
-}
-
-impl std::fmt::Debug for ProducerConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProducerConfig")
-            .field("id", &self.id)
-            .field("token", &"<redacted>")
-            .finish()
-    }
-}
-
-/// A pipeline: stages run in order, outputs written to sinks.
-#[derive(Debug, Clone)]
-pub struct PipelineConfig {
-    /// Its name, as producers name it in `hello`.
-    pub name: String,
-    /// Stages, first to last (none: events go to the sinks as they came).
-    pub stages: Vec<StageSpec>,
-    /// Producers allowed to write to it; `None`: every authenticated producer.
-    pub producers: Option<Vec<String>>,
-    /// Sinks it writes to, with their conditions, at least one.
-    pub sinks: Vec<Route>,
-    /// Where events that no sink takes go.
-    pub unmatched: Unmatched,
-    /// The sink its dead letters and late events go to; `None`: the file
-    /// `DATA_DIR/dead-letters/PIPELINE.jsonl`.
-    pub dead_letters: Option<String>,
-}
-
-/// One stage of a pipeline.
-#[derive(Debug, Clone)]
-pub struct StageSpec {
-    /// The stage's name (default: the plugin's name, `NAME#2` for a repeat).
-    pub name: String,
-    /// Where the plugin comes from.
-    pub plugin: PluginSource,
-    /// `with` values: key and JSON text.
-    pub with: Vec<(String, String)>,
-    /// The window of an aggregate stage.
-    pub window: Option<WindowConfig>,
-    /// Linear-memory cap of each instance.
-    pub memory_bytes: u64,
-    /// Deadline of one plugin call.
-    pub deadline: Duration,
-}
-
-/// Where a stage's plugin comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PluginSource {
-    /// An example plugin embedded in the binary (`weir::examples::ALL`), by name.
-    Example(String),
-    /// A component file (resolved against the config file's directory).
-    File(PathBuf),
-}
-
-impl PluginSource {
-    /// The plugin's name: the example's, or the file's stem.
-    pub fn name(&self) -> String {
-        match self {
-            PluginSource::Example(name) => name.clone(),
-            PluginSource::File(path) => path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        }
-    }
-}
-
-impl std::fmt::Display for PluginSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PluginSource::Example(name) => write!(f, "example:{name}"),
-            PluginSource::File(path) => write!(f, "{}", path.display()),
-        }
-    }
-}
-
-/// A named sink: a destination and how its buffer behaves (docs/SINKS.md).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SinkConfig {
-    /// Its name, as pipelines list it.
-    pub name: String,
-    /// What it delivers to.
-    pub kind: SinkKind,
-    /// Its buffer and `when_full` policy.
-    pub buffer: BufferConfig,
-    /// How failed deliveries are retried.
-    pub retry: RetryConfig,
-}
-
-/// The kinds of sink.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SinkKind {
-    /// JSON lines appended to a file.
-    File(FileConfig),
-    /// JSON lines on the router's standard output.
-    Stdout,
-    /// Batches POSTed as JSON to a URL.
-    Http(HttpConfig),
-    /// Batches forwarded to a pipeline of another weir over QUIC.
-    Quic(QuicConfig),
-    /// Rows inserted into a PostgreSQL table.
-    Postgres(PostgresConfig),
-    /// Discards every event (counts them).
-    Null,
-}
-
-/// `type = "file"`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileConfig {
-    /// The file (resolved against the config file's directory).
-    pub path: PathBuf,
-    /// When the file is synced to disk.
-    pub fsync: Fsync,
-    /// Rotate once the file holds at least this many bytes.
-    pub rotate_bytes: Option<u64>,
-    /// Rotate once the file is this old.
-    pub rotate_interval: Option<Duration>,
-}
-
-/// `type = "http"`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpConfig {
-    /// Where batches are POSTed (`http://` or `https://`).
-    pub url: String,
-    /// Extra request headers (name, value), e.g. `authorization`.
-    pub headers: Vec<(String, String)>,
-    /// Time one request may take before it is retried.
-    pub timeout: Duration,
-}
-
-/// `type = "quic"`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QuicConfig {
-    /// The downstream router's address (`host:port`).
-    pub address: String,
-    /// The downstream pipeline.
-    pub pipeline: String,
-    /// The producer id this router uses downstream.
-    pub producer_id: String,
-    /// Token for the downstream router, if it needs one.
-    pub token: Option<String>,
-    /// SHA-256 fingerprint of the downstream's certificate (as `weir serve` prints it).
-    pub pin: Option<String>,
-    /// CA certificates (PEM) that sign the downstream's certificate.
-    pub ca: Option<PathBuf>,
-    /// Name expected in the downstream's certificate; default: the host of `address`.
-    pub server_name: Option<String>,
-}
-
-/// `type = "postgres"`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PostgresConfig {
-    /// Connection string (`host=127.0.0.1 port=5432 user=weir dbname=weir` or a
-    /// `postgresql://` URL).
-    pub url: String,
-    /// The table (optionally `schema.table`).
-    pub table: String,
-    /// Create the table at start when it does not exist (default columns only).
-    pub create: bool,
-    /// Column name → what of the event goes there (`key`, `value`, `timestamp_ms`, `headers`,
-    /// `route`, `value.FIELD`, `header.NAME`); empty for the default columns.
-    pub columns: Vec<(String, String)>,
-}
-
-/// When a file sink syncs its file to disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Fsync {
-    /// Before a send counts as delivered (the default); with `when_full = "block"` that is
-    /// before the ack, so an acked batch survives a power loss.
-    OnAck,
-    /// Never explicitly: delivered lines are in the OS page cache (they survive a crash of
-    /// weir, not of the machine).
-    Never,
-}
-
-/// What a sink does when its buffer is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WhenFull {
-    /// Accepted once delivered: the pipeline, and so its producers, go at the sink's pace, and
-    /// a dead destination stops the pipeline until it is back. Nothing is lost (the default).
-    Block,
-    /// Drop the events that do not fit (counted).
-    DropNewest,
-    /// Drop the oldest buffered events to make room (counted).
-    DropOldest,
-    /// Write to a disk buffer under the data directory that survives a restart and is
-    /// replayed in order; blocks only when the disk buffer is full.
-    Spill,
-}
-
-impl WhenFull {
-    /// The name used in the config.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WhenFull::Block => "block",
-            WhenFull::DropNewest => "drop_newest",
-            WhenFull::DropOldest => "drop_oldest",
-            WhenFull::Spill => "spill",
-        }
-    }
-}
-
-/// A sink's buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BufferConfig {
-    /// The policy when the buffer is full.
-    pub when_full: WhenFull,
-    /// Most events buffered in memory.
-    pub max_events: usize,
-    /// Most bytes buffered in memory.
-    pub max_bytes: usize,
-    /// Most bytes in the disk buffer (`spill`).
-    pub spill_bytes: u64,
-    /// Most events handed to the destination in one send.
-    pub batch_events: usize,
-}
-
-impl Default for BufferConfig {
-    fn default() -> Self {
-        BufferConfig {
-            when_full: WhenFull::Block,
-            max_events: 10_000,
-            max_bytes: 16 << 20,
-            spill_bytes: 1 << 30,
-            batch_events: 1000,
-        }
-    }
-}
-
-/// Retries of a failing destination: exponential backoff from `initial` to `max`, forever
-/// (a destination that is down is waited for; its buffer's policy decides what happens to
-/// new events meanwhile).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryConfig {
-    /// The first wait.
-    pub initial: Duration,
-    /// The longest wait.
-    pub max: Duration,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Which events a pipeline sends to one of its sinks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Condition {
-    /// Every event.
-    All,
-    /// Events whose route tag is one of these.
-    Route(Vec<String>),
-    /// Events that carry every one of these headers with exactly this value.
-    Headers(Vec<(String, String)>),
-}
-
-/// One of a pipeline's sinks and which events it takes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    /// The sink's name.
-    pub sink: String,
-    /// Which events it takes.
-    pub condition: Condition,
-}
-
-/// Where events that no sink of a pipeline takes go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Unmatched {
-    /// There are none: some sink takes every event.
-    Impossible,
-    /// Dropped, and counted (`unmatched = "drop"`).
-    Drop,
-    /// To this sink (`unmatched = "NAME"`).
-    Sink(String),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -708,12 +387,14 @@ impl Config {
 
         Ok(Config {
             path: path.to_path_buf(),
-            listen,
             data_dir: resolve(&raw.listener.data_dir),
-            tls,
-            limits,
-            allow_anonymous: raw.auth.anonymous,
-            producers,
+            listener: ListenerConfig {
+                listen,
+                tls,
+                limits,
+                allow_anonymous: raw.auth.anonymous,
+                producers,
+            },
             pipelines,
             sinks,
             metrics,
@@ -1545,7 +1226,7 @@ path = "out.jsonl"
             clicks.stages[0].plugin,
             PluginSource::Example("drop-bots".into())
         );
-        assert_eq!(config.limits, ServerLimits::default());
+        assert_eq!(config.listener.limits, ServerLimits::default());
     }
 
     #[test]
@@ -1585,7 +1266,10 @@ path = "out.jsonl"
             "conf/weir.toml:17:24: handshake_timeout_ms = 9223372036854775807 is above the maximum of 3600000"
         );
         let config = Config::parse(&text(3_600_000), "conf/weir.toml").expect("valid");
-        assert_eq!(config.limits.handshake_timeout, Duration::from_secs(3600));
+        assert_eq!(
+            config.listener.limits.handshake_timeout,
+            Duration::from_secs(3600)
+        );
     }
 
     #[test]
@@ -1773,9 +1457,9 @@ path = "out.jsonl"
             "w.toml",
         )
         .expect("valid");
-        assert_eq!(ok.producers[1].token, b"u");
+        assert_eq!(ok.listener.producers[1].token, b"u");
         assert_eq!(
-            format!("{:?}", ok.producers[0]),
+            format!("{:?}", ok.listener.producers[0]),
             "ProducerConfig { id: \"a\", token: \"<redacted>\" }"
         );
     }

@@ -5,18 +5,18 @@
 //! (stages, chains of stages, poison isolation, host-side windows). [`examples`] carries the
 //! example plugins compiled into every binary, [`workload`] generates realistic events, and
 //! [`baseline`] is native Rust doing the example plugins' work, for side-by-side measurement.
-//! [`config`], [`ingest`] and [`sinks`] are `weir serve`: the TOML config, the QUIC server
-//! (docs/PROTOCOL.md) and where pipelines write.
+//! [`config`], [`sources`] and [`sinks`] are `weir serve`: the TOML config, where batches come
+//! from (the QUIC server of docs/PROTOCOL.md) and where pipelines write.
 //! See `DESIGN.md` for the architecture and `wit/weir.wit` for the plugin contract.
 
 pub mod baseline;
 pub mod config;
-pub mod ingest;
 pub mod metrics;
 pub mod pipeline;
 pub mod receiver;
 pub mod runtime;
 pub mod sinks;
+pub mod sources;
 pub mod workload;
 
 /// The example plugins of plugins/ (drop-bots, geo-enrich, count-sum), built by host/build.rs

@@ -33,8 +33,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weir::config::Config;
-use weir::ingest::{Server, SinkStats};
 use weir::receiver::{Receiver, ReceiverOptions};
+use weir::sources::quic::{Server, SinkStats};
 use weir::workload::WorkloadSpec;
 use weir_client::{ConnectOptions, EncodedBatch, Producer};
 

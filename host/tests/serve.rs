@@ -1,5 +1,5 @@
 //! `weir serve` over real QUIC: raw `weir/1` frames from quinn clients (weir_format::frame),
-//! against a server started with `weir::ingest::Server::start`.
+//! against a server started with `weir::sources::quic::Server::start`.
 //!
 //! Every wait is bounded ([`WAIT`]) and fails naming what it waited for; nothing asserts on
 //! timing. Each bad-input test checks the exact code and message, that only the offending
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use weir::config::Config;
-use weir::ingest::{Server, Stats};
+use weir::sources::quic::{Server, Stats};
 use weir_client::tls::{PinnedServerVerifier, parse_fingerprint};
 use weir_format::frame::{
     self, Ack, BatchFrame, Decoder, ErrorCode, ErrorFrame, Frame, Hello, Welcome,
@@ -1298,7 +1298,10 @@ path = "sums.jsonl"
 fn the_example_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/weir.toml");
     let config = Config::load(&path).expect("examples/weir.toml is valid");
-    assert_eq!(config.listen, "127.0.0.1:4433".parse().expect("addr"));
+    assert_eq!(
+        config.listener.listen,
+        "127.0.0.1:4433".parse().expect("addr")
+    );
     let summary: Vec<(String, Vec<String>, Vec<String>)> = config
         .pipelines
         .iter()

@@ -7,7 +7,7 @@ mod postgres;
 
 use postgres::PgServer;
 use std::sync::Arc;
-use weir::config::PostgresConfig;
+use weir::sinks::PostgresConfig;
 use weir::sinks::{
     Destination, Outgoing, PostgresDestination, Selection, SendError, SharedBatch, check_columns,
     check_table,

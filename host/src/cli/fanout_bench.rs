@@ -373,7 +373,7 @@ mod tests {
         let config = weir::config::Config::parse(&text, "/tmp/bench.toml").expect("it parses");
         let pipeline = config.pipeline("bench").expect("pipeline `bench`");
         assert!(pipeline.stages.is_empty());
-        let routes: Vec<(&str, &weir::config::Condition)> = pipeline
+        let routes: Vec<(&str, &weir::pipeline::route::Condition)> = pipeline
             .sinks
             .iter()
             .map(|r| (r.sink.as_str(), &r.condition))
@@ -381,8 +381,8 @@ mod tests {
         assert_eq!(
             routes,
             vec![
-                ("out1", &weir::config::Condition::All),
-                ("out2", &weir::config::Condition::All)
+                ("out1", &weir::pipeline::route::Condition::All),
+                ("out2", &weir::pipeline::route::Condition::All)
             ]
         );
     }

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use weir::config::Config;
-use weir::ingest::Server;
+use weir::sources::quic::Server;
 use weir::workload::WorkloadSpec;
 use weir_client::{ConnectOptions, EncodedBatch, Producer};
 use weir_format::frame::{ALPN, batch_header};
@@ -240,7 +240,7 @@ async fn ack_latency(
 /// Sends `batches` as weir/1 batch frames on one stream of one fresh loopback connection to a
 /// server that reads and discards them; returns the time from the first write until the server
 /// has read the last byte. The transport is `weir serve`'s with default limits and one
-/// pipeline ([`weir::ingest::transport_config`]), so both sides get the same flow control.
+/// pipeline ([`weir::sources::quic::transport_config`]), so both sides get the same flow control.
 async fn raw_quinn(batches: &[EncodedBatch]) -> Result<Duration> {
     let frames = batches
         .iter()
@@ -263,7 +263,7 @@ async fn raw_quinn(batches: &[EncodedBatch]) -> Result<Duration> {
     server_tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut server_config =
         quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
-    server_config.transport_config(Arc::new(weir::ingest::transport_config(
+    server_config.transport_config(Arc::new(weir::sources::quic::transport_config(
         weir_format::frame::Limits::DEFAULT,
         1,
     )?));

@@ -5,7 +5,7 @@ use super::send::count;
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use weir::config::Config;
-use weir::ingest::Server;
+use weir::sources::quic::Server;
 
 /// Arguments of `weir serve`.
 #[derive(Debug, clap::Args)]
@@ -27,7 +27,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
 
 async fn serve(config: Config) -> Result<()> {
     use std::fmt::Write as _;
-    let anonymous = config.allow_anonymous;
+    let anonymous = config.listener.allow_anonymous;
     let server = Server::start(config).await?;
     let mut banner = String::new();
     writeln!(

@@ -27,6 +27,8 @@
 //!   resume `pending`, then flush again (stages already flushed hold no window and emit
 //!   nothing).
 
+pub mod config;
+pub mod route;
 mod stage;
 pub mod window;
 

@@ -24,12 +24,38 @@
 
 use super::io_thread::IoThread;
 use super::{Destination, OpenError, Outgoing, SendError, SendFuture};
-use crate::config::{FileConfig, Fsync};
+
+use serde::Deserialize;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// `type = "file"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileConfig {
+    /// The file (resolved against the config file's directory).
+    pub path: PathBuf,
+    /// When the file is synced to disk.
+    pub fsync: Fsync,
+    /// Rotate once the file holds at least this many bytes.
+    pub rotate_bytes: Option<u64>,
+    /// Rotate once the file is this old.
+    pub rotate_interval: Option<Duration>,
+}
+
+/// When a file sink syncs its file to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fsync {
+    /// Before a send counts as delivered (the default); with `when_full = "block"` that is
+    /// before the ack, so an acked batch survives a power loss.
+    OnAck,
+    /// Never explicitly: delivered lines are in the OS page cache (they survive a crash of
+    /// weir, not of the machine).
+    Never,
+}
 
 /// Bytes read at a time when looking for the last newline of a file being opened.
 const TAIL_CHUNK: usize = 8 * 1024;

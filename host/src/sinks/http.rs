@@ -39,11 +39,22 @@
 //!   points, since the events were not taken and the URL must be fixed.
 
 use super::{Destination, OpenError, Outgoing, SendError, SendFuture};
-use crate::config::HttpConfig;
+
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION};
 use reqwest::{Client, StatusCode, Url};
 use std::error::Error as _;
 use std::time::Duration;
+
+/// `type = "http"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Where batches are POSTed (`http://` or `https://`).
+    pub url: String,
+    /// Extra request headers (name, value), e.g. `authorization`.
+    pub headers: Vec<(String, String)>,
+    /// Time one request may take before it is retried.
+    pub timeout: Duration,
+}
 
 /// How much of an error answer's body goes into the message.
 const EXCERPT_BYTES: usize = 200;

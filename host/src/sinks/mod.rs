@@ -29,18 +29,48 @@ pub(crate) mod runner;
 pub mod spill;
 mod stdout;
 
-pub use file::FileDestination;
-pub use http::HttpDestination;
-pub use postgres::{PostgresDestination, check_columns, check_table};
-pub use quic::QuicDestination;
+pub use file::{FileConfig, FileDestination, Fsync};
+pub use http::{HttpConfig, HttpDestination};
+pub use postgres::{PostgresConfig, PostgresDestination, check_columns, check_table};
+pub use quic::{QuicConfig, QuicDestination};
+pub use runner::{BufferConfig, RetryConfig, WhenFull};
 pub use stdout::StdoutDestination;
 
-use crate::config::{SinkConfig, SinkKind};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use weir_format::json::event_ref_to_line;
 use weir_format::{Batch, EventRef};
+
+/// A named sink: a destination and how its buffer behaves (docs/SINKS.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkConfig {
+    /// Its name, as pipelines list it.
+    pub name: String,
+    /// What it delivers to.
+    pub kind: SinkKind,
+    /// Its buffer and `when_full` policy.
+    pub buffer: BufferConfig,
+    /// How failed deliveries are retried.
+    pub retry: RetryConfig,
+}
+
+/// The kinds of sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkKind {
+    /// JSON lines appended to a file.
+    File(FileConfig),
+    /// JSON lines on the router's standard output.
+    Stdout,
+    /// Batches POSTed as JSON to a URL.
+    Http(HttpConfig),
+    /// Batches forwarded to a pipeline of another weir over QUIC.
+    Quic(QuicConfig),
+    /// Rows inserted into a PostgreSQL table.
+    Postgres(PostgresConfig),
+    /// Discards every event (counts them).
+    Null,
+}
 
 /// A boxed future a destination returns.
 pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + 'a>>;

@@ -83,7 +83,7 @@
 //!   the table, and the server's message and SQLSTATE (or the column and the event).
 
 use super::{Destination, OpenError, Outgoing, SendError, SendFuture};
-use crate::config::PostgresConfig;
+
 use bytes::{BufMut, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -102,6 +102,21 @@ use tokio_postgres::types::{IsNull, Kind as PgKind, ToSql, Type, to_sql_checked}
 use tokio_postgres::{Client, NoTls, Statement};
 use weir_format::EventRef;
 use weir_format::json::event_ref_to_line;
+
+/// `type = "postgres"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// Connection string (`host=127.0.0.1 port=5432 user=weir dbname=weir` or a
+    /// `postgresql://` URL).
+    pub url: String,
+    /// The table (optionally `schema.table`).
+    pub table: String,
+    /// Create the table at start when it does not exist (default columns only).
+    pub create: bool,
+    /// Column name → what of the event goes there (`key`, `value`, `timestamp_ms`, `headers`,
+    /// `route`, `value.FIELD`, `header.NAME`); empty for the default columns.
+    pub columns: Vec<(String, String)>,
+}
 
 /// How long connecting (TCP, startup, authentication) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -39,15 +39,35 @@
 //!   than the downstream takes are `Reject`.
 
 use super::{Destination, OpenError, Outgoing, Selection, SendError, SendFuture, SharedBatch};
-use crate::config::QuicConfig;
+
 use bytes::Bytes;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 use weir_client::{ClientError, ConnectOptions, EncodedBatch, ErrorCode, Producer, Trust};
 use weir_format::frame::BATCH_HEADER_BYTES;
 use weir_format::{BatchBuilder, EventRef};
+
+/// `type = "quic"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuicConfig {
+    /// The downstream router's address (`host:port`).
+    pub address: String,
+    /// The downstream pipeline.
+    pub pipeline: String,
+    /// The producer id this router uses downstream.
+    pub producer_id: String,
+    /// Token for the downstream router, if it needs one.
+    pub token: Option<String>,
+    /// SHA-256 fingerprint of the downstream's certificate (as `weir serve` prints it).
+    pub pin: Option<String>,
+    /// CA certificates (PEM) that sign the downstream's certificate.
+    pub ca: Option<PathBuf>,
+    /// Name expected in the downstream's certificate; default: the host of `address`.
+    pub server_name: Option<String>,
+}
 
 /// How long resolving the address and connecting (QUIC, TLS, `hello` → `welcome`) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -551,7 +571,7 @@ impl Batcher {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::ingest::Server;
+    use crate::sources::quic::Server;
     use std::path::PathBuf;
     use std::sync::Arc;
     use weir_format::Event;

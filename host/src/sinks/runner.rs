@@ -27,14 +27,89 @@
 
 use super::spill::{SpillLog, SpillRecord};
 use super::{Destination, Outgoing, Selection, SendError, SharedBatch};
-use crate::config::{BufferConfig, RetryConfig, WhenFull};
 use crate::metrics::SinkMetrics;
+use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use weir_format::{BatchBuilder, EventRef};
+
+/// What a sink does when its buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Accepted once delivered: the pipeline, and so its producers, go at the sink's pace, and
+    /// a dead destination stops the pipeline until it is back. Nothing is lost (the default).
+    Block,
+    /// Drop the events that do not fit (counted).
+    DropNewest,
+    /// Drop the oldest buffered events to make room (counted).
+    DropOldest,
+    /// Write to a disk buffer under the data directory that survives a restart and is
+    /// replayed in order; blocks only when the disk buffer is full.
+    Spill,
+}
+
+impl WhenFull {
+    /// The name used in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WhenFull::Block => "block",
+            WhenFull::DropNewest => "drop_newest",
+            WhenFull::DropOldest => "drop_oldest",
+            WhenFull::Spill => "spill",
+        }
+    }
+}
+
+/// A sink's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferConfig {
+    /// The policy when the buffer is full.
+    pub when_full: WhenFull,
+    /// Most events buffered in memory.
+    pub max_events: usize,
+    /// Most bytes buffered in memory.
+    pub max_bytes: usize,
+    /// Most bytes in the disk buffer (`spill`).
+    pub spill_bytes: u64,
+    /// Most events handed to the destination in one send.
+    pub batch_events: usize,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            when_full: WhenFull::Block,
+            max_events: 10_000,
+            max_bytes: 16 << 20,
+            spill_bytes: 1 << 30,
+            batch_events: 1000,
+        }
+    }
+}
+
+/// Retries of a failing destination: exponential backoff from `initial` to `max`, forever
+/// (a destination that is down is waited for; its buffer's policy decides what happens to
+/// new events meanwhile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// The first wait.
+    pub initial: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
 
 /// Attempts at a failing send once the router is stopping.
 const SHUTDOWN_ATTEMPTS: u32 = 3;

@@ -3,9 +3,10 @@
 //! delivered, dropped, buffers and dead-lettered (the server's stats).
 
 use std::fmt::Write as _;
-use weir::config::{Config, SinkKind};
-use weir::ingest::Stats;
+use weir::config::Config;
 use weir::metrics::{Metrics, SinkMetrics, StageMetrics};
+use weir::sinks::SinkKind;
+use weir::sources::quic::Stats;
 
 /// One stage, as the table shows it.
 struct StageRow {

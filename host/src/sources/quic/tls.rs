@@ -39,7 +39,11 @@ pub(crate) fn generated_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
 
 /// Loads or generates the certificate and builds the rustls config.
 pub(crate) fn setup(config: &Config) -> Result<Tls> {
-    let configured = config.tls.as_ref().and_then(|t| t.cert_key.clone());
+    let configured = config
+        .listener
+        .tls
+        .as_ref()
+        .and_then(|t| t.cert_key.clone());
     let generated = configured.is_none();
     let (cert_path, key_path) = match configured {
         Some(paths) => paths,
@@ -63,7 +67,12 @@ pub(crate) fn setup(config: &Config) -> Result<Tls> {
         .with_context(|| format!("cannot read private key {}", key_path.display()))?;
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = match config.tls.as_ref().and_then(|t| t.client_ca.as_ref()) {
+    let verifier = match config
+        .listener
+        .tls
+        .as_ref()
+        .and_then(|t| t.client_ca.as_ref())
+    {
         None => WebPkiClientVerifier::no_client_auth(),
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();

@@ -29,20 +29,22 @@
 //!   (transport error `CONNECTION_REFUSED`): a flood costs no handshake and leaves the others
 //!   alone.
 
+pub mod config;
 mod connection;
 mod tls;
 mod worker;
 
-use crate::config::{
-    BufferConfig, Condition, Config, FileConfig, Fsync, PipelineConfig, RetryConfig, ServerLimits,
-    Unmatched, WhenFull,
-};
+use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::pipeline::config::{PipelineConfig, PluginSource};
+use crate::pipeline::route::{Condition, Unmatched};
 use crate::pipeline::{Chain, Stage};
 use crate::runtime::{Limits, Plugin, Runtime, RuntimeConfig, StageConfig};
 use crate::sinks::runner::Sink;
 use crate::sinks::{self, FileDestination};
+use crate::sinks::{BufferConfig, FileConfig, Fsync, RetryConfig, WhenFull};
 use anyhow::{Context, Result, bail};
+use config::ServerLimits;
 use connection::ConnState;
 use quinn::{Connection, Endpoint, VarInt};
 use std::collections::{BTreeMap, HashMap};
@@ -506,19 +508,20 @@ impl Server {
         };
 
         let server_config = server_config(&config, tls.config)?;
-        let endpoint = Endpoint::server(server_config, config.listen)
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let endpoint = Endpoint::server(server_config, config.listener.listen)
+            .with_context(|| format!("cannot listen on {}", config.listener.listen))?;
         let local_addr = endpoint.local_addr().context("listener address")?;
 
         let shared = Arc::new(Shared {
-            limits: config.limits,
+            limits: config.listener.limits,
             pipelines: handles,
             tokens: config
+                .listener
                 .producers
                 .iter()
                 .map(|p| (p.id.clone(), p.token.clone()))
                 .collect(),
-            allow_anonymous: config.allow_anonymous,
+            allow_anonymous: config.listener.allow_anonymous,
             counters: Counters::default(),
             shutting_down: AtomicBool::new(false),
             registry: Mutex::new(HashMap::new()),
@@ -738,7 +741,7 @@ fn server_config(config: &Config, tls: rustls::ServerConfig) -> Result<quinn::Se
         .context("TLS config unusable for QUIC")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport_config(
-        config.limits.protocol,
+        config.listener.limits.protocol,
         config.pipelines.len(),
     )?));
     Ok(server)
@@ -787,7 +790,7 @@ fn build_pipeline(
             Some(plugin) => plugin.clone(),
             None => {
                 let plugin = match &spec.plugin {
-                    crate::config::PluginSource::Example(example) => {
+                    PluginSource::Example(example) => {
                         let Some((_, bytes)) =
                             crate::examples::ALL.iter().find(|(n, _)| n == example)
                         else {
@@ -795,7 +798,7 @@ fn build_pipeline(
                         };
                         runtime.load_bytes(example, bytes)
                     }
-                    crate::config::PluginSource::File(path) => runtime.load_file(path),
+                    PluginSource::File(path) => runtime.load_file(path),
                 }
                 .with_context(|| format!("pipeline `{name}`, stage `{}`", spec.name))?;
                 plugins.insert(key, plugin.clone());
@@ -891,8 +894,8 @@ fn build_pipeline(
     if let UnmatchedOut::Sink(sink) = &unmatched {
         sink.set_dead_letters(pipeline_name.clone(), dead_letters.clone());
     }
-    let capacity = (config.limits.protocol.max_in_flight as usize)
-        .saturating_mul(config.limits.max_producers_per_pipeline as usize)
+    let capacity = (config.listener.limits.protocol.max_in_flight as usize)
+        .saturating_mul(config.listener.limits.max_producers_per_pipeline as usize)
         .clamp(1, 65_536);
     let (tx, rx) = mpsc::channel(capacity);
     let core = Arc::new(PipelineCore {

@@ -15,8 +15,8 @@
 
 use super::connection::{ConnState, StreamShared};
 use super::{PipelineCounters, bump};
-use crate::config::Condition;
 use crate::metrics::{PipelineMetrics, StageMetrics};
+use crate::pipeline::route::Condition;
 use crate::pipeline::{Chain, DeadLetter, LateEvent};
 use crate::runtime::PluginKind;
 use crate::sinks::runner::{Accepted, Sink, Ticket};
@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use weir_format::frame::{BatchFrame, ErrorCode};
-use weir_format::{Batch, BatchBuilder, Event, EventRef};
+use weir_format::{Batch, BatchBuilder, Event};
 
 /// Most batches one round takes before it flushes and acks.
 pub(crate) const MAX_ROUND: usize = 256;
@@ -378,7 +378,7 @@ impl Worker {
                     let indices: Vec<u32> = batch
                         .iter()
                         .enumerate()
-                        .filter(|(_, e)| matches(condition, e))
+                        .filter(|(_, e)| condition.matches(e))
                         .map(|(i, _)| i as u32)
                         .collect();
                     if indices.is_empty() {
@@ -621,17 +621,6 @@ impl Worker {
         for (stream, _) in &round.streams {
             stream.release();
         }
-    }
-}
-
-/// Whether an event meets a routed sink's condition.
-fn matches(condition: &Condition, event: &EventRef<'_>) -> bool {
-    match condition {
-        Condition::All => true,
-        Condition::Route(tags) => event.route().is_some_and(|r| tags.iter().any(|t| t == r)),
-        Condition::Headers(headers) => headers
-            .iter()
-            .all(|(name, value)| event.header(name) == Some(value.as_bytes())),
     }
 }
 

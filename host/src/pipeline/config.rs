@@ -1,0 +1,74 @@
+//! What a pipeline is made of, as the config file says it: its stages (plugin, `with` values,
+//! window, limits), who may write to it, and where its events go (`route.rs`). `config.rs`
+//! parses the TOML into these; the server builds running pipelines from them.
+
+use super::route::{Route, Unmatched};
+use super::window::WindowConfig;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A pipeline: stages run in order, outputs written to sinks.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Its name, as producers name it in `hello`.
+    pub name: String,
+    /// Stages, first to last (none: events go to the sinks as they came).
+    pub stages: Vec<StageSpec>,
+    /// Producers allowed to write to it; `None`: every authenticated producer.
+    pub producers: Option<Vec<String>>,
+    /// Sinks it writes to, with their conditions, at least one.
+    pub sinks: Vec<Route>,
+    /// Where events that no sink takes go.
+    pub unmatched: Unmatched,
+    /// The sink its dead letters and late events go to; `None`: the file
+    /// `DATA_DIR/dead-letters/PIPELINE.jsonl`.
+    pub dead_letters: Option<String>,
+}
+
+/// One stage of a pipeline.
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    /// The stage's name (default: the plugin's name, `NAME#2` for a repeat).
+    pub name: String,
+    /// Where the plugin comes from.
+    pub plugin: PluginSource,
+    /// `with` values: key and JSON text.
+    pub with: Vec<(String, String)>,
+    /// The window of an aggregate stage.
+    pub window: Option<WindowConfig>,
+    /// Linear-memory cap of each instance.
+    pub memory_bytes: u64,
+    /// Deadline of one plugin call.
+    pub deadline: Duration,
+}
+
+/// Where a stage's plugin comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginSource {
+    /// An example plugin embedded in the binary (`weir::examples::ALL`), by name.
+    Example(String),
+    /// A component file (resolved against the config file's directory).
+    File(PathBuf),
+}
+
+impl PluginSource {
+    /// The plugin's name: the example's, or the file's stem.
+    pub fn name(&self) -> String {
+        match self {
+            PluginSource::Example(name) => name.clone(),
+            PluginSource::File(path) => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Display for PluginSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginSource::Example(name) => write!(f, "example:{name}"),
+            PluginSource::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
