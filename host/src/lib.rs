@@ -5,8 +5,9 @@
 //! (stages, chains of stages, poison isolation, host-side windows). [`examples`] carries the
 //! example plugins compiled into every binary, [`workload`] generates realistic events, and
 //! [`baseline`] is native Rust doing the example plugins' work, for side-by-side measurement.
-//! [`config`], [`sources`] and [`sinks`] are `weir serve`: the TOML config, where batches come
-//! from (the QUIC server of docs/PROTOCOL.md) and where pipelines write.
+//! [`server`] is `weir serve` as a library: it builds the [`topology`] (sinks and running
+//! pipelines) from the TOML [`config`] and feeds it from the [`sources`] (the QUIC server of
+//! docs/PROTOCOL.md); [`sinks`] are where pipelines write.
 //! See `DESIGN.md` for the architecture and `wit/weir.wit` for the plugin contract.
 
 pub mod baseline;
@@ -15,8 +16,10 @@ pub mod metrics;
 pub mod pipeline;
 pub mod receiver;
 pub mod runtime;
+pub mod server;
 pub mod sinks;
 pub mod sources;
+pub mod topology;
 pub mod workload;
 
 /// The example plugins of plugins/ (drop-bots, geo-enrich, count-sum), built by host/build.rs

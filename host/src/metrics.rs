@@ -23,6 +23,7 @@
 //! | `weir_pipeline_dead_lettered_events_total` | counter | `pipeline` | events the pipeline sent to its dead-letter destination |
 //! | `weir_pipeline_late_events_total` | counter | `pipeline` | events that arrived after their window had closed |
 //! | `weir_pipeline_duplicate_events_dropped_total` | counter | `pipeline` | events dropped as duplicates of events already taken |
+//! | `weir_pipeline_events_out_total` | counter | `pipeline` | events that left the last stage (fanned out to the sinks) |
 //! | `weir_stage_events_in_total` | counter | `pipeline`, `stage` | events handed to the stage |
 //! | `weir_stage_events_out_total` | counter | `pipeline`, `stage` | events the stage passed on |
 //! | `weir_stage_dropped_events_total` | counter | `pipeline`, `stage` | events the stage filtered out |
@@ -38,8 +39,17 @@
 //! | `weir_sink_spill_bytes` | gauge | `sink` | bytes in the sink's disk spill buffer now |
 //! | `weir_sink_latency_seconds` | histogram | `sink` | seconds from an event entering the buffer to its delivery |
 //! | `weir_sink_send_latency_seconds` | histogram | `sink` | seconds one send call to the destination took |
+//! | `weir_source_connections_accepted_total` | counter | `source` | connections whose `hello` was accepted |
+//! | `weir_source_connections_refused_total` | counter | `source` | connections refused in the handshake |
+//! | `weir_source_connections_over_limit_total` | counter | `source` | connections refused because `max_connections` were open |
+//! | `weir_source_batches_received_total` | counter | `source` | batch frames read off streams (duplicates included) |
+//! | `weir_source_stream_errors_total` | counter | `source` | batch streams failed with an error (framing, limits, invalid batch, gap) |
 //!
-//! A sink is labelled by its name only: pipelines that share a sink share its series.
+//! A sink is labelled by its name only: pipelines that share a sink share its series. The
+//! QUIC listener is the source `quic`.
+//!
+//! These series are the only counts the server keeps: `Server::stats`, the shutdown summary and
+//! `weir demo` read them back, so what they print and what Prometheus scrapes cannot differ.
 //! Histograms have the buckets of [`LATENCY_BUCKETS`]: 50 µs doubling up to 26.2 s, and
 //! `+Inf`. Counters end in `_total` in the exposition; their `# TYPE` lines name the family
 //! without the suffix, as OpenMetrics requires.
@@ -142,6 +152,11 @@ struct SinkLabels {
     sink: LabelValue,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: LabelValue,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn histogram_family<L: Clone + std::hash::Hash + Eq>() -> HistogramFamily<L> {
@@ -167,6 +182,23 @@ pub struct PipelineMetrics {
     pub late_events: Counter,
     /// Events dropped as duplicates of events already taken.
     pub duplicates_dropped: Counter,
+    /// Events that left the last stage (fanned out to the sinks).
+    pub events_out: Counter,
+}
+
+/// The series of one source (the QUIC listener is `quic`). Clones share the series.
+#[derive(Clone, Debug)]
+pub struct SourceMetrics {
+    /// Connections whose `hello` was accepted.
+    pub connections_accepted: Counter,
+    /// Connections refused in the handshake.
+    pub connections_refused: Counter,
+    /// Connections refused because `max_connections` were open.
+    pub connections_over_limit: Counter,
+    /// Batch frames read off streams (duplicates and later-failed ones included).
+    pub batches_received: Counter,
+    /// Batch streams failed with an error.
+    pub stream_errors: Counter,
 }
 
 /// The series of one stage of one pipeline. Clones share the series.
@@ -220,6 +252,16 @@ struct PipelineFamilies {
     dead_letters: Family<PipelineLabels, Counter>,
     late_events: Family<PipelineLabels, Counter>,
     duplicates_dropped: Family<PipelineLabels, Counter>,
+    events_out: Family<PipelineLabels, Counter>,
+}
+
+#[derive(Debug, Default)]
+struct SourceFamilies {
+    connections_accepted: Family<SourceLabels, Counter>,
+    connections_refused: Family<SourceLabels, Counter>,
+    connections_over_limit: Family<SourceLabels, Counter>,
+    batches_received: Family<SourceLabels, Counter>,
+    stream_errors: Family<SourceLabels, Counter>,
 }
 
 #[derive(Debug)]
@@ -253,6 +295,7 @@ pub struct Metrics {
     pipelines: PipelineFamilies,
     stages: StageFamilies,
     sinks: SinkFamilies,
+    sources: SourceFamilies,
 }
 
 impl Metrics {
@@ -303,6 +346,11 @@ impl Metrics {
                 "pipeline_duplicate_events_dropped",
                 "Events dropped as duplicates of events already taken",
                 &p.duplicates_dropped,
+            ),
+            (
+                "pipeline_events_out",
+                "Events that left the last stage (fanned out to the sinks)",
+                &p.events_out,
             ),
         ] {
             registry.register(name, help, family.clone());
@@ -419,11 +467,44 @@ impl Metrics {
             k.send_latency.clone(),
         );
 
+        let sources = SourceFamilies::default();
+        let q = &sources;
+        for (name, help, family) in [
+            (
+                "source_connections_accepted",
+                "Connections whose hello was accepted",
+                &q.connections_accepted,
+            ),
+            (
+                "source_connections_refused",
+                "Connections refused in the handshake",
+                &q.connections_refused,
+            ),
+            (
+                "source_connections_over_limit",
+                "Connections refused because max_connections were open",
+                &q.connections_over_limit,
+            ),
+            (
+                "source_batches_received",
+                "Batch frames read off streams (duplicates included)",
+                &q.batches_received,
+            ),
+            (
+                "source_stream_errors",
+                "Batch streams failed with an error",
+                &q.stream_errors,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+
         Arc::new(Metrics {
             registry,
             pipelines,
             stages,
             sinks,
+            sources,
         })
     }
 
@@ -442,6 +523,22 @@ impl Metrics {
             dead_letters: f.dead_letters.get_or_create_owned(&labels),
             late_events: f.late_events.get_or_create_owned(&labels),
             duplicates_dropped: f.duplicates_dropped.get_or_create_owned(&labels),
+            events_out: f.events_out.get_or_create_owned(&labels),
+        }
+    }
+
+    /// The series of source `source`, created at zero the first time they are asked for.
+    pub fn source(&self, source: &str) -> SourceMetrics {
+        let labels = SourceLabels {
+            source: LabelValue(source.to_owned()),
+        };
+        let f = &self.sources;
+        SourceMetrics {
+            connections_accepted: f.connections_accepted.get_or_create_owned(&labels),
+            connections_refused: f.connections_refused.get_or_create_owned(&labels),
+            connections_over_limit: f.connections_over_limit.get_or_create_owned(&labels),
+            batches_received: f.batches_received.get_or_create_owned(&labels),
+            stream_errors: f.stream_errors.get_or_create_owned(&labels),
         }
     }
 
@@ -696,6 +793,7 @@ mod tests {
         metrics.pipeline("p");
         metrics.stage("p", "s");
         metrics.sink("k");
+        metrics.source("quic");
         let text = metrics.render();
         let families: Vec<&str> = text
             .lines()
@@ -712,6 +810,7 @@ mod tests {
                 "weir_pipeline_dead_lettered_events counter",
                 "weir_pipeline_late_events counter",
                 "weir_pipeline_duplicate_events_dropped counter",
+                "weir_pipeline_events_out counter",
                 "weir_stage_events_in counter",
                 "weir_stage_events_out counter",
                 "weir_stage_dropped_events counter",
@@ -727,6 +826,11 @@ mod tests {
                 "weir_sink_spill_bytes gauge",
                 "weir_sink_latency_seconds histogram",
                 "weir_sink_send_latency_seconds histogram",
+                "weir_source_connections_accepted counter",
+                "weir_source_connections_refused counter",
+                "weir_source_connections_over_limit counter",
+                "weir_source_batches_received counter",
+                "weir_source_stream_errors counter",
             ]
         );
         // Every series starts at zero (a histogram's sum is a float).

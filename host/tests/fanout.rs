@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weir::config::Config;
 use weir::receiver::{Receiver, ReceiverOptions};
-use weir::sources::quic::{Server, SinkStats};
+use weir::server::{Server, SinkStats};
 use weir::workload::WorkloadSpec;
 use weir_client::{ConnectOptions, EncodedBatch, Producer};
 
@@ -481,6 +481,7 @@ async fn once_a_round_is_not_accepted_no_later_ack_covers_it() {
     // Nothing listens where the http sink posts: its first round waits until shutdown, when
     // the sink gives up. The next batch is all crawlers: nothing for any sink, so its round is
     // accepted at once, but an ack for it would be cumulative and cover the first one.
+    let url = format!("http://{}/ingest", free_tcp_addr());
     let (_dir, server) = start_server(&format!(
         r#"
 [pipelines.clicks]
@@ -491,11 +492,10 @@ plugin = "example:drop-bots"
 
 [sinks.eu]
 type = "http"
-url = "http://{}/ingest"
+url = "{url}"
 retry_initial_ms = 10
 retry_max_ms = 50
-"#,
-        free_tcp_addr()
+"#
     ))
     .await;
     let event = |i: i64, agent: &str| {
@@ -522,11 +522,12 @@ retry_max_ms = 50
         }
     })
     .await;
-    // The first round now waits for the sink: the second batch is a round of its own.
+    // The first round waits for the sink; the worker goes on: the second batch is processed
+    // and accepted at once (nothing of it for any sink), but not acked.
     send(&producer, 0, &[crawlers]).await;
-    wait_for("the second batch read, not yet processed", || {
+    wait_for("the second batch processed", || {
         let stats = server.stats();
-        if stats.batches_received == 2 && stats.batches_accepted == 1 {
+        if stats.batches_received == 2 && stats.batches_accepted == 2 {
             Ok(())
         } else {
             Err(format!("{stats:?}"))
@@ -539,18 +540,23 @@ retry_max_ms = 50
     assert_eq!(report.stats.batches_accepted, 2, "{report:?}");
     assert_eq!(report.stats.batches_acked, 0, "{report:?}");
     assert_eq!(producer.stats().batches_acked, 0);
-    assert_eq!(
-        report.problems[..2],
-        [
-            "pipeline `clicks`: a sink gave up on the last batches; they are not acked".to_string(),
-            "pipeline `clicks`: 1 later batch not acked: an earlier round was not accepted, and an ack would cover it too"
-                .to_string(),
-        ],
-        "{:?}",
-        report.problems
+    let gave_up = format!(
+        "pipeline `clicks`: sink `eu` gave up delivering to {}; its batches are not acked",
+        url
     );
+    // The second batch is a round of its own unless it reached the worker before the first
+    // round was sealed (a loaded machine): then one round holds both, and nothing is withheld
+    // behind a rejected batch. Either way nothing is acked.
+    let withheld = "pipeline `clicks`: 1 later batch not acked: an earlier batch was not accepted, and an ack would cover it too";
+    let (first, rest) = report.problems.split_first().expect("problems");
+    assert_eq!(first, &gave_up, "{:?}", report.problems);
+    let sink = match rest {
+        [w, sink] if w == withheld => sink,
+        [sink] => sink,
+        _ => panic!("unexpected problems: {:?}", report.problems),
+    };
     assert!(
-        report.problems[2].ends_with("; 3 buffered events of sink `eu` not delivered"),
+        sink.ends_with("; 3 buffered events of sink `eu` not delivered"),
         "{:?}",
         report.problems
     );
@@ -1191,7 +1197,7 @@ retry_max_ms = 100
     let summary = second.stop().await;
     assert_eq!(
         summary,
-        "weir serve: stopped; 0 batches (0 events) accepted, 0 acked, 0 duplicates dropped, 0 events out, 0 dead letters"
+        "weir serve: stopped; 0 batches (0 events) accepted, 0 acked, 0 duplicate events dropped, 0 events out, 0 dead letters"
     );
     // Stopped: nothing more can arrive.
     assert_same(

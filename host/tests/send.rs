@@ -1,4 +1,4 @@
-//! `weir send` against an in-process server (`weir::sources::quic::Server`) with a file sink: exact
+//! `weir send` against an in-process server (`weir::server::Server`) with a file sink: exact
 //! file contents for a JSON-lines file and for generated events, and the failures a user meets
 //! first (a bad line, no pin, a wrong pin, a wrong token), each with exit status 1 and a message
 //! naming the problem.
@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use weir::config::Config;
-use weir::sources::quic::Server;
+use weir::server::Server;
 use weir::workload::WorkloadSpec;
 use weir_format::json::{event_to_line, parse_line};
 

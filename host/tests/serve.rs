@@ -1,5 +1,5 @@
 //! `weir serve` over real QUIC: raw `weir/1` frames from quinn clients (weir_format::frame),
-//! against a server started with `weir::sources::quic::Server::start`.
+//! against a server started with `weir::server::Server::start`.
 //!
 //! Every wait is bounded ([`WAIT`]) and fails naming what it waited for; nothing asserts on
 //! timing. Each bad-input test checks the exact code and message, that only the offending
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use weir::config::Config;
-use weir::sources::quic::{Server, Stats};
+use weir::server::{Server, Stats};
 use weir_client::tls::{PinnedServerVerifier, parse_fingerprint};
 use weir_format::frame::{
     self, Ack, BatchFrame, Decoder, ErrorCode, ErrorFrame, Frame, Hello, Welcome,
@@ -584,7 +584,7 @@ async fn a_newer_connection_supersedes_and_resends_are_dropped_as_duplicates() {
     new.ack_reaching(0, 3).await;
     assert_eq!(t.clicks(), expected, "each batch exactly once");
     let stats = t.server.stats();
-    assert_eq!(stats.duplicates_dropped, 2);
+    assert_eq!(stats.duplicates_dropped, 6, "two batches of three events");
     assert_eq!(stats.batches_accepted, 3);
 }
 
@@ -1099,7 +1099,7 @@ fsync = "never"
         .await
         .expect("write");
     wait_for_stats(&t.server, "the batch accepted", |s| s.batches_accepted == 1).await;
-    // Let the worker sit in its retry loop for a while: shutdown must still end.
+    // Let the sink sit in its retry loop for a while: shutdown must still end.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let TestServer { server, dir: _dir } = t;
     let report = within("shutdown", server.shutdown())
@@ -1108,7 +1108,7 @@ fsync = "never"
     assert_eq!(
         report.problems,
         vec![
-            "pipeline `full`: a sink gave up on the last batches; they are not acked".to_string(),
+            "pipeline `full`: sink `full` gave up delivering to file /dev/full (no fsync); its batches are not acked".to_string(),
             "sink `full`: cannot write file /dev/full: No space left on device (os error 28); \
              cutting it back to its last whole line also failed: Invalid argument (os error 22) \
              (it is reopened and repaired before the next write); 1 buffered events of sink \
@@ -1438,7 +1438,7 @@ fn weir_serve_prints_its_setup_and_stops_on_sigterm() {
     match rx.recv_timeout(WAIT) {
         Ok(line) => assert_eq!(
             line,
-            "weir serve: stopped; 0 batches (0 events) accepted, 0 acked, 0 duplicates dropped, 0 events out, 0 dead letters"
+            "weir serve: stopped; 0 batches (0 events) accepted, 0 acked, 0 duplicate events dropped, 0 events out, 0 dead letters"
         ),
         Err(e) => panic!("no summary after SIGTERM: {e}"),
     }

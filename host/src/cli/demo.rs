@@ -3,7 +3,7 @@
 //!
 //! The demo writes its config to `DIR/weir-demo.toml` (what `weir serve --config` runs) and
 //! starts, in this process: an HTTP receiver (`weir::receiver`, the other end of sink `eu`),
-//! the router (`weir::sources::quic::Server`) on loopback with its Prometheus endpoint, and a
+//! the router (`weir::server::Server`) on loopback with its Prometheus endpoint, and a
 //! weir-client producer that pins the router's certificate and sends every generated event to
 //! both pipelines:
 //!
@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use weir::config::Config;
 use weir::receiver::{Receiver, ReceiverOptions};
-use weir::sources::quic::{Server, ShutdownReport};
+use weir::server::{Server, ShutdownReport};
 use weir::workload::{BOT_EVERY, WorkloadSpec};
 use weir_client::{ConnectOptions, Producer, Trust};
 

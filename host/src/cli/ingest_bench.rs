@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use weir::config::Config;
-use weir::sources::quic::Server;
+use weir::server::Server;
 use weir::workload::WorkloadSpec;
 use weir_client::{ConnectOptions, EncodedBatch, Producer};
 use weir_format::frame::{ALPN, batch_header};

@@ -5,7 +5,7 @@ use super::send::count;
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use weir::config::Config;
-use weir::sources::quic::Server;
+use weir::server::Server;
 
 /// Arguments of `weir serve`.
 #[derive(Debug, clap::Args)]
@@ -99,7 +99,7 @@ async fn serve(config: Config) -> Result<()> {
         count(s.batches_accepted, "batch", "batches"),
         count(s.events_accepted, "event", "events"),
         s.batches_acked,
-        count(s.duplicates_dropped, "duplicate", "duplicates"),
+        count(s.duplicates_dropped, "duplicate event", "duplicate events"),
         count(s.events_out, "event", "events"),
         count(s.dead_letters, "dead letter", "dead letters"),
     );

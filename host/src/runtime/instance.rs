@@ -116,6 +116,10 @@ pub struct Instance {
     /// fails as if the instance pool were exhausted (`None`: no limit).
     #[cfg(test)]
     pub(crate) starts_left: Option<u32>,
+    /// Tests only: how many of the next starts fail as if the pool were exhausted, before
+    /// starts work again.
+    #[cfg(test)]
+    pub(crate) failing_starts: u32,
 }
 
 struct Live {
@@ -202,6 +206,8 @@ impl Instance {
             recycles: 0,
             #[cfg(test)]
             starts_left: None,
+            #[cfg(test)]
+            failing_starts: 0,
         };
         instance.start()?;
         Ok(instance)
@@ -372,6 +378,15 @@ impl Instance {
     /// Creates the live instance and calls `init`.
     fn start(&mut self) -> Result<(), PluginError> {
         self.calls = 0;
+        #[cfg(test)]
+        if self.failing_starts > 0 {
+            self.failing_starts -= 1;
+            return Err(PluginError::Instantiate {
+                plugin: self.plugin.name().to_owned(),
+                version: self.plugin.version().to_owned(),
+                message: "instance pool exhausted (test)".to_owned(),
+            });
+        }
         #[cfg(test)]
         if let Some(left) = self.starts_left.as_mut() {
             if *left == 0 {

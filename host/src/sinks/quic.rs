@@ -571,7 +571,7 @@ impl Batcher {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::sources::quic::Server;
+    use crate::server::Server;
     use std::path::PathBuf;
     use std::sync::Arc;
     use weir_format::Event;

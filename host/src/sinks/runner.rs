@@ -13,8 +13,9 @@
 //! | `drop_oldest` | in the memory buffer                   | the oldest waiting are dropped  |
 //! | `spill`       | written and synced to the disk buffer  | the pipeline waits (disk full)  |
 //!
-//! A `block` delivery carries the pipeline round's [`Ticket`]; the round acks once every
-//! ticket it handed out is done. `drop_*` deliveries are accepted at once: a crash loses what
+//! A `block` delivery carries the pipeline round's [`Ticket`], which counts the round's
+//! deliveries not accepted yet; the sink's task marks each done once delivered, and the last
+//! one resolves the round (its callback queues the acks). `drop_*` deliveries are accepted at once: a crash loses what
 //! is buffered, and a dead destination loses what does not fit, counted in the sink's
 //! `dropped` metric. `spill` writes every delivery to the disk log (`spill.rs`) and the task
 //! delivers from there, so a restart replays what was not delivered, in order.
@@ -129,61 +130,120 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Counts the deliveries of one pipeline round that are not accepted yet.
+/// What a [`Ticket`] calls once it is resolved: `Ok` when every delivery was accepted, `Err`
+/// with the reason when one never will be.
+pub type OnResolved = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// The deliveries of one pipeline round that are not accepted yet, and what to do once they
+/// are.
+///
+/// A round offers its deliveries (each `block` delivery adds one to the ticket), then
+/// [`Ticket::seal`]s it with a callback. The callback runs once, on whichever thread resolves
+/// the ticket: the sink task that completes the last delivery, a sink task that gives up
+/// ([`Ticket::fail`]), or the sealing thread itself when nothing is pending. No thread waits
+/// or polls for it.
 #[derive(Default)]
-pub(crate) struct Ticket {
+pub struct Ticket {
     state: Mutex<TicketState>,
-    done: Condvar,
+    resolved: Condvar,
 }
 
 #[derive(Default)]
 struct TicketState {
     pending: usize,
-    /// A sink gave up on one of the deliveries (the router is stopping): never accepted.
-    failed: bool,
+    sealed: bool,
+    /// Why the round will never be accepted (a sink gave up, or the router stopped waiting).
+    failed: Option<String>,
+    /// Set once the outcome is decided (the callback taken to be run).
+    resolved: bool,
+    /// Set once the callback returned: what waiters wait for, so that they see its effects.
+    finished: bool,
+    on_resolved: Option<OnResolved>,
 }
 
-/// What waiting on a [`Ticket`] found.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Accepted {
-    /// Every delivery is accepted.
-    Yes,
-    /// Not yet.
-    Waiting,
-    /// A sink gave up on a delivery: the round can never be acked.
-    Never,
+impl TicketState {
+    /// The callback and its argument, when the ticket can be resolved now.
+    fn resolve(&mut self) -> Option<(OnResolved, Result<(), String>)> {
+        if self.resolved || !self.sealed {
+            return None;
+        }
+        let result = match &self.failed {
+            Some(reason) => Err(reason.clone()),
+            None if self.pending == 0 => Ok(()),
+            None => return None,
+        };
+        self.resolved = true;
+        let callback = self.on_resolved.take().unwrap_or_else(|| Box::new(|_| {}));
+        Some((callback, result))
+    }
 }
 
 impl Ticket {
+    /// A ticket with nothing pending, not sealed.
+    pub fn new() -> Arc<Ticket> {
+        Arc::new(Ticket::default())
+    }
+
     fn add(&self) {
         lock(&self.state).pending += 1;
     }
 
-    fn done(&self) {
+    fn update(&self, f: impl FnOnce(&mut TicketState)) {
         let mut state = lock(&self.state);
-        state.pending = state.pending.saturating_sub(1);
-        if state.pending == 0 {
-            self.done.notify_all();
+        f(&mut state);
+        let fire = state.resolve();
+        drop(state);
+        // Outside the lock: the callback may take other locks (a source's acks).
+        if let Some((callback, result)) = fire {
+            callback(result);
+            lock(&self.state).finished = true;
+            self.resolved.notify_all();
         }
     }
 
-    fn fail(&self) {
-        lock(&self.state).failed = true;
-        self.done.notify_all();
+    fn done(&self) {
+        self.update(|s| s.pending = s.pending.saturating_sub(1));
     }
 
-    /// Waits up to `timeout` for every delivery to be accepted.
-    pub fn wait(&self, timeout: Duration) -> Accepted {
-        let state = lock(&self.state);
-        let (state, _) = self
-            .done
-            .wait_timeout_while(state, timeout, |s| s.pending > 0 && !s.failed)
-            .unwrap_or_else(PoisonError::into_inner);
-        match (state.failed, state.pending) {
-            (true, _) => Accepted::Never,
-            (false, 0) => Accepted::Yes,
-            _ => Accepted::Waiting,
+    /// The round will never be accepted: resolves it with `reason` (the first reason given
+    /// wins), once sealed.
+    pub fn fail(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        self.update(|s| {
+            s.failed.get_or_insert(reason);
+        });
+    }
+
+    /// No more deliveries will be added: `on_resolved` runs once every delivery is accepted
+    /// (now, if none is pending) or once the ticket fails.
+    pub fn seal(&self, on_resolved: impl FnOnce(Result<(), String>) + Send + 'static) {
+        self.update(|s| {
+            s.sealed = true;
+            s.on_resolved = Some(Box::new(on_resolved));
+        });
+    }
+
+    /// Whether the ticket was resolved (its callback ran).
+    pub fn is_resolved(&self) -> bool {
+        lock(&self.state).finished
+    }
+
+    /// Waits until the ticket is resolved (its callback ran) or `deadline` passes; whether it
+    /// was resolved.
+    pub fn wait_until(&self, deadline: Instant) -> bool {
+        let mut state = lock(&self.state);
+        while !state.finished {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .resolved
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
+        true
     }
 }
 
@@ -320,6 +380,20 @@ impl Sink {
         self.stopping.store(true, Ordering::Release);
         self.room.notify_all();
         self.halt.notify_waiters();
+    }
+
+    /// Completes `wait` after the router began stopping (never, while it runs).
+    async fn stopping_for(&self, wait: Duration) {
+        loop {
+            let halted = self.halt.notified();
+            tokio::pin!(halted);
+            halted.as_mut().enable();
+            if let Some(since) = self.stopping_since.get() {
+                tokio::time::sleep_until((*since + wait).into()).await;
+                return;
+            }
+            halted.await;
+        }
     }
 
     /// Why nothing would deliver a memory-buffered offer now: the sink is closed (a dead
@@ -556,11 +630,17 @@ impl Sink {
                 };
                 tracing::error!("{message}");
                 problems.push(message);
-                // Rounds waiting for these deliveries can stop waiting: they are not acked.
-                for q in &lock(&self.state).queue {
-                    if let Some(ticket) = &q.ticket {
-                        ticket.fail();
-                    }
+                // Rounds waiting for these deliveries are not accepted: resolve them now.
+                let tickets: Vec<Arc<Ticket>> = lock(&self.state)
+                    .queue
+                    .iter()
+                    .filter_map(|q| q.ticket.clone())
+                    .collect();
+                for ticket in tickets {
+                    ticket.fail(format!(
+                        "sink `{}` gave up delivering to {}",
+                        self.name, self.describe
+                    ));
                 }
                 break;
             }
@@ -810,33 +890,33 @@ impl Sink {
             let batch = unsafe { SharedBatch::trusted(builder.finish()) };
             let letter = Outgoing::all(batch, out.pipeline_name().clone());
             // The send counts as done (its round acked, its disk records committed) only once
-            // the dead-letter sink accepted the letters. `offer` and the wait block: off the
-            // async workers.
-            let accepted = tokio::task::spawn_blocking(move || {
-                let ticket = Arc::new(Ticket::default());
+            // the dead-letter sink accepted the letters. `offer` may block while the sink is
+            // full, and `sync` writes to disk: off the async workers. Then the ticket tells.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let waiting = target.clone();
+            let offered = tokio::task::spawn_blocking(move || {
+                let ticket = Ticket::new();
                 target.offer(letter, &ticket)?;
                 target.sync()?;
-                let started = Instant::now();
-                loop {
-                    match ticket.wait(Duration::from_millis(100)) {
-                        Accepted::Yes => return Ok(()),
-                        Accepted::Never => {
-                            return Err(format!("dead-letter sink `{}` gave up", target.name));
-                        }
-                        Accepted::Waiting => {}
-                    }
-                    if target.stopping.load(Ordering::Acquire) && started.elapsed() >= SHUTDOWN_WAIT
-                    {
-                        return Err(format!(
-                            "dead-letter sink `{}` did not accept them in time",
-                            target.name
-                        ));
-                    }
-                }
-            });
-            let accepted = match accepted.await {
-                Ok(result) => result,
-                Err(e) => Err(e.to_string()),
+                ticket.seal(move |result| {
+                    // The sender waits below; if it stopped waiting, nobody needs to know.
+                    let _ = tx.send(result);
+                });
+                Ok::<(), String>(())
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            let accepted = match offered {
+                Err(e) => Err(e),
+                Ok(()) => tokio::select! {
+                    result = rx => result.unwrap_or_else(|_| {
+                        Err(format!("dead-letter sink `{}` dropped them", waiting.name))
+                    }),
+                    () = waiting.stopping_for(SHUTDOWN_WAIT) => Err(format!(
+                        "dead-letter sink `{}` did not accept them in time",
+                        waiting.name
+                    )),
+                },
             };
             accepted.map_err(|e| {
                 format!(

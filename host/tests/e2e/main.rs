@@ -23,7 +23,7 @@ use std::time::Duration;
 use weir::config::Config;
 use weir::pipeline::{Chain, Stage};
 use weir::runtime::{Runtime, RuntimeConfig, StageConfig};
-use weir::sources::quic::Server;
+use weir::server::Server;
 use weir::workload::WorkloadSpec;
 use weir_client::{ConnectOptions, Producer, ReconnectPolicy};
 use weir_format::Batch;

@@ -5,8 +5,8 @@
 use std::fmt::Write as _;
 use weir::config::Config;
 use weir::metrics::{Metrics, SinkMetrics, StageMetrics};
+use weir::server::Stats;
 use weir::sinks::SinkKind;
-use weir::sources::quic::Stats;
 
 /// One stage, as the table shows it.
 struct StageRow {

@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use weir::sources::quic::Server;
+use weir::server::Server;
 
 /// How often the view is redrawn.
 const REDRAW: Duration = Duration::from_millis(200);

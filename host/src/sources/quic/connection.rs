@@ -1,18 +1,19 @@
 //! One producer connection: the handshake (PROTOCOL §6), the control stream's writer (welcome,
 //! acks, errors, goaway) and reader, and one task per batch stream.
 //!
-//! A batch stream's task only frames: it decodes batch frames (limits checked at the header)
-//! and hands each to its pipeline's worker, which verifies and runs it. The connection reads at
-//! most `max_in_flight` batches of a pipeline that are not acked yet (a permit per batch from
-//! the connection's semaphore of that pipeline, given back by the worker after the ack),
+//! A batch stream's task decodes batch frames (limits checked at the header) and admits each
+//! into its pipeline (`pipeline.rs`: sequence check, verification, hand-over). The connection
+//! reads at most `max_in_flight` batches of a pipeline that are not acked yet (a permit per
+//! batch from the connection's semaphore of that pipeline, given back when the pipeline
+//! resolves the batch or at once for a duplicate),
 //! whatever streams they come on: past that it stops reading, the stream's QUIC flow-control
 //! window fills and the producer's writes block. A stream's first frame says which pipeline it
 //! carries, so it is read under one of the connection's first-frame permits (one more than its
 //! pipelines), traded for a pipeline permit once decoded: a producer cannot queue more by
 //! opening, finishing or resetting streams.
 
-use super::worker::{Item, PipelineHandle, Work, lock};
-use super::{Shared, WaitGuard, bump};
+use super::pipeline::{Admitted, QuicPipeline, lock};
+use super::{Shared, WaitGuard};
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use std::collections::BTreeMap;
@@ -51,14 +52,14 @@ struct OutboxState {
     close: Option<(ErrorCode, String)>,
 }
 
-/// The state of one accepted connection that its streams and the workers share.
+/// The state of one accepted connection that its streams and the pipelines' completions share.
 pub(crate) struct ConnState {
     /// The producer id.
     pub producer: Arc<str>,
     /// The connection.
     conn: Connection,
     /// Its pipelines, in `hello` order.
-    pub pipelines: Vec<Arc<PipelineHandle>>,
+    pub pipelines: Vec<Arc<QuicPipeline>>,
     /// Per pipeline (same order): `max_in_flight` permits, one per batch read and not acked.
     permits: Vec<Semaphore>,
     /// Streams reading their first frame (pipeline unknown yet): one more than the pipelines.
@@ -129,7 +130,7 @@ fn truncate(mut message: String) -> String {
     message
 }
 
-/// One batch stream, as its task and the worker share it.
+/// One batch stream, as its task and its batches' completions share it.
 pub(crate) struct StreamShared {
     /// QUIC stream id.
     pub id: u64,
@@ -144,9 +145,9 @@ pub(crate) struct StreamShared {
 }
 
 impl StreamShared {
-    /// Whether the stream failed (its later batches are discarded).
-    pub fn is_failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
+    /// The producer id of the stream's connection.
+    pub fn producer(&self) -> &Arc<str> {
+        &self.conn.producer
     }
 
     /// Fails the stream: an `error` frame on the control stream, then `STOP_SENDING` with
@@ -155,7 +156,7 @@ impl StreamShared {
         if self.failed.swap(true, Ordering::AcqRel) {
             return;
         }
-        bump(&self.shared.counters.stream_errors, 1);
+        self.shared.metrics.stream_errors.inc();
         tracing::warn!(
             "producer `{}`, stream {}: {message} ({code:?})",
             self.conn.producer,
@@ -247,10 +248,10 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, guard: W
             .pipelines
             .iter()
             .map(|p| {
-                let s = p.welcome_state(&hello.producer_id);
+                let (next_sequence, acked_below) = p.welcome_state(&hello.producer_id);
                 PipelineState {
-                    next_sequence: s.next,
-                    acked_below: s.acked,
+                    next_sequence,
+                    acked_below,
                 }
             })
             .collect(),
@@ -263,7 +264,7 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, guard: W
             false
         }
     };
-    bump(&shared.counters.connections_accepted, 1);
+    shared.metrics.connections_accepted.inc();
     tracing::info!(
         "producer `{}` connected from {remote} (pipelines: {})",
         hello.producer_id,
@@ -317,7 +318,7 @@ fn admit(
     shared.authenticate(conn, id, &hello.token)?;
     let mut pipelines = Vec::with_capacity(hello.pipelines.len());
     for name in &hello.pipelines {
-        let Some(pipeline) = shared.pipelines.get(name) else {
+        let Some(pipeline) = shared.pipeline(name) else {
             return Err((
                 ErrorCode::UnknownPipeline,
                 format!("pipeline `{name}`: unknown"),
@@ -331,7 +332,7 @@ fn admit(
                 format!("pipeline `{name}`: producer `{id}` may not write to it"),
             ));
         }
-        pipelines.push(pipeline.clone());
+        pipelines.push(pipeline);
     }
     let in_flight = shared.limits.protocol.max_in_flight as usize;
     let state = Arc::new(ConnState {
@@ -350,7 +351,7 @@ fn admit(
     // Before `welcome` reads the sequence state: acks of batches accepted on an earlier
     // connection that complete from now on reach this one too (PROTOCOL §9, reconnect).
     for (index, pipeline) in (0u16..).zip(&state.pipelines) {
-        lock(&pipeline.current).insert(state.producer.clone(), (Arc::downgrade(&state), index));
+        pipeline.set_current(state.producer.clone(), &state, index);
     }
     Ok((state, hello.pipelines.clone()))
 }
@@ -363,7 +364,7 @@ async fn refuse(
     error: ErrorCode,
     message: String,
 ) {
-    bump(&shared.counters.connections_refused, 1);
+    shared.metrics.connections_refused.inc();
     tracing::info!("refused {}: {message} ({error:?})", conn.remote_address());
     let message = truncate(message);
     let mut bytes = Vec::new();
@@ -495,7 +496,7 @@ enum End {
     Quiet,
     /// A protocol error on the stream.
     Failed(ErrorCode, String),
-    /// The worker failed the stream (it sent the `error` frame already).
+    /// The stream was failed (its `error` frame is queued already).
     Stopped(ErrorCode),
 }
 
@@ -521,7 +522,7 @@ async fn read_batches(
     let error = match end {
         End::Quiet => None,
         End::Failed(error, message) => {
-            // Only the first failure counts: the worker may have failed the stream already.
+            // Only the first failure counts: the stream may have been failed already.
             stream.fail(error, message);
             Some(lock(&stream.stop).unwrap_or(error))
         }
@@ -608,7 +609,7 @@ async fn read_loop(
             Ok(Some(_)) | Ok(None) => continue,
             Err(e) => return End::Failed(e.code(), e.to_string()),
         };
-        bump(&shared.counters.batches_received, 1);
+        shared.metrics.batches_received.inc();
         let first = pipeline.is_none();
         match pipeline {
             None => {
@@ -655,22 +656,25 @@ async fn read_loop(
                 None => return End::Quiet,
             },
         };
-        let item = Item {
-            frame,
-            producer: conn.producer.clone(),
-            stream: stream.clone(),
+        let admitted = tokio::select! {
+            admitted = handle.admit(frame, stream) => admitted,
+            _ = stopping(stop) => return End::Quiet,
         };
-        tokio::select! {
-            sent = handle.tx.send(Work::Batch(item)) => if sent.is_err() {
+        match admitted {
+            // The permit went with the batch: its completion gives it back.
+            Admitted::Taken => std::mem::forget(permit),
+            Admitted::Duplicate => drop(permit),
+            Admitted::Failed => {
+                drop(permit);
+                return stopped(stream);
+            }
+            Admitted::Stopped => {
                 return End::Failed(
                     ErrorCode::InternalError,
                     format!("pipeline `{}` has stopped", handle.name),
                 );
-            },
-            _ = stopping(stop) => return End::Quiet,
+            }
         }
-        // The permit went with the batch: the worker gives it back.
-        std::mem::forget(permit);
     }
 }
 
@@ -683,8 +687,8 @@ impl Drop for Permit<'_> {
     }
 }
 
-/// Waits for a permit of `permits`; `Err` when the stream must end first (the worker failed
-/// it, or the server stops reading).
+/// Waits for a permit of `permits`; `Err` when the stream must end first (it was failed,
+/// or the server stops reading).
 async fn acquire<'a>(
     permits: &'a Semaphore,
     stream: &StreamShared,

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use weir_format::frame::ALPN;
 
-use crate::config::Config;
+use super::config::ListenerConfig;
 
 /// The server's TLS material, ready for quinn.
 pub(crate) struct Tls {
@@ -38,17 +38,13 @@ pub(crate) fn generated_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 /// Loads or generates the certificate and builds the rustls config.
-pub(crate) fn setup(config: &Config) -> Result<Tls> {
-    let configured = config
-        .listener
-        .tls
-        .as_ref()
-        .and_then(|t| t.cert_key.clone());
+pub(crate) fn setup(listener: &ListenerConfig, data_dir: &Path) -> Result<Tls> {
+    let configured = listener.tls.as_ref().and_then(|t| t.cert_key.clone());
     let generated = configured.is_none();
     let (cert_path, key_path) = match configured {
         Some(paths) => paths,
         None => {
-            let (cert, key) = generated_paths(&config.data_dir);
+            let (cert, key) = generated_paths(data_dir);
             if !cert.exists() || !key.exists() {
                 generate(&cert, &key)?;
             }
@@ -67,12 +63,7 @@ pub(crate) fn setup(config: &Config) -> Result<Tls> {
         .with_context(|| format!("cannot read private key {}", key_path.display()))?;
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = match config
-        .listener
-        .tls
-        .as_ref()
-        .and_then(|t| t.client_ca.as_ref())
-    {
+    let verifier = match listener.tls.as_ref().and_then(|t| t.client_ca.as_ref()) {
         None => WebPkiClientVerifier::no_client_auth(),
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();

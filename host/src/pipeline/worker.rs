@@ -1,0 +1,689 @@
+//! The pipeline worker: one thread per pipeline takes verified batches from any source, runs
+//! them through its [`Chain`], fans the output out to its sinks and resolves each batch's
+//! [`Completion`] once the sinks accepted it. It knows nothing of producers, streams or
+//! wire codes: that is the sources' business (`sources/`).
+//!
+//! - **Rounds.** wasmtime is synchronous, so stages never run on the async workers. The worker
+//!   takes what is queued (up to [`MAX_ROUND`] batches) as one round: each batch goes through
+//!   the chain and its output is offered to the sinks ([`Fanout`]). At the end of the round its
+//!   dead letters go to the dead-letter sink as one batch, the disk buffers written are
+//!   synced, and the round's [`Ticket`] is sealed with the round's completions. The worker
+//!   then goes on with the next round at once: it never waits for sinks. The ticket resolves
+//!   the completions, on whichever thread completes the round's last delivery (a sink's
+//!   task), with no polling. Memory stays bounded by the sinks' buffers (a full `block` sink
+//!   holds the worker in `offer`) and by the sources' own limits on batches not completed.
+//! - **Control.** Between two batches the worker takes [`Control`] messages, ahead of any
+//!   queued batch (today: stop).
+//! - **A stage that cannot run** (its instance pool exhausted, its plugin's `init` refusing on
+//!   a recycle) leaves no half-applied batch: the chain hands back what the earlier stages
+//!   finished (delivered as usual: their output, dead letters and folds stand) and the failing
+//!   stage's unprocessed input, which the worker runs again from that stage, with backoff,
+//!   [`WorkerConfig::stage_attempts`] times in all. After that, the events of that input become
+//!   dead letters of the stage ("cannot run: …") and the batch completes. Nothing is run twice
+//!   and nothing is lost.
+//! - **Stop** drains: queued batches are processed, aggregate windows flushed and fanned out,
+//!   and the worker waits up to [`WorkerConfig::stop_wait`] (from when stopping began) for the
+//!   sinks to accept what it offered; rounds not accepted by then are rejected.
+
+use super::chain::{Chain, ChainError, ChainOutput};
+use super::fanout::Fanout;
+use super::input::{Completion, Input, PipelineInput};
+use super::stage::{DeadLetter, LateEvent};
+use crate::metrics::{PipelineMetrics, StageMetrics};
+use crate::runtime::{PluginError, PluginKind};
+use crate::sinks::SharedBatch;
+use crate::sinks::runner::Ticket;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use weir_format::{Batch, BatchBuilder, Event};
+
+/// Most batches one round takes before it is sealed.
+pub const MAX_ROUND: usize = 256;
+
+/// How a worker retries and stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// Attempts at a stage that cannot run before its pending events become dead letters.
+    pub stage_attempts: u32,
+    /// The wait after the first failed attempt; each later wait is four times longer.
+    pub stage_backoff: Duration,
+    /// Attempts at a failing disk-buffer sync once stopping (before it, the worker retries
+    /// until it works: backpressure, never loss).
+    pub stop_sync_attempts: u32,
+    /// How long, from when stopping began, the worker waits for its sinks to accept what it
+    /// offered.
+    pub stop_wait: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            stage_attempts: 5,
+            stage_backoff: Duration::from_millis(40),
+            stop_sync_attempts: 3,
+            stop_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The wait after failed attempt `attempt` (1-based).
+    fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u32 << (2 * attempt.saturating_sub(1)).min(16);
+        self.stage_backoff.saturating_mul(factor)
+    }
+}
+
+/// What a running pipeline's worker is told between two batches.
+pub(crate) enum Control {
+    /// Stop taking batches, process what is queued, flush windows, wait for the sinks, end.
+    /// Replies with the problems met (empty when everything was accepted).
+    Stop {
+        /// The problems.
+        reply: oneshot::Sender<Vec<String>>,
+    },
+}
+
+/// What a running pipeline shares with whoever stops it.
+#[derive(Default)]
+struct Stopping {
+    flag: AtomicBool,
+    since: OnceLock<Instant>,
+}
+
+impl Stopping {
+    fn begin(&self) {
+        self.since.get_or_init(Instant::now);
+        self.flag.store(true, Ordering::Release);
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+}
+
+/// What a worker is built from.
+pub struct WorkerSetup {
+    /// The pipeline's name.
+    pub name: String,
+    /// Its stages.
+    pub chain: Chain,
+    /// Its sinks.
+    pub(crate) fanout: Fanout,
+    /// Its counters.
+    pub metrics: PipelineMetrics,
+    /// One per stage, in order.
+    pub stage_metrics: Vec<StageMetrics>,
+    /// Batches queued at most.
+    pub queue: usize,
+    /// Retries and stopping.
+    pub config: WorkerConfig,
+}
+
+/// A running pipeline: its worker thread and the ways to reach it.
+pub struct Pipeline {
+    name: Arc<str>,
+    input: PipelineInput,
+    control: mpsc::UnboundedSender<Control>,
+    stopping: Arc<Stopping>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    /// Starts the worker thread. Must be called within a tokio runtime (the worker waits for
+    /// its queues on it, from its own thread).
+    pub fn spawn(setup: WorkerSetup) -> std::io::Result<Pipeline> {
+        let name: Arc<str> = Arc::from(setup.name.as_str());
+        let (tx, rx) = mpsc::channel(setup.queue.max(1));
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let stopping = Arc::new(Stopping::default());
+        let worker = Worker {
+            name: name.clone(),
+            chain: setup.chain,
+            fanout: setup.fanout,
+            metrics: setup.metrics,
+            stage_metrics: setup.stage_metrics,
+            input: rx,
+            input_open: true,
+            control: control_rx,
+            runtime: tokio::runtime::Handle::current(),
+            config: setup.config,
+            stopping: stopping.clone(),
+            outstanding: Vec::new(),
+            problems: Arc::new(Mutex::new(Vec::new())),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("weir-{name}"))
+            .spawn(move || worker.run())?;
+        Ok(Pipeline {
+            input: PipelineInput::new(name.clone(), tx),
+            name,
+            control,
+            stopping,
+            thread: Some(thread),
+        })
+    }
+
+    /// The pipeline's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where sources put its batches.
+    pub fn input(&self) -> PipelineInput {
+        self.input.clone()
+    }
+
+    /// Sends a control message; `Err` when the worker has ended.
+    pub(crate) fn control(&self, message: Control) -> Result<(), String> {
+        self.control
+            .send(message)
+            .map_err(|_| format!("pipeline `{}`: its worker has stopped", self.name))
+    }
+
+    /// Tells the worker to stop (see [`Control::Stop`]) at once; the future completes when it
+    /// finished, with the problems met.
+    pub fn stop(&self) -> impl std::future::Future<Output = Vec<String>> + use<> {
+        // Also cuts retries short in the round under way.
+        self.stopping.begin();
+        let (reply, done) = oneshot::channel();
+        let sent = self.control(Control::Stop { reply });
+        let name = self.name.clone();
+        async move {
+            if let Err(e) = sent {
+                return vec![e];
+            }
+            done.await.unwrap_or_else(|_| {
+                vec![format!(
+                    "pipeline `{name}`: its worker ended without finishing"
+                )]
+            })
+        }
+    }
+
+    /// Waits for the worker thread to end (after [`Pipeline::stop`]); blocks.
+    pub fn join(mut self) -> Result<(), String> {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Err(_)) => Err(format!("pipeline `{}`: its thread panicked", self.name)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A pipeline's worker, run on its own thread.
+struct Worker {
+    name: Arc<str>,
+    chain: Chain,
+    fanout: Fanout,
+    metrics: PipelineMetrics,
+    stage_metrics: Vec<StageMetrics>,
+    input: mpsc::Receiver<Input>,
+    /// Whether a source may still send (some `PipelineInput` is alive).
+    input_open: bool,
+    control: mpsc::UnboundedReceiver<Control>,
+    runtime: tokio::runtime::Handle,
+    config: WorkerConfig,
+    stopping: Arc<Stopping>,
+    /// Sealed rounds, until resolved.
+    outstanding: Vec<Arc<Ticket>>,
+    /// Why rounds were not accepted, each reason once.
+    problems: Arc<Mutex<Vec<String>>>,
+}
+
+/// What the worker waits for next.
+enum Next {
+    Control(Control),
+    Input(Input),
+    /// Every control sender is gone: the pipeline was dropped without a stop.
+    Abandoned,
+}
+
+/// One round: its ticket, its batches' completions, its dead letters.
+struct Round {
+    ticket: Arc<Ticket>,
+    completions: Vec<Completion>,
+    /// Deliveries a sink did not take (only while stopping): the round is not accepted.
+    refused: Vec<String>,
+    dead: BatchBuilder,
+    dead_count: usize,
+}
+
+impl Round {
+    fn new() -> Round {
+        Round {
+            ticket: Ticket::new(),
+            completions: Vec::new(),
+            refused: Vec::new(),
+            dead: BatchBuilder::new(),
+            dead_count: 0,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every update under these locks is a single push: a poisoned lock's data is consistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            let first = match self.next() {
+                Next::Input(input) => input,
+                Next::Control(Control::Stop { reply }) => {
+                    let problems = self.stop();
+                    // The stopper may have given up waiting; nothing to do then.
+                    let _ = reply.send(problems);
+                    return;
+                }
+                Next::Abandoned => {
+                    let problems = self.stop();
+                    for problem in problems {
+                        tracing::error!("{problem}");
+                    }
+                    return;
+                }
+            };
+            let mut round = Round::new();
+            self.process(first, &mut round);
+            // A control message ends the round: it is taken before the next batch.
+            while round.completions.len() < MAX_ROUND && self.control.is_empty() {
+                match self.input.try_recv() {
+                    Ok(input) => self.process(input, &mut round),
+                    Err(_) => break,
+                }
+            }
+            self.finish_round(round);
+        }
+    }
+
+    /// The next control message or batch, control first; blocks.
+    fn next(&mut self) -> Next {
+        if let Ok(control) = self.control.try_recv() {
+            return Next::Control(control);
+        }
+        if let Ok(input) = self.input.try_recv() {
+            return Next::Input(input);
+        }
+        let (control, input, open) = (&mut self.control, &mut self.input, &mut self.input_open);
+        self.runtime.block_on(async {
+            loop {
+                tokio::select! {
+                    biased;
+                    message = control.recv() => return match message {
+                        Some(message) => Next::Control(message),
+                        None => Next::Abandoned,
+                    },
+                    batch = input.recv(), if *open => match batch {
+                        Some(batch) => return Next::Input(batch),
+                        // No source can send any more; control messages still come.
+                        None => *open = false,
+                    },
+                }
+            }
+        })
+    }
+
+    fn process(&mut self, input: Input, round: &mut Round) {
+        let Input { batch, completion } = input;
+        round.completions.push(completion);
+        let view = batch.batch();
+        self.metrics.batches_in.inc();
+        self.metrics.events_in.inc_by(view.len() as u64);
+        let output = if self.chain.is_empty() {
+            batch.clone()
+        } else {
+            let result = self.chain.process_batch(&view);
+            let bytes = self.finish_chain(result, round);
+            // SAFETY: a chain's output is a batch the host built or verified.
+            unsafe { SharedBatch::trusted(bytes) }
+        };
+        self.fan_out(&output, round);
+    }
+
+    /// Takes a chain's result to the end: delivers what it finished, runs a failed stage's
+    /// input again (with backoff), and makes that input dead letters once the attempts are
+    /// spent. Returns the output batch.
+    fn finish_chain(
+        &mut self,
+        mut result: Result<ChainOutput, Box<ChainError>>,
+        round: &mut Round,
+    ) -> Vec<u8> {
+        let mut parts = Vec::new();
+        let mut attempt = 0;
+        loop {
+            match result {
+                Ok(output) => {
+                    parts.push(self.take(output, round));
+                    break;
+                }
+                Err(e) => {
+                    let ChainError {
+                        stage,
+                        name,
+                        error,
+                        output,
+                        pending,
+                    } = *e;
+                    parts.push(self.take(output, round));
+                    attempt += 1;
+                    let message = format!(
+                        "pipeline `{}`: stage `{name}` cannot run: {error}",
+                        self.name
+                    );
+                    if attempt >= self.config.stage_attempts {
+                        tracing::error!(
+                            "{message} (attempt {attempt} of {}); its input becomes dead letters",
+                            self.config.stage_attempts
+                        );
+                        self.dead_letter_pending(stage, &pending, &error, round);
+                        break;
+                    }
+                    tracing::warn!(
+                        "{message} (attempt {attempt} of {}; retrying)",
+                        self.config.stage_attempts
+                    );
+                    let wait = self.config.backoff(attempt);
+                    if !self.stopping.is_set() {
+                        std::thread::sleep(wait);
+                    }
+                    result = self.chain.resume(stage, &pending);
+                }
+            }
+        }
+        merge(parts)
+    }
+
+    /// Counts what the stages did, collects dead letters and late events into the round, and
+    /// returns the output batch.
+    fn take(&mut self, output: ChainOutput, round: &mut Round) -> Vec<u8> {
+        for run in &output.runs {
+            let Some(metrics) = self.stage_metrics.get(run.stage) else {
+                continue;
+            };
+            metrics.latency.observe(run.elapsed.as_secs_f64());
+            metrics.events_in.inc_by(run.events_in as u64);
+            metrics.events_out.inc_by(run.events_out as u64);
+            metrics.errors.inc_by(run.failed as u64);
+            // An aggregate folds its input into windows: nothing of it is dropped.
+            let aggregate = self
+                .chain
+                .stages()
+                .get(run.stage)
+                .is_some_and(|s| s.plugin().kind() == PluginKind::Aggregate);
+            if !aggregate {
+                metrics
+                    .dropped
+                    .inc_by(run.events_in.saturating_sub(run.events_out + run.failed) as u64);
+            }
+        }
+        self.dead_letters(&output.dead_letters, &output.late, round);
+        output.batch
+    }
+
+    /// The events of a stage's input that it could not run on, as its dead letters.
+    fn dead_letter_pending(
+        &mut self,
+        stage: usize,
+        pending: &[u8],
+        error: &PluginError,
+        round: &mut Round,
+    ) {
+        let Ok(batch) = Batch::verify(pending) else {
+            // A chain's pending batch is host-built; never lose it silently all the same.
+            round.refused.push(format!(
+                "pipeline `{}`: a batch that stage {stage} could not run on is not a weir batch",
+                self.name
+            ));
+            return;
+        };
+        let Some(failing) = self.chain.stages().get(stage) else {
+            return;
+        };
+        let letters: Vec<DeadLetter> = batch
+            .iter()
+            .enumerate()
+            .map(|(index, event)| DeadLetter {
+                event: event.to_event(),
+                index,
+                window: None,
+                error: format!("cannot run: {error}"),
+                plugin: failing.plugin().name().to_owned(),
+                version: failing.plugin().version().to_owned(),
+                stage: failing.name().to_owned(),
+            })
+            .collect();
+        if let Some(metrics) = self.stage_metrics.get(stage) {
+            metrics.events_in.inc_by(letters.len() as u64);
+            metrics.errors.inc_by(letters.len() as u64);
+        }
+        self.dead_letters(&letters, &[], round);
+    }
+
+    fn fan_out(&mut self, output: &SharedBatch, round: &mut Round) {
+        let n = output.batch().len() as u64;
+        self.metrics.events_out.inc_by(n);
+        let refused = self.fanout.offer(output, &round.ticket, &self.metrics);
+        round.refused.extend(refused);
+    }
+
+    fn dead_letters(&mut self, dead: &[DeadLetter], late: &[LateEvent], round: &mut Round) {
+        for d in dead {
+            tracing::warn!(
+                "pipeline `{}`: dead letter from stage `{}` (plugin `{}` {}): {}",
+                self.name,
+                d.stage,
+                d.plugin,
+                d.version,
+                d.error
+            );
+            round.dead.push(&dead_letter_event(d));
+        }
+        for l in late {
+            round.dead.push(&late_event(l));
+        }
+        round.dead_count += dead.len() + late.len();
+        self.metrics.dead_letters.inc_by(dead.len() as u64);
+        self.metrics.late_events.inc_by(late.len() as u64);
+    }
+
+    /// Hands the round's dead letters to the dead-letter sink, syncs the disk buffers written,
+    /// and seals the round's ticket with its completions.
+    fn finish_round(&mut self, mut round: Round) {
+        if round.dead_count > 0 {
+            match SharedBatch::verify(round.dead.finish()) {
+                Ok(letters) => {
+                    if let Err(e) = self.fanout.offer_dead_letters(letters, &round.ticket) {
+                        round.refused.push(e);
+                    }
+                }
+                // The host built this batch: it always verifies. Never lose it silently.
+                Err(e) => round.refused.push(format!(
+                    "{} dead letters not written: {e}",
+                    round.dead_count
+                )),
+            }
+        }
+        for sink in self.fanout.sinks() {
+            let mut attempt: u32 = 0;
+            while let Err(e) = sink.sync() {
+                attempt += 1;
+                tracing::error!(
+                    "pipeline `{}`: {e} (attempt {attempt}; acks wait)",
+                    self.name
+                );
+                if self.stopping.is_set() && attempt >= self.config.stop_sync_attempts {
+                    round.refused.push(e);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100 * u64::from(attempt.min(50))));
+            }
+        }
+        let Round {
+            ticket,
+            completions,
+            refused,
+            ..
+        } = round;
+        if let Some(first) = refused.first() {
+            for message in &refused {
+                tracing::error!("pipeline `{}`: {message}", self.name);
+            }
+            ticket.fail(first.clone());
+        }
+        let problems = self.problems.clone();
+        let name = self.name.clone();
+        ticket.seal(move |result| {
+            if let Err(reason) = &result {
+                let problem = format!("pipeline `{name}`: {reason}; its batches are not acked");
+                let mut problems = lock(&problems);
+                if !problems.contains(&problem) {
+                    tracing::error!("{problem}");
+                    problems.push(problem);
+                }
+            }
+            for completion in completions {
+                completion.resolve(result.clone());
+            }
+        });
+        self.outstanding.retain(|t| !t.is_resolved());
+        self.outstanding.push(ticket);
+    }
+
+    /// Processes what is queued, flushes windows, waits (bounded) for the sinks; the problems.
+    fn stop(&mut self) -> Vec<String> {
+        self.stopping.begin();
+        self.input.close();
+        loop {
+            let mut round = Round::new();
+            while round.completions.len() < MAX_ROUND {
+                match self.input.try_recv() {
+                    Ok(input) => self.process(input, &mut round),
+                    Err(_) => break,
+                }
+            }
+            if round.completions.is_empty() {
+                break;
+            }
+            self.finish_round(round);
+        }
+        let mut round = Round::new();
+        self.flush_windows(&mut round);
+        self.finish_round(round);
+
+        let since = self
+            .stopping
+            .since
+            .get()
+            .copied()
+            .unwrap_or_else(Instant::now);
+        let deadline = since + self.config.stop_wait;
+        for ticket in std::mem::take(&mut self.outstanding) {
+            if !ticket.wait_until(deadline) {
+                ticket.fail(format!(
+                    "a sink did not accept the last batches in {:?}",
+                    self.config.stop_wait
+                ));
+            }
+        }
+        std::mem::take(&mut *lock(&self.problems))
+    }
+
+    /// End of input: aggregates finish their open windows; the results are fanned out.
+    fn flush_windows(&mut self, round: &mut Round) {
+        let mut attempt = 0;
+        loop {
+            match self.chain.flush() {
+                Ok(output) => {
+                    let bytes = self.take(output, round);
+                    self.fan_out_flushed(bytes, round);
+                    return;
+                }
+                Err(e) => {
+                    let e = *e;
+                    let bytes = self.take(e.output, round);
+                    self.fan_out_flushed(bytes, round);
+                    // What the failing stage did not take goes on through the rest first.
+                    let resumed = self.chain.resume(e.stage, &e.pending);
+                    let bytes = self.finish_chain(resumed, round);
+                    self.fan_out_flushed(bytes, round);
+                    attempt += 1;
+                    if attempt >= self.config.stage_attempts {
+                        let message = format!(
+                            "pipeline `{}`: windows not flushed at shutdown: stage `{}`: {}",
+                            self.name, e.name, e.error
+                        );
+                        tracing::error!("{message}");
+                        lock(&self.problems).push(message);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn fan_out_flushed(&mut self, bytes: Vec<u8>, round: &mut Round) {
+        match SharedBatch::verify(bytes) {
+            Ok(batch) => self.fan_out(&batch, round),
+            Err(e) => round
+                .refused
+                .push(format!("window results not written: {e}")),
+        }
+    }
+}
+
+/// One batch of the parts a chain returned (usually one; more after a stage failed).
+fn merge(mut parts: Vec<Vec<u8>>) -> Vec<u8> {
+    // SAFETY: every part is a chain's output, built or verified by the host.
+    parts.retain(|p| !unsafe { Batch::trusted(p) }.is_empty());
+    match parts.len() {
+        0 => BatchBuilder::new().finish(),
+        1 => parts.pop().unwrap_or_default(),
+        _ => {
+            let mut merged = BatchBuilder::new();
+            for part in &parts {
+                // SAFETY: as above.
+                for event in unsafe { Batch::trusted(part) }.iter() {
+                    merged.push_ref(&event, event.source());
+                }
+            }
+            merged.finish()
+        }
+    }
+}
+
+/// A dead letter as an event for the dead-letter sink: the original event with headers naming
+/// what failed.
+fn dead_letter_event(d: &DeadLetter) -> Event {
+    d.event
+        .clone()
+        .with_header("weir-error", d.error.as_str())
+        .with_header("weir-stage", d.stage.as_str())
+        .with_header("weir-plugin", d.plugin.as_str())
+        .with_header("weir-plugin-version", d.version.as_str())
+}
+
+/// A late event as an event for the dead-letter sink.
+fn late_event(l: &LateEvent) -> Event {
+    l.event
+        .clone()
+        .with_header(
+            "weir-error",
+            "late: every window it belongs to had finished",
+        )
+        .with_header("weir-stage", l.stage.as_str())
+}
+
+#[cfg(test)]
+mod tests;

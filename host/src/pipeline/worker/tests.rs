@@ -1,0 +1,356 @@
+//! The worker's rounds, completions and stops, driven by a test source (batches handed to the
+//! pipeline's input with completions that report back) into test sinks (destinations that
+//! record what they deliver and hold deliveries until a test lets them through). No sockets;
+//! real plugins where a stage is needed; every wait bounded.
+
+use super::*;
+use crate::metrics::Metrics;
+use crate::pipeline::fanout::UnmatchedOut;
+use crate::pipeline::route::Condition;
+use crate::pipeline::{Stage, WindowConfig};
+use crate::runtime::{Limits, Runtime, RuntimeConfig, StageConfig};
+use crate::sinks::runner::Sink;
+use crate::sinks::{BufferConfig, Destination, Outgoing, RetryConfig, SendFuture};
+use tokio::sync::watch;
+use weir_format::encode;
+
+mod plugins {
+    include!(concat!(env!("OUT_DIR"), "/plugin_paths.rs"));
+}
+
+/// The bound of every wait.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// One delivered event: its value, and the `weir-error` and `weir-stage` headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Delivered {
+    value: String,
+    error: Option<String>,
+    stage: Option<String>,
+}
+
+/// A destination that records every event it delivers, once its gate is open.
+struct Probe {
+    delivered: Arc<Mutex<Vec<Delivered>>>,
+    gate: watch::Receiver<bool>,
+}
+
+impl Destination for Probe {
+    fn describe(&self) -> String {
+        "probe".into()
+    }
+
+    fn send<'a>(&'a mut self, batch: &'a [Outgoing]) -> SendFuture<'a> {
+        Box::pin(async move {
+            // The test keeps the gate's sender for as long as the sink runs.
+            let _ = self.gate.wait_for(|open| *open).await;
+            let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8_lossy(b).into_owned());
+            let mut delivered = lock(&self.delivered);
+            for out in batch {
+                for event in out.events() {
+                    delivered.push(Delivered {
+                        value: String::from_utf8_lossy(event.value()).into_owned(),
+                        error: text(event.header("weir-error")),
+                        stage: text(event.header("weir-stage")),
+                    });
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A sink with a [`Probe`] destination, its runner spawned.
+struct TestSink {
+    sink: Arc<Sink>,
+    delivered: Arc<Mutex<Vec<Delivered>>>,
+    gate: watch::Sender<bool>,
+}
+
+impl TestSink {
+    fn start(name: &str, open: bool, metrics: &Metrics, dir: &std::path::Path) -> TestSink {
+        let (gate, gate_rx) = watch::channel(open);
+        let delivered = Arc::new(Mutex::new(Vec::new()));
+        let sink = Sink::new(
+            name,
+            "probe".into(),
+            BufferConfig::default(),
+            RetryConfig::default(),
+            &dir.join(name),
+            metrics.sink(name),
+        )
+        .expect("a sink");
+        let probe = Probe {
+            delivered: delivered.clone(),
+            gate: gate_rx,
+        };
+        tokio::spawn(sink.clone().run(Box::new(probe)));
+        TestSink {
+            sink,
+            delivered,
+            gate,
+        }
+    }
+
+    fn delivered(&self) -> Vec<Delivered> {
+        lock(&self.delivered).clone()
+    }
+}
+
+/// A running pipeline with an `out` sink (taking every event) and a dead-letter sink.
+struct Harness {
+    pipeline: Pipeline,
+    out: TestSink,
+    dead: TestSink,
+    metrics: Arc<Metrics>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    fn start(stages: Vec<Stage>, config: WorkerConfig, out_open: bool) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = Metrics::new();
+        let out = TestSink::start("out", out_open, &metrics, dir.path());
+        let dead = TestSink::start("dead", true, &metrics, dir.path());
+        let stage_metrics = stages
+            .iter()
+            .map(|s| metrics.stage("p", s.name()))
+            .collect();
+        let pipeline = Pipeline::spawn(WorkerSetup {
+            name: "p".into(),
+            chain: Chain::new(stages),
+            fanout: Fanout::new(
+                Arc::from("p"),
+                vec![(out.sink.clone(), Condition::All)],
+                UnmatchedOut::Impossible,
+                dead.sink.clone(),
+            ),
+            metrics: metrics.pipeline("p"),
+            stage_metrics,
+            queue: 16,
+            config,
+        })
+        .expect("a worker thread");
+        Harness {
+            pipeline,
+            out,
+            dead,
+            metrics,
+            _dir: dir,
+        }
+    }
+
+    /// Hands a batch to the pipeline, as a source would; the receiver gets its outcome.
+    async fn send(&self, events: &[Event]) -> oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
+        let batch = SharedBatch::verify(encode(events)).expect("a valid batch");
+        let completion = Completion::new(move |result| {
+            let _ = tx.send(result);
+        });
+        self.pipeline
+            .input()
+            .send(Input { batch, completion })
+            .await
+            .expect("the pipeline takes batches");
+        rx
+    }
+
+    /// Waits until the pipeline took `n` batches in.
+    async fn processed(&self, n: u64) {
+        let batches = self.metrics.pipeline("p").batches_in;
+        within("the batches processed", async {
+            while batches.get() < n {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+    }
+}
+
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+async fn outcome(rx: oneshot::Receiver<Result<(), String>>) -> Result<(), String> {
+    within("a completion", rx)
+        .await
+        .expect("resolved, not dropped")
+}
+
+fn fast() -> WorkerConfig {
+    WorkerConfig {
+        stage_attempts: 3,
+        stage_backoff: Duration::from_millis(1),
+        stop_sync_attempts: 1,
+        stop_wait: Duration::from_millis(300),
+    }
+}
+
+fn runtime() -> Runtime {
+    Runtime::new(RuntimeConfig {
+        max_instances: 8,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime")
+}
+
+fn stage(runtime: &Runtime, path: &str, name: &str, window: Option<WindowConfig>) -> Stage {
+    let plugin = runtime.load_file(path).expect("plugin loads");
+    let config = StageConfig::new(name).limits(Limits {
+        max_calls_per_instance: 1,
+        ..Limits::default()
+    });
+    Stage::new(&plugin, config, window).expect("stage")
+}
+
+fn minute() -> Option<WindowConfig> {
+    Some(WindowConfig::tumbling(Duration::from_secs(60)))
+}
+
+fn values(delivered: &[Delivered]) -> Vec<String> {
+    delivered.iter().map(|d| d.value.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_resolve_when_the_sinks_accept_and_the_worker_never_waits_for_them() {
+    let h = Harness::start(Vec::new(), fast(), false);
+    let first = h.send(&[Event::new("a", 1), Event::new("b", 2)]).await;
+    h.processed(1).await;
+    // The sink holds the first batch; the worker goes on with the second.
+    let mut second = h.send(&[Event::new("c", 3)]).await;
+    h.processed(2).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        second.try_recv(),
+        Err(oneshot::error::TryRecvError::Empty),
+        "not accepted while the sink holds it"
+    );
+    assert!(h.out.delivered().is_empty());
+    h.out.gate.send_replace(true);
+    assert_eq!(outcome(first).await, Ok(()));
+    assert_eq!(outcome(second).await, Ok(()));
+    assert_eq!(values(&h.out.delivered()), ["a", "b", "c"]);
+    assert_eq!(h.pipeline.stop().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_that_cannot_run_resumes_where_it_failed_and_nothing_runs_twice() {
+    let runtime = runtime();
+    let sums = stage(&runtime, plugins::COUNT_SUM, "sums", minute());
+    let mut tail = stage(&runtime, plugins::IDENTITY, "tail", None);
+    // The tail's next three starts fail: one here, then two attempts inside the worker.
+    tail.instance_mut().failing_starts = 3;
+    assert!(tail.instance_mut().recycle().is_err());
+    let h = Harness::start(vec![sums, tail], fast(), true);
+
+    let a = h
+        .send(&[Event::new(r#"{"amount":1}"#, 1_000).with_key("a")])
+        .await;
+    assert_eq!(outcome(a).await, Ok(()));
+    // Event time passes the minute: `sums` finishes window a and folds b, then `tail` cannot
+    // start twice. The worker runs `tail` again on what `sums` output, not `sums` again.
+    let b = h
+        .send(&[Event::new(r#"{"amount":2}"#, 61_000).with_key("b")])
+        .await;
+    assert_eq!(outcome(b).await, Ok(()));
+    assert_eq!(h.pipeline.stop().await, Vec::<String>::new());
+
+    let windows: Vec<serde_json::Value> = h
+        .out
+        .delivered()
+        .iter()
+        .map(|d| serde_json::from_str(&d.value).expect("JSON"))
+        .collect();
+    let counts: Vec<(i64, f64)> = windows
+        .iter()
+        .map(|w| {
+            (
+                w["start_ms"].as_i64().expect("start"),
+                w["count"].as_f64().expect("count"),
+            )
+        })
+        .collect();
+    assert_eq!(counts, [(0, 1.0), (60_000, 1.0)], "each event folded once");
+    assert!(h.dead.delivered().is_empty());
+    let tail = h.metrics.stage("p", "tail");
+    assert_eq!((tail.events_in.get(), tail.events_out.get()), (2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_that_never_runs_again_turns_its_input_into_dead_letters_once() {
+    let runtime = runtime();
+    let marks = stage(&runtime, plugins::PANIC_ON_MARK, "marks", None);
+    let mut sums = stage(&runtime, plugins::COUNT_SUM, "sums", minute());
+    sums.instance_mut().starts_left = Some(0);
+    assert!(sums.instance_mut().recycle().is_err());
+    let h = Harness::start(vec![marks, sums], fast(), true);
+    let batch = h
+        .send(&[
+            Event::new(r#"{"amount":1}"#, 1_000).with_key("a"),
+            Event::new("poison", 2_000).with_key("a"),
+            Event::new(r#"{"amount":3}"#, 3_000).with_key("a"),
+        ])
+        .await;
+    assert_eq!(
+        outcome(batch).await,
+        Ok(()),
+        "dead letters count as accepted"
+    );
+    assert_eq!(h.pipeline.stop().await, Vec::<String>::new());
+    assert!(h.out.delivered().is_empty());
+    let dead = h.dead.delivered();
+    let stages: Vec<(&str, &str)> = dead
+        .iter()
+        .map(|d| (d.value.as_str(), d.stage.as_deref().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            ("poison", "marks"),
+            (r#"{"amount":1}"#, "sums"),
+            (r#"{"amount":3}"#, "sums"),
+        ],
+        "each event dead-lettered once, by the stage that could not take it"
+    );
+    let error = dead[1].error.as_deref().unwrap_or_default();
+    assert!(
+        error.starts_with("cannot run: plugin `count_sum` ")
+            && error.ends_with(": cannot instantiate: instance pool exhausted (test)"),
+        "{error}"
+    );
+    assert_eq!(h.metrics.pipeline("p").dead_letters.get(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_processes_what_is_queued_and_rejects_what_the_sinks_never_accept() {
+    let h = Harness::start(Vec::new(), fast(), false);
+    let mut outcomes = Vec::new();
+    for i in 0..5 {
+        outcomes.push(h.send(&[Event::new(format!("{i}"), i)]).await);
+    }
+    let problems = h.pipeline.stop().await;
+    assert_eq!(
+        problems,
+        [
+            "pipeline `p`: a sink did not accept the last batches in 300ms; its batches are not acked"
+        ]
+    );
+    for outcome in outcomes {
+        assert_eq!(
+            outcome.await.expect("resolved"),
+            Err("a sink did not accept the last batches in 300ms".to_string())
+        );
+    }
+    assert_eq!(
+        h.metrics.pipeline("p").batches_in.get(),
+        5,
+        "every queued batch processed"
+    );
+    assert!(
+        h.pipeline.input().is_closed(),
+        "no batch taken after a stop"
+    );
+}

@@ -1,0 +1,444 @@
+//! The running graph of a router: the plugin runtime, the sinks (each with its runner task) and
+//! the pipelines (each with its worker), built from a [`Config`]. Sources are handed the
+//! pipelines' inputs; the topology never sees a socket.
+//!
+//! Decisions:
+//!
+//! - **Build, then start.** [`Topology::build`] does everything that can fail (compiling
+//!   plugins, instantiating and initializing stages, opening destinations and disk buffers)
+//!   without starting a thread or a task; [`Built::start`] starts the sink runners and the
+//!   pipeline workers. A config that fails leaves nothing running.
+//! - **Plugins** are compiled once per source (a file or an embedded example) and shared by
+//!   the stages that use them.
+//! - **The instance pool** is sized for every stage twice over (a stage's instance and a
+//!   replacement being prepared for a swap) plus room: [`pool_size`].
+//! - **A pipeline's queue** holds as many batches as its producers may have unacked at once
+//!   (`max_in_flight × max_producers_per_pipeline`, at most 65 536): a source rarely waits on
+//!   it, and memory stays bounded by the sources' own limits.
+//! - **Stopping** ([`Topology::stop_pipelines`], then [`Topology::stop_sinks`]): every sink is
+//!   told the router stops (a full `block` buffer then gives up after a bound instead of
+//!   holding a worker forever), the pipelines drain in parallel under one deadline, then the
+//!   sinks deliver what they buffer and close, a sink only once every sink that may
+//!   dead-letter into it has closed (the config has no dead-letter loops).
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pipeline::config::{PipelineConfig, PluginSource};
+use crate::pipeline::fanout::{Fanout, UnmatchedOut};
+use crate::pipeline::route::{Condition, Unmatched};
+use crate::pipeline::{Chain, Pipeline, PipelineInput, Stage, WorkerConfig, WorkerSetup};
+use crate::runtime::{Limits, Plugin, Runtime, RuntimeConfig, StageConfig};
+use crate::sinks::runner::Sink;
+use crate::sinks::{
+    self, BufferConfig, Destination, FileConfig, FileDestination, Fsync, RetryConfig, WhenFull,
+};
+use anyhow::{Context, Result, bail};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use tokio::task::JoinHandle;
+
+/// A pipeline as the router runs it, for printing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineInfo {
+    /// Its name.
+    pub name: String,
+    /// Its stages: name, plugin name and version.
+    pub stages: Vec<String>,
+    /// The sinks it writes to.
+    pub sinks: Vec<String>,
+    /// Where its dead letters go.
+    pub dead_letters: String,
+}
+
+/// The live instances the pool holds for `stages` stages: two per stage (its instance and a
+/// replacement being prepared), and room for a few more.
+pub fn pool_size(stages: usize) -> u32 {
+    u32::try_from(2 * stages + 8).unwrap_or(u32::MAX)
+}
+
+/// Everything a config needs, built and checked, nothing started yet.
+pub struct Built {
+    runtime: Runtime,
+    pipelines: Vec<(WorkerSetup, PipelineInfo, Option<Vec<String>>)>,
+    sinks: BTreeMap<String, Arc<Sink>>,
+    destinations: Vec<(Arc<Sink>, Box<dyn Destination>)>,
+}
+
+/// A running pipeline and what the sources need of it.
+pub struct RunningPipeline {
+    /// The worker.
+    pub pipeline: Pipeline,
+    /// What it runs, for printing.
+    pub info: PipelineInfo,
+    /// Producers allowed to write to it; `None`: every authenticated producer.
+    pub allowed: Option<Vec<String>>,
+}
+
+/// The running sinks and pipelines.
+pub struct Topology {
+    /// Kept for the plugins loaded later (deploys); every stage already holds it.
+    runtime: Runtime,
+    pipelines: Vec<RunningPipeline>,
+    sinks: BTreeMap<String, Arc<Sink>>,
+    runners: Vec<(Arc<Sink>, JoinHandle<Vec<String>>)>,
+}
+
+impl std::fmt::Debug for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topology")
+            .field("pipelines", &self.pipelines.len())
+            .field("sinks", &self.sinks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Topology {
+    /// Compiles every plugin, instantiates every stage, opens every sink (see the module
+    /// docs); starts nothing.
+    pub fn build(config: &Config, metrics: &Metrics) -> Result<Built> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+        let stage_count: usize = config.pipelines.iter().map(|p| p.stages.len()).sum();
+        let max_memory = config
+            .pipelines
+            .iter()
+            .flat_map(|p| &p.stages)
+            .map(|s| s.memory_bytes)
+            .max()
+            .unwrap_or(0)
+            .max(RuntimeConfig::default().max_memory_bytes);
+        let runtime = Runtime::new(RuntimeConfig {
+            max_instances: pool_size(stage_count),
+            max_memory_bytes: max_memory,
+            ..RuntimeConfig::default()
+        })?;
+
+        let mut sinks: BTreeMap<String, Arc<Sink>> = BTreeMap::new();
+        let mut destinations: Vec<(Arc<Sink>, Box<dyn Destination>)> = Vec::new();
+        for sink in &config.sinks {
+            let destination = sinks::open(sink)?;
+            let handle = Sink::new(
+                &sink.name,
+                destination.describe(),
+                sink.buffer,
+                sink.retry,
+                &config.data_dir.join("spill").join(&sink.name),
+                metrics.sink(&sink.name),
+            )
+            .map_err(anyhow::Error::msg)?;
+            sinks.insert(sink.name.clone(), handle.clone());
+            destinations.push((handle, destination));
+        }
+        let limits = &config.listener.limits;
+        let queue = (limits.protocol.max_in_flight as usize)
+            .saturating_mul(limits.max_producers_per_pipeline as usize)
+            .clamp(1, 65_536);
+        let mut plugins: HashMap<String, Plugin> = HashMap::new();
+        let mut pipelines = Vec::new();
+        for pipeline in &config.pipelines {
+            let mut builder = PipelineBuilder {
+                config,
+                pipeline,
+                runtime: &runtime,
+                plugins: &mut plugins,
+                sinks: &mut sinks,
+                destinations: &mut destinations,
+                metrics,
+            };
+            let (setup, info) = builder.build(queue)?;
+            pipelines.push((setup, info, pipeline.producers.clone()));
+        }
+        Ok(Built {
+            runtime,
+            pipelines,
+            sinks,
+            destinations,
+        })
+    }
+
+    /// The pipelines, in config order.
+    pub fn pipelines(&self) -> &[RunningPipeline] {
+        &self.pipelines
+    }
+
+    /// Every sink, by name (pipelines' default dead-letter files included, named
+    /// `PIPELINE/dead-letters`).
+    pub(crate) fn sinks(&self) -> &BTreeMap<String, Arc<Sink>> {
+        &self.sinks
+    }
+
+    /// The plugin runtime every stage runs in.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Stops every pipeline (see the module docs); the problems met.
+    pub async fn stop_pipelines(&self) -> Vec<String> {
+        for sink in self.sinks.values() {
+            sink.stopping();
+        }
+        // Every worker is told first, so they finish at once: their last rounds wait in
+        // parallel, not in turn.
+        let stops: Vec<_> = self.pipelines.iter().map(|p| p.pipeline.stop()).collect();
+        let mut problems = Vec::new();
+        for stop in stops {
+            problems.append(&mut stop.await);
+        }
+        problems
+    }
+
+    /// Once the pipelines stopped: the sinks deliver what they buffer, then end; the worker
+    /// threads are joined. The problems met.
+    pub async fn stop_sinks(self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut left = self.runners;
+        while !left.is_empty() {
+            let fed: Vec<bool> = left
+                .iter()
+                .map(|(sink, _)| {
+                    left.iter()
+                        .any(|(other, _)| !Arc::ptr_eq(other, sink) && other.dead_letters_to(sink))
+                })
+                .collect();
+            let all = fed.iter().all(|f| *f);
+            let (now, later): (Vec<_>, Vec<_>) =
+                left.into_iter().zip(fed).partition(|(_, fed)| all || !fed);
+            for ((sink, _), _) in &now {
+                sink.close();
+            }
+            for ((_, runner), _) in now {
+                match runner.await {
+                    Ok(mut p) => problems.append(&mut p),
+                    Err(e) => problems.push(format!("a sink's task failed: {e}")),
+                }
+            }
+            left = later.into_iter().map(|(runner, _)| runner).collect();
+        }
+        let pipelines = self.pipelines;
+        let joined = tokio::task::spawn_blocking(move || {
+            pipelines
+                .into_iter()
+                .filter_map(|p| p.pipeline.join().err())
+                .collect::<Vec<String>>()
+        })
+        .await;
+        match joined {
+            Ok(mut p) => problems.append(&mut p),
+            Err(e) => problems.push(format!("joining the pipeline threads: {e}")),
+        }
+        problems
+    }
+}
+
+impl Built {
+    /// Starts the sink runners and the pipeline workers. Must be called within a tokio
+    /// runtime.
+    pub fn start(self) -> Result<Topology> {
+        let mut pipelines = Vec::new();
+        for (setup, info, allowed) in self.pipelines {
+            let pipeline = Pipeline::spawn(setup).context("cannot start a pipeline thread")?;
+            pipelines.push(RunningPipeline {
+                pipeline,
+                info,
+                allowed,
+            });
+        }
+        // After everything that can fail: a runner holds its sink (and its disk buffer's lock)
+        // until it stops.
+        let runners = self
+            .destinations
+            .into_iter()
+            .map(|(sink, destination)| (sink.clone(), tokio::spawn(sink.run(destination))))
+            .collect();
+        Ok(Topology {
+            runtime: self.runtime,
+            pipelines,
+            sinks: self.sinks,
+            runners,
+        })
+    }
+}
+
+impl RunningPipeline {
+    /// Where sources put the pipeline's batches.
+    pub fn input(&self) -> PipelineInput {
+        self.pipeline.input()
+    }
+}
+
+/// Builds one pipeline: its stages (plugins compiled once per source) and its fan-out.
+struct PipelineBuilder<'a> {
+    config: &'a Config,
+    pipeline: &'a PipelineConfig,
+    runtime: &'a Runtime,
+    plugins: &'a mut HashMap<String, Plugin>,
+    sinks: &'a mut BTreeMap<String, Arc<Sink>>,
+    destinations: &'a mut Vec<(Arc<Sink>, Box<dyn Destination>)>,
+    metrics: &'a Metrics,
+}
+
+impl PipelineBuilder<'_> {
+    fn build(&mut self, queue: usize) -> Result<(WorkerSetup, PipelineInfo)> {
+        let name = &self.pipeline.name;
+        let mut stages = Vec::new();
+        let mut stage_names = Vec::new();
+        for spec in &self.pipeline.stages {
+            let plugin = self
+                .plugin(&spec.plugin)
+                .with_context(|| format!("pipeline `{name}`, stage `{}`", spec.name))?;
+            let mut stage_config = StageConfig::new(spec.name.clone()).limits(Limits {
+                memory_bytes: spec.memory_bytes,
+                deadline: spec.deadline,
+                ..Limits::default()
+            });
+            for (key, json) in &spec.with {
+                stage_config = stage_config.with_json(key.clone(), json.clone());
+            }
+            let stage = Stage::new(&plugin, stage_config, spec.window)
+                .with_context(|| format!("pipeline `{name}`, stage `{}`", spec.name))?;
+            stage_names.push(format!(
+                "{} ({} {} {})",
+                spec.name,
+                plugin.kind(),
+                spec.plugin,
+                plugin.version()
+            ));
+            stages.push(stage);
+        }
+        let mut routes = Vec::new();
+        let mut described = Vec::new();
+        for route in &self.pipeline.sinks {
+            let sink = self.find(&route.sink)?;
+            described.push(describe_route(&sink, Some(&route.condition)));
+            routes.push((sink, route.condition.clone()));
+        }
+        let unmatched = match &self.pipeline.unmatched {
+            Unmatched::Impossible => UnmatchedOut::Impossible,
+            Unmatched::Drop => {
+                described.push("unmatched events: dropped (counted)".into());
+                UnmatchedOut::Drop
+            }
+            Unmatched::Sink(sink) => {
+                let sink = self.find(sink)?;
+                described.push(format!(
+                    "unmatched events → {}",
+                    describe_route(&sink, None)
+                ));
+                UnmatchedOut::Sink(sink)
+            }
+        };
+        let dead_letters = match &self.pipeline.dead_letters {
+            Some(sink) => self.find(sink)?,
+            None => self.dead_letter_file()?,
+        };
+        let pipeline_name: Arc<str> = Arc::from(name.as_str());
+        for (sink, _) in &routes {
+            sink.set_dead_letters(pipeline_name.clone(), dead_letters.clone());
+        }
+        if let UnmatchedOut::Sink(sink) = &unmatched {
+            sink.set_dead_letters(pipeline_name.clone(), dead_letters.clone());
+        }
+        let info = PipelineInfo {
+            name: name.clone(),
+            stages: stage_names,
+            sinks: described,
+            dead_letters: describe_route(&dead_letters, None),
+        };
+        let setup = WorkerSetup {
+            name: name.clone(),
+            chain: Chain::new(stages),
+            fanout: Fanout::new(pipeline_name, routes, unmatched, dead_letters),
+            metrics: self.metrics.pipeline(name),
+            stage_metrics: self
+                .pipeline
+                .stages
+                .iter()
+                .map(|s| self.metrics.stage(name, &s.name))
+                .collect(),
+            queue,
+            config: WorkerConfig::default(),
+        };
+        Ok((setup, info))
+    }
+
+    /// The compiled plugin of `source`, compiled on first use.
+    fn plugin(&mut self, source: &PluginSource) -> Result<Plugin> {
+        let key = source.to_string();
+        if let Some(plugin) = self.plugins.get(&key) {
+            return Ok(plugin.clone());
+        }
+        let plugin = match source {
+            PluginSource::Example(example) => {
+                let Some((_, bytes)) = crate::examples::ALL.iter().find(|(n, _)| n == example)
+                else {
+                    bail!("unknown plugin `example:{example}`");
+                };
+                self.runtime.load_bytes(example, bytes)?
+            }
+            PluginSource::File(path) => self.runtime.load_file(path)?,
+        };
+        self.plugins.insert(key, plugin.clone());
+        Ok(plugin)
+    }
+
+    fn find(&self, sink: &str) -> Result<Arc<Sink>> {
+        match self.sinks.get(sink) {
+            Some(s) => Ok(s.clone()),
+            None => bail!("pipeline `{}`: unknown sink `{sink}`", self.pipeline.name),
+        }
+    }
+
+    /// The pipeline's default dead-letter sink: `DATA_DIR/dead-letters/PIPELINE.jsonl`.
+    fn dead_letter_file(&mut self) -> Result<Arc<Sink>> {
+        let name = &self.pipeline.name;
+        let path = self
+            .config
+            .data_dir
+            .join("dead-letters")
+            .join(format!("{name}.jsonl"));
+        let sink_name = format!("{name}/dead-letters");
+        let destination = FileDestination::open(
+            &sink_name,
+            &FileConfig {
+                path,
+                fsync: Fsync::OnAck,
+                rotate_bytes: None,
+                rotate_interval: None,
+            },
+        )?;
+        let sink = Sink::new(
+            &sink_name,
+            sinks::Destination::describe(&destination),
+            BufferConfig {
+                when_full: WhenFull::Block,
+                ..BufferConfig::default()
+            },
+            RetryConfig::default(),
+            &self.config.data_dir.join("spill").join(&sink_name),
+            self.metrics.sink(&sink_name),
+        )
+        .map_err(anyhow::Error::msg)?;
+        self.sinks.insert(sink_name, sink.clone());
+        self.destinations
+            .push((sink.clone(), Box::new(destination)));
+        Ok(sink)
+    }
+}
+
+/// `NAME: DESTINATION, when_full = POLICY`, and the condition when there is one.
+fn describe_route(sink: &Sink, condition: Option<&Condition>) -> String {
+    let condition = match condition {
+        None | Some(Condition::All) => String::new(),
+        Some(Condition::Route(tags)) => format!(" (route {})", tags.join(" or ")),
+        Some(Condition::Headers(headers)) => {
+            let h: Vec<String> = headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!(" (header {})", h.join(" and "))
+        }
+    };
+    format!(
+        "{}{condition}: {}, when_full = {}",
+        sink.name(),
+        sink.describe(),
+        sink.buffer().when_full.as_str()
+    )
+}
