@@ -1337,3 +1337,60 @@ fn the_types_are_shareable_across_threads() {
     send::<Stage>();
     send::<Chain>();
 }
+
+#[test]
+fn the_compile_cache_serves_a_second_load_and_rebuilds_a_broken_entry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = RuntimeConfig {
+        max_instances: 2,
+        cache_dir: Some(dir.path().join("compiled")),
+        ..RuntimeConfig::default()
+    };
+    let load = || {
+        let runtime = Runtime::new(config.clone()).expect("runtime");
+        let plugin = runtime.load_file(wasm("drop_bots")).expect("drop_bots");
+        // Whatever it was loaded from, it runs.
+        let mut stage = Stage::new(&plugin, StageConfig::new("bots"), None).expect("stage");
+        let out = stage
+            .process(&encode(&[
+                Event::new("a", 1).with_header("user-agent", "curl/8"),
+                Event::new("b", 2).with_header("user-agent", "Googlebot/2.1"),
+            ]))
+            .expect("a batch");
+        assert_eq!(
+            events(&out.batch),
+            vec![Event::new("a", 1).with_header("user-agent", "curl/8")]
+        );
+        plugin.from_cache()
+    };
+    assert!(!load(), "the first load compiles");
+    assert!(load(), "the second load is served from the cache");
+    let entries: Vec<PathBuf> = std::fs::read_dir(dir.path().join("compiled"))
+        .expect("the cache directory")
+        .map(|e| e.expect("an entry").path())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let entry = &entries[0];
+    let name = entry
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let digest = weir::runtime::Digest::of(&std::fs::read(wasm("drop_bots")).expect("wasm"));
+    assert!(
+        name.starts_with(&format!("{}-", digest.hex())) && name.ends_with(".cwasm"),
+        "{name}"
+    );
+
+    // One flipped byte deep in the artifact: detected, compiled again, rewritten.
+    let mut bytes = std::fs::read(entry).expect("the entry");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(entry, &bytes).expect("corrupt the entry");
+    assert!(!load(), "a corrupted entry is never used");
+    assert!(load(), "and it was rewritten");
+
+    // A torn entry (a crash while writing) likewise.
+    std::fs::write(entry, b"weir-cw").expect("tear the entry");
+    assert!(!load());
+    assert!(load());
+}

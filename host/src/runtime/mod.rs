@@ -33,15 +33,20 @@
 //!   without bound. Copy-on-write images and the pool make that cheap (tens of µs).
 //! - **Kinds.** A plugin's kind is read from its exports (`filter`, `enrich`, or `fold` +
 //!   `finish`, each with `init`); loading "as" a kind names the world and the missing export.
-//! - **Versions.** Until the admin API assigns versions, a plugin's version is the first 8 hex
-//!   digits of the SHA-256 of its bytes: the same bytes always get the same version.
+//! - **Versions.** A plugin version is addressed by the SHA-256 of its bytes ([`Digest`]); its
+//!   printed version is the first 8 hex digits: the same bytes always get the same version.
+//! - **Compile cache.** With [`RuntimeConfig::cache_dir`], compiled components are kept on
+//!   disk by digest and engine (`cache.rs`), checked before use, so a restart does not
+//!   compile again.
 
 mod bindings;
+mod cache;
 mod error;
 mod instance;
 mod plugin;
 mod sandbox;
 
+pub use cache::{CompileCache, Compiled, Digest};
 pub use error::PluginError;
 pub use error::PluginKind;
 pub use instance::{Instance, Limits, StageConfig};
@@ -89,6 +94,8 @@ pub struct RuntimeConfig {
     /// Reserve 4 GiB of address space per memory so compiled code needs no bounds checks
     /// (faster; needs `max_instances * 2 * 4 GiB` of virtual address space).
     pub elide_bounds_checks: bool,
+    /// Where compiled plugins are cached (`cache.rs`); `None`: compile at every load.
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -98,6 +105,7 @@ impl Default for RuntimeConfig {
             epoch_tick: Duration::from_millis(5),
             max_memory_bytes: 256 << 20,
             elide_bounds_checks: false,
+            cache_dir: None,
         }
     }
 }
@@ -112,6 +120,7 @@ pub(crate) struct RuntimeInner {
     pub engine: Engine,
     pub linker: Linker<HostState>,
     pub config: RuntimeConfig,
+    pub cache: Option<CompileCache>,
     _ticker: Ticker,
 }
 
@@ -196,6 +205,7 @@ impl Runtime {
             inner: Arc::new(RuntimeInner {
                 engine,
                 linker,
+                cache: config.cache_dir.clone().map(CompileCache::new),
                 config,
                 _ticker: ticker,
             }),

@@ -14,11 +14,11 @@
 //!   the SHA-256 of the bytes (see the module docs of `runtime`).
 
 use super::bindings::{aggregate, enrich, filter};
+use super::cache::{Compiled, Digest};
 use super::error::{PluginError, PluginKind};
 use super::instance::{Instance, StageConfig};
 use super::sandbox::HostState;
 use super::{Runtime, RuntimeInner};
-use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::Arc;
 use wasmtime::component::Component;
@@ -31,7 +31,9 @@ pub struct Plugin {
 
 pub(crate) struct PluginInner {
     pub name: String,
+    pub digest: Digest,
     pub version: String,
+    pub compiled: Compiled,
     pub kind: PluginKind,
     pub pre: Pre,
     pub runtime: Arc<RuntimeInner>,
@@ -63,6 +65,16 @@ impl Plugin {
     /// The plugin's version: a short digest of its bytes.
     pub fn version(&self) -> &str {
         &self.inner.version
+    }
+
+    /// The SHA-256 of its bytes, which addresses its version.
+    pub fn digest(&self) -> Digest {
+        self.inner.digest
+    }
+
+    /// Whether it was loaded from the compile cache rather than compiled now.
+    pub fn from_cache(&self) -> bool {
+        self.inner.compiled == Compiled::Cached
     }
 
     /// The world it implements.
@@ -101,10 +113,18 @@ impl Plugin {
         let who = PluginError::origin(name, path);
         check_header(bytes, &who)?;
         let inner = &runtime.inner;
-        let component = Component::new(&inner.engine, bytes).map_err(|e| PluginError::Compile {
-            who: who.clone(),
-            message: format!("{e:#}"),
-        })?;
+        let digest = Digest::of(bytes);
+        let (component, compiled) = match &inner.cache {
+            Some(cache) => cache.component(&inner.engine, &digest, bytes, &who)?,
+            None => {
+                let component =
+                    Component::new(&inner.engine, bytes).map_err(|e| PluginError::Compile {
+                        who: who.clone(),
+                        message: format!("{e:#}"),
+                    })?;
+                (component, Compiled::Compiled)
+            }
+        };
 
         let exports: Vec<String> = component
             .component_type()
@@ -151,19 +171,15 @@ impl Plugin {
         Ok(Plugin {
             inner: Arc::new(PluginInner {
                 name: name.to_owned(),
-                version: version_of(bytes),
+                digest,
+                version: digest.short(),
+                compiled,
                 kind,
                 pre,
                 runtime: runtime.inner.clone(),
             }),
         })
     }
-}
-
-/// The first 8 hex digits of the SHA-256 of the bytes.
-pub(crate) fn version_of(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Tells apart "not wasm", "a core module" and "a component" from the 8-byte header.
@@ -248,8 +264,8 @@ mod tests {
 
     #[test]
     fn versions_are_short_digests() {
-        assert_eq!(version_of(b""), "e3b0c442");
-        assert_eq!(version_of(b"abc"), "ba7816bf");
+        assert_eq!(Digest::of(b"").short(), "e3b0c442");
+        assert_eq!(Digest::of(b"abc").short(), "ba7816bf");
     }
 
     #[test]

@@ -1,0 +1,238 @@
+//! Compiled plugins on disk: a component compiled once is kept as wasmtime's serialized
+//! artifact, keyed by the plugin's digest and the engine's compatibility hash, so that a
+//! restart (or another command with the same cache directory) loads it instead of compiling
+//! it again.
+//!
+//! Decisions:
+//!
+//! - **Key.** `DIGEST-ENGINE.cwasm`: the SHA-256 of the component's bytes, and 16 hex digits of
+//!   a SHA-256 over wasmtime's `Engine::precompile_compatibility_hash` (wasmtime's version,
+//!   the target, and every setting that changes compiled code). A new wasmtime or a changed
+//!   engine setting simply misses.
+//! - **Never trusted blindly.** Deserializing an artifact runs its machine code, so an entry
+//!   is checked before it is used: a magic, then the SHA-256 of the artifact, which must match
+//!   the artifact. An entry that is torn (a crash while writing), corrupted, or refused by
+//!   wasmtime is reported in the log, compiled again and rewritten, never used.
+//! - **Writes are atomic**: to a temporary file in the same directory, synced, then renamed.
+//!   A cache that cannot be written (a read-only disk) is a warning: the plugin still loads.
+
+use super::error::PluginError;
+use sha2::{Digest as _, Sha256};
+use std::hash::{Hash, Hasher};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+/// The first bytes of every cache entry.
+const MAGIC: &[u8; 11] = b"weir-cwasm1";
+/// The magic, then the SHA-256 of the artifact.
+const HEADER: usize = MAGIC.len() + 32;
+
+/// The SHA-256 of a plugin's bytes: how versions are addressed.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(Sha256::digest(bytes).into())
+    }
+
+    /// All 64 hex digits.
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The first 8 hex digits: the plugin's version as weir prints it.
+    pub fn short(&self) -> String {
+        self.0[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses 64 hex digits.
+    pub fn parse(hex: &str) -> Option<Digest> {
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Digest(out))
+    }
+}
+
+impl std::fmt::Debug for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Digest({})", self.hex())
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+/// Feeds what a `Hash` writes into SHA-256: a hash that is the same across Rust releases.
+struct ShaHasher(Sha256);
+
+impl Hasher for ShaHasher {
+    fn finish(&self) -> u64 {
+        let digest = self.0.clone().finalize();
+        u64::from_le_bytes(digest[..8].try_into().unwrap_or_default())
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+/// Where a compiled component came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compiled {
+    /// Loaded from a valid cache entry.
+    Cached,
+    /// Compiled now (and stored, when the cache could be written).
+    Compiled,
+}
+
+/// A directory of compiled components.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompileCache {
+    dir: PathBuf,
+}
+
+impl CompileCache {
+    /// A cache in `dir` (created on the first write).
+    pub fn new(dir: impl Into<PathBuf>) -> CompileCache {
+        CompileCache { dir: dir.into() }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The entry for `digest` under `engine`.
+    pub fn entry(&self, engine: &Engine, digest: &Digest) -> PathBuf {
+        let mut hasher = ShaHasher(Sha256::new());
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let engine = format!("{:016x}", hasher.finish());
+        self.dir.join(format!("{}-{engine}.cwasm", digest.hex()))
+    }
+
+    /// The component for `bytes` (whose digest is `digest`): from a valid entry, or compiled
+    /// and stored. `who` names the plugin in errors.
+    pub(crate) fn component(
+        &self,
+        engine: &Engine,
+        digest: &Digest,
+        bytes: &[u8],
+        who: &str,
+    ) -> Result<(Component, Compiled), PluginError> {
+        let path = self.entry(engine, digest);
+        match std::fs::read(&path) {
+            Ok(entry) => match check(&entry) {
+                // SAFETY: the artifact is byte for byte what `Component::serialize` wrote for
+                // this digest under an engine with this compatibility hash (its SHA-256 is
+                // checked against the one stored with it), and wasmtime checks its own header
+                // against this engine before using it.
+                Ok(artifact) => match unsafe { Component::deserialize(engine, artifact) } {
+                    Ok(component) => return Ok((component, Compiled::Cached)),
+                    Err(e) => tracing::warn!(
+                        "plugin {who}: compile cache entry {} refused by wasmtime ({e:#}); compiling again",
+                        path.display()
+                    ),
+                },
+                Err(problem) => tracing::warn!(
+                    "plugin {who}: compile cache entry {} is {problem}; compiling again",
+                    path.display()
+                ),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                "plugin {who}: cannot read compile cache entry {}: {e}; compiling again",
+                path.display()
+            ),
+        }
+        let component = Component::new(engine, bytes).map_err(|e| PluginError::Compile {
+            who: who.to_owned(),
+            message: format!("{e:#}"),
+        })?;
+        match component.serialize() {
+            Ok(artifact) => {
+                if let Err(e) = write(&path, &artifact) {
+                    tracing::warn!(
+                        "plugin {who}: cannot write compile cache entry {}: {e} (the plugin is compiled at every start)",
+                        path.display()
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("plugin {who}: cannot serialize the compiled plugin: {e:#}"),
+        }
+        Ok((component, Compiled::Compiled))
+    }
+}
+
+/// The artifact of a cache entry, or what is wrong with it.
+fn check(entry: &[u8]) -> Result<&[u8], &'static str> {
+    if entry.len() < HEADER || &entry[..MAGIC.len()] != MAGIC {
+        return Err("not a weir cache entry (torn or foreign)");
+    }
+    let (sum, artifact) = entry[MAGIC.len()..].split_at(32);
+    if Sha256::digest(artifact).as_slice() != sum {
+        return Err("corrupted (its checksum does not match)");
+    }
+    Ok(artifact)
+}
+
+/// Writes an entry atomically: a temporary file, synced, renamed over `path`.
+fn write(path: &Path, artifact: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    file.write_all(MAGIC)?;
+    file.write_all(&Sha256::digest(artifact))?;
+    file.write_all(artifact)?;
+    file.as_file().sync_data()?;
+    file.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_print_and_parse() {
+        let d = Digest::of(b"abc");
+        assert_eq!(d.short(), "ba7816bf");
+        assert_eq!(Digest::parse(&d.hex()), Some(d));
+        assert_eq!(Digest::parse("ba7816bf"), None);
+        assert_eq!(Digest::parse(&"g".repeat(64)), None);
+    }
+
+    #[test]
+    fn entries_are_checked_before_use() {
+        assert_eq!(
+            check(b"short"),
+            Err("not a weir cache entry (torn or foreign)")
+        );
+        let mut entry = MAGIC.to_vec();
+        entry.extend_from_slice(&Sha256::digest(b"artifact"));
+        entry.extend_from_slice(b"artifact");
+        assert_eq!(check(&entry), Ok(&b"artifact"[..]));
+        let last = entry.len() - 1;
+        entry[last] ^= 1;
+        assert_eq!(
+            check(&entry),
+            Err("corrupted (its checksum does not match)")
+        );
+        entry.truncate(HEADER - 1);
+        assert_eq!(
+            check(&entry),
+            Err("not a weir cache entry (torn or foreign)")
+        );
+    }
+}
