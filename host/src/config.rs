@@ -162,6 +162,7 @@ struct RawPipeline {
     sinks: Vec<Spanned<RawRoute>>,
     unmatched: Option<Spanned<String>>,
     dead_letters: Option<Spanned<String>>,
+    version_header: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1050,6 +1051,18 @@ fn pipeline(
         }
         stages.push(StageSpec { name, ..stage });
     }
+    let version_header = match &raw.version_header {
+        None => None,
+        Some(h) if h.get_ref().is_empty() || h.get_ref().len() > MAX_NAME_BYTES => {
+            return Err(source.at(
+                h,
+                format!(
+                    "pipeline `{pipeline}`: version_header must be 1 to {MAX_NAME_BYTES} bytes"
+                ),
+            ));
+        }
+        Some(h) => Some(h.get_ref().clone()),
+    };
     Ok(PipelineConfig {
         name: pipeline.clone(),
         stages,
@@ -1057,6 +1070,7 @@ fn pipeline(
         sinks: routes,
         unmatched,
         dead_letters,
+        version_header,
     })
 }
 

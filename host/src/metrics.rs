@@ -29,6 +29,11 @@
 //! | `weir_stage_dropped_events_total` | counter | `pipeline`, `stage` | events the stage filtered out |
 //! | `weir_stage_failed_events_total` | counter | `pipeline`, `stage` | events the stage failed on, which were dead-lettered |
 //! | `weir_stage_latency_seconds` | histogram | `pipeline`, `stage` | seconds the stage spent on one batch |
+//! | `weir_stage_swaps_total` | counter | `pipeline`, `stage` | plugin versions swapped in (deploys and rollbacks) |
+//! | `weir_stage_rollbacks_total` | counter | `pipeline`, `stage` | versions rolled back automatically after failing on probation |
+//! | `weir_stage_swap_pause_seconds` | histogram | `pipeline`, `stage` | how long batches waited for a swap |
+//! | `weir_stage_version_batches_total` | counter | `pipeline`, `stage`, `version` | batches a plugin version processed |
+//! | `weir_stage_version_failed_events_total` | counter | `pipeline`, `stage`, `version` | events a plugin version failed on |
 //! | `weir_sink_events_in_total` | counter | `sink` | events accepted into the sink's buffer |
 //! | `weir_sink_events_out_total` | counter | `sink` | events delivered to the destination |
 //! | `weir_sink_dropped_events_total` | counter | `sink` | events dropped by the sink's `when_full` policy |
@@ -148,6 +153,13 @@ struct StageLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    pipeline: LabelValue,
+    stage: LabelValue,
+    version: LabelValue,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SinkLabels {
     sink: LabelValue,
 }
@@ -214,6 +226,21 @@ pub struct StageMetrics {
     pub errors: Counter,
     /// Seconds the stage spent on one batch.
     pub latency: Histogram,
+    /// Plugin versions swapped in.
+    pub swaps: Counter,
+    /// Versions rolled back automatically after failing on probation.
+    pub rollbacks: Counter,
+    /// Seconds batches waited for a swap.
+    pub swap_pause: Histogram,
+}
+
+/// The series of one plugin version of one stage. Clones share the series.
+#[derive(Clone, Debug)]
+pub struct VersionMetrics {
+    /// Batches the version processed.
+    pub batches: Counter,
+    /// Events the version failed on.
+    pub failed_events: Counter,
 }
 
 /// The series of one sink, shared by every pipeline that writes to it. Clones share the
@@ -271,6 +298,11 @@ struct StageFamilies {
     dropped: Family<StageLabels, Counter>,
     errors: Family<StageLabels, Counter>,
     latency: HistogramFamily<StageLabels>,
+    swaps: Family<StageLabels, Counter>,
+    rollbacks: Family<StageLabels, Counter>,
+    swap_pause: HistogramFamily<StageLabels>,
+    version_batches: Family<VersionLabels, Counter>,
+    version_failed: Family<VersionLabels, Counter>,
 }
 
 #[derive(Debug)]
@@ -362,6 +394,11 @@ impl Metrics {
             dropped: Family::default(),
             errors: Family::default(),
             latency: histogram_family(),
+            swaps: Family::default(),
+            rollbacks: Family::default(),
+            swap_pause: histogram_family(),
+            version_batches: Family::default(),
+            version_failed: Family::default(),
         };
         let s = &stages;
         for (name, help, family) in [
@@ -394,6 +431,36 @@ impl Metrics {
             Unit::Seconds,
             s.latency.clone(),
         );
+        for (name, help, family) in [
+            ("stage_swaps", "Plugin versions swapped in", &s.swaps),
+            (
+                "stage_rollbacks",
+                "Versions rolled back automatically after failing on probation",
+                &s.rollbacks,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        registry.register_with_unit(
+            "stage_swap_pause",
+            "Seconds batches waited for a swap",
+            Unit::Seconds,
+            s.swap_pause.clone(),
+        );
+        for (name, help, family) in [
+            (
+                "stage_version_batches",
+                "Batches a plugin version processed",
+                &s.version_batches,
+            ),
+            (
+                "stage_version_failed_events",
+                "Events a plugin version failed on",
+                &s.version_failed,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
 
         let sinks = SinkFamilies {
             events_in: Family::default(),
@@ -556,6 +623,23 @@ impl Metrics {
             dropped: f.dropped.get_or_create_owned(&labels),
             errors: f.errors.get_or_create_owned(&labels),
             latency: f.latency.get_or_create_owned(&labels),
+            swaps: f.swaps.get_or_create_owned(&labels),
+            rollbacks: f.rollbacks.get_or_create_owned(&labels),
+            swap_pause: f.swap_pause.get_or_create_owned(&labels),
+        }
+    }
+
+    /// The series of version `version` of stage `stage` of pipeline `pipeline`.
+    pub fn stage_version(&self, pipeline: &str, stage: &str, version: &str) -> VersionMetrics {
+        let labels = VersionLabels {
+            pipeline: LabelValue(pipeline.to_owned()),
+            stage: LabelValue(stage.to_owned()),
+            version: LabelValue(version.to_owned()),
+        };
+        let f = &self.stages;
+        VersionMetrics {
+            batches: f.version_batches.get_or_create_owned(&labels),
+            failed_events: f.version_failed.get_or_create_owned(&labels),
         }
     }
 
@@ -816,6 +900,9 @@ mod tests {
                 "weir_stage_dropped_events counter",
                 "weir_stage_failed_events counter",
                 "weir_stage_latency_seconds histogram",
+                "weir_stage_swaps counter",
+                "weir_stage_rollbacks counter",
+                "weir_stage_swap_pause_seconds histogram",
                 "weir_sink_events_in counter",
                 "weir_sink_events_out counter",
                 "weir_sink_dropped_events counter",

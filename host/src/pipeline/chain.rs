@@ -24,6 +24,21 @@
 //!   not run the original batch again. After a failed [`Chain::flush`]: deliver `output`,
 //!   resume `pending`, then flush again (stages already flushed hold no window and emit
 //!   nothing).
+//! - **Swaps and probation.** [`Chain::swap`] replaces a stage's version between two calls; an
+//!   aggregate's window state moves to the new version. With a probation of n batches, the
+//!   previous version is kept until the new one took n batches. On probation, a batch (or a
+//!   flush) is first given to the new version whole, without isolating events: when it takes
+//!   it, that is its output. When it fails (an event failure, or it cannot run), it changed
+//!   nothing, and the previous version takes the same input from the same window state, with
+//!   isolation. If the previous version fails on no event, the new version is **rolled back**:
+//!   the previous one serves again and its output is the batch's output, so a bad version
+//!   dead-letters nothing. If the previous version fails on some events too, the new one gets
+//!   the input again from the same state, isolating: if it fails only on events the previous
+//!   one also fails on, those are poison (dead letters as usual) and the new version stays
+//!   (its output, its state); if it fails on any other, it is rolled back. If neither version
+//!   can run, the call fails as any stage that cannot run, and the probation goes on. A batch
+//!   is always processed wholly by one version. Each probation's end is a [`Verdict`] in the
+//!   output.
 
 use super::stage::{DeadLetter, LateEvent, Stage, StageOutput};
 use crate::runtime::PluginError;
@@ -41,6 +56,8 @@ pub struct ChainOutput {
     pub late: Vec<LateEvent>,
     /// What each stage that ran did, in the order they ran.
     pub runs: Vec<StageRun>,
+    /// Probations that ended while the chain ran (see [`Chain::swap`]).
+    pub verdicts: Vec<Verdict>,
 }
 
 impl ChainOutput {
@@ -50,20 +67,23 @@ impl ChainOutput {
             dead_letters: Vec::new(),
             late: Vec::new(),
             runs: Vec::new(),
+            verdicts: Vec::new(),
         }
     }
 
-    /// Notes what stage `stage` made of `events_in` events (a call started at `started`):
-    /// its run, dead letters and late events; returns its output batch.
+    /// Notes what stage `stage` (running `version`) made of `events_in` events (a call
+    /// started at `started`): its run, dead letters and late events; returns its output batch.
     fn took(
         &mut self,
         stage: usize,
+        version: &str,
         events_in: usize,
         out: StageOutput,
         started: Instant,
     ) -> Vec<u8> {
         self.runs.push(StageRun {
             stage,
+            version: version.to_owned(),
             events_in,
             events_out: count(&out.batch),
             failed: out.dead_letters.len(),
@@ -82,6 +102,8 @@ impl ChainOutput {
 pub struct StageRun {
     /// The stage's index in the chain.
     pub stage: usize,
+    /// The plugin version whose output this is.
+    pub version: String,
     /// Events handed to the stage (0 for a flush).
     pub events_in: usize,
     /// Events it output.
@@ -114,10 +136,59 @@ pub struct ChainError {
     pub pending: Vec<u8>,
 }
 
-/// An ordered list of stages.
+/// An ordered list of stages, each maybe with a new version on probation.
 #[derive(Debug, Default)]
 pub struct Chain {
     stages: Vec<Stage>,
+    /// Per stage: the version it ran before a swap, kept while the new one is on probation.
+    probation: Vec<Option<Probation>>,
+}
+
+/// A stage's previous version, kept while the new one is on probation.
+#[derive(Debug)]
+struct Probation {
+    previous: Stage,
+    /// Batches the new version must take without failing.
+    batches: u64,
+    /// Batches it took so far.
+    passed: u64,
+}
+
+/// How a probation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The new version took its probation batches: the previous one is dropped.
+    Passed {
+        /// The stage's index.
+        stage: usize,
+        /// The new version, now serving for good.
+        version: String,
+        /// Batches it took on probation.
+        batches: u64,
+    },
+    /// The new version failed on events the previous one takes: the previous one serves again
+    /// and its output of that batch is what went on.
+    RolledBack {
+        /// The stage's index.
+        stage: usize,
+        /// The version rolled back.
+        version: String,
+        /// The version serving again.
+        restored: String,
+        /// Why: the new version's error on that batch.
+        error: String,
+        /// Batches it had taken before.
+        batches: u64,
+    },
+}
+
+/// Why [`Chain::swap`] refused a replacement, and the replacement back.
+#[derive(Debug)]
+pub struct SwapRefused {
+    /// Why.
+    pub message: String,
+    /// The replacement, unused.
+    pub replacement: Stage,
 }
 
 /// Where a run through stages stopped: the stage, the error, its unprocessed input.
@@ -130,7 +201,75 @@ struct Failure {
 impl Chain {
     /// A chain of these stages, first to last.
     pub fn new(stages: Vec<Stage>) -> Self {
-        Chain { stages }
+        let probation = stages.iter().map(|_| None).collect();
+        Chain { stages, probation }
+    }
+
+    /// Replaces stage `index` with `replacement`, a version of the same kind initialized with
+    /// the stage's config; an aggregate's window state moves to it. With `probation` > 0 the
+    /// previous version is kept until the new one has taken that many batches without failing
+    /// (see the module docs) and `Ok(None)` is returned; with 0 the previous version is
+    /// returned at once, for the caller to drop.
+    pub fn swap(
+        &mut self,
+        index: usize,
+        mut replacement: Stage,
+        probation: u64,
+    ) -> Result<Option<Stage>, Box<SwapRefused>> {
+        let refuse = |message: String, replacement: Stage| {
+            Err(Box::new(SwapRefused {
+                message,
+                replacement,
+            }))
+        };
+        let (Some(current), Some(slot)) =
+            (self.stages.get_mut(index), self.probation.get_mut(index))
+        else {
+            return refuse(format!("the chain has no stage {index}"), replacement);
+        };
+        if current.plugin().kind() != replacement.plugin().kind() {
+            let message = format!(
+                "stage `{}` takes {} plugins (world `weir:plugin/{}@0.1.0`); plugin `{}` {} implements world `weir:plugin/{}@0.1.0`",
+                current.name(),
+                current.plugin().kind(),
+                current.plugin().kind().world(),
+                replacement.plugin().name(),
+                replacement.plugin().version(),
+                replacement.plugin().kind().world()
+            );
+            return refuse(message, replacement);
+        }
+        if let Some(p) = slot {
+            let message = format!(
+                "stage `{}`: version {} is on probation ({} of {} batches)",
+                current.name(),
+                current.plugin().version(),
+                p.passed,
+                p.batches
+            );
+            return refuse(message, replacement);
+        }
+        if let Some(state) = current.take_window_state() {
+            replacement.set_window_state(state);
+        }
+        let previous = std::mem::replace(current, replacement);
+        if probation == 0 {
+            return Ok(Some(previous));
+        }
+        *slot = Some(Probation {
+            previous,
+            batches: probation,
+            passed: 0,
+        });
+        Ok(None)
+    }
+
+    /// Stage `index`'s probation, if its version is on one: (batches taken, batches to take).
+    pub fn probation(&self, index: usize) -> Option<(u64, u64)> {
+        self.probation
+            .get(index)?
+            .as_ref()
+            .map(|p| (p.passed, p.batches))
     }
 
     /// The stages, first to last.
@@ -175,12 +314,11 @@ impl Chain {
     ) -> Result<ChainOutput, Box<ChainError>> {
         let first_stage = stage.min(self.stages.len());
         let mut output = ChainOutput::new();
-        match run(
+        let (stages, probation) = (
             &mut self.stages[first_stage..],
-            first_stage,
-            first,
-            &mut output,
-        ) {
+            &mut self.probation[first_stage..],
+        );
+        match run(stages, probation, first_stage, first, &mut output) {
             Ok(batch) => {
                 output.batch = batch;
                 Ok(output)
@@ -199,11 +337,27 @@ impl Chain {
         let mut merged = BatchBuilder::new();
         for i in 0..self.stages.len() {
             let (stage, rest) = self.stages[i..].split_at_mut(1);
+            let (probation, rest_probation) = self.probation[i..].split_at_mut(1);
             let started = Instant::now();
-            let failure = match stage[0].flush() {
+            let flushed = call(
+                &mut stage[0],
+                &mut probation[0],
+                i,
+                &mut output,
+                Stage::flush_strict,
+                Stage::flush,
+            );
+            let failure = match flushed {
                 Ok(flushed) => {
-                    let flushed = output.took(i, 0, flushed, started);
-                    match run(rest, i + 1, First::Bytes(&flushed), &mut output) {
+                    let version = stage[0].plugin().version().to_owned();
+                    let flushed = output.took(i, &version, 0, flushed, started);
+                    match run(
+                        rest,
+                        rest_probation,
+                        i + 1,
+                        First::Bytes(&flushed),
+                        &mut output,
+                    ) {
                         Ok(out) => match append(&mut merged, &out) {
                             Ok(()) => continue,
                             Err(e) => self.bad_flush_output(e),
@@ -274,11 +428,12 @@ enum First<'a, 'b> {
     Bytes(&'a [u8]),
 }
 
-/// Runs `first` through `stages` (the first of which is stage `offset` of the chain),
-/// collecting dead letters, late events and runs into `output`. On failure, returns the failing
-/// stage's index in the chain and its input.
+/// Runs `first` through `stages` (the first of which is stage `offset` of the chain; each with
+/// its probation), collecting dead letters, late events, runs and verdicts into `output`. On
+/// failure, returns the failing stage's index in the chain and its input.
 fn run(
     stages: &mut [Stage],
+    probation: &mut [Option<Probation>],
     offset: usize,
     first: First<'_, '_>,
     output: &mut ChainOutput,
@@ -288,29 +443,49 @@ fn run(
         First::Bytes(bytes) => bytes,
     };
     let mut current: Option<Vec<u8>> = None;
-    for (k, stage) in stages.iter_mut().enumerate() {
+    for (k, (stage, probation)) in stages.iter_mut().zip(probation.iter_mut()).enumerate() {
         let started = Instant::now();
-        let (events_in, result) = match (current.as_deref(), &first) {
-            (Some(previous), _) => {
-                // SAFETY: a stage's output batch is one the host built or verified
-                // (`Stage::process_batch`), so the next stage reads it without verifying it
-                // again.
-                let input = unsafe { Batch::trusted(previous) };
-                (input.len(), stage.process_batch(&input))
-            }
-            (None, First::Verified(input)) => (input.len(), stage.process_batch(input)),
+        let index = offset + k;
+        let verified;
+        let input = match (current.as_deref(), &first) {
+            // SAFETY: a stage's output batch is one the host built or verified
+            // (`Stage::process_batch`), so the next stage reads it without verifying it again.
+            (Some(previous), _) => unsafe { Batch::trusted(previous) },
+            (None, First::Verified(input)) => **input,
             (None, First::Bytes(bytes)) => match Batch::verify(bytes) {
-                Ok(input) => (input.len(), stage.process_batch(&input)),
-                Err(_) => (0, stage.process(bytes)),
+                Ok(input) => {
+                    verified = input;
+                    verified
+                }
+                Err(e) => {
+                    return Err(Box::new(Failure {
+                        stage: index,
+                        error: PluginError::BadInput {
+                            plugin: stage.plugin().name().to_owned(),
+                            version: stage.plugin().version().to_owned(),
+                            message: e.to_string(),
+                        },
+                        pending: bytes.to_vec(),
+                    }));
+                }
             },
         };
+        let result = call(
+            stage,
+            probation,
+            index,
+            output,
+            |s| s.process_batch_strict(&input),
+            |s| s.process_batch(&input),
+        );
         match result {
             Ok(out) => {
-                current = Some(output.took(offset + k, events_in, out, started));
+                let version = stage.plugin().version().to_owned();
+                current = Some(output.took(index, &version, input.len(), out, started));
             }
             Err(error) => {
                 return Err(Box::new(Failure {
-                    stage: offset + k,
+                    stage: index,
                     error,
                     pending: current.unwrap_or_else(|| first_bytes.to_vec()),
                 }));
@@ -318,6 +493,110 @@ fn run(
         }
     }
     Ok(current.unwrap_or_else(|| first_bytes.to_vec()))
+}
+
+/// Runs one call of stage `index`: as it is, or, when its version is on probation, under the
+/// probation rule (the module docs). `strict` makes the call without isolating events (an
+/// event failure is an `Err`), `isolating` with. Ends the probation when it passes or fails
+/// (the verdict goes to `output`).
+fn call(
+    stage: &mut Stage,
+    probation: &mut Option<Probation>,
+    index: usize,
+    output: &mut ChainOutput,
+    strict: impl Fn(&mut Stage) -> Result<StageOutput, PluginError>,
+    isolating: impl Fn(&mut Stage) -> Result<StageOutput, PluginError>,
+) -> Result<StageOutput, PluginError> {
+    let Some(p) = probation.as_mut() else {
+        return isolating(stage);
+    };
+    let before = stage.window_state().cloned();
+    // `Some(why)` when the new version is rolled back; the result is then the previous one's.
+    let (result, rolled_back) = match strict(stage) {
+        Ok(out) => (Ok(out), None),
+        Err(new_error) => {
+            // The new version changed nothing (a call is all or nothing): the previous one
+            // takes the same input from the same state.
+            if let Some(state) = stage.take_window_state() {
+                p.previous.set_window_state(state);
+            }
+            match isolating(&mut p.previous) {
+                Ok(old) if old.dead_letters.is_empty() => (Ok(old), Some(new_error.to_string())),
+                Ok(old) => {
+                    // The input holds events the previous version fails on too: the new one is
+                    // to blame only if it fails on others.
+                    let after_old = p.previous.take_window_state();
+                    if let Some(state) = before {
+                        stage.set_window_state(state);
+                    }
+                    let poison = failed(&old);
+                    match isolating(stage) {
+                        Ok(new) if failed(&new).is_subset(&poison) => (Ok(new), None),
+                        new => {
+                            // Back to the previous version's state after the batch.
+                            stage.take_window_state();
+                            if let Some(state) = after_old {
+                                p.previous.set_window_state(state);
+                            }
+                            let why = match new {
+                                Ok(new) => new
+                                    .dead_letters
+                                    .into_iter()
+                                    .find(|d| !poison.contains(&(d.window.is_some(), d.index)))
+                                    .map_or_else(|| new_error.to_string(), |d| d.error),
+                                Err(e) => e.to_string(),
+                            };
+                            (Ok(old), Some(why))
+                        }
+                    }
+                }
+                Err(_) => {
+                    // Neither version can run: a stage that cannot run, not the new version's
+                    // fault. The state goes back to the new version, unchanged.
+                    if let Some(state) = p.previous.take_window_state() {
+                        stage.set_window_state(state);
+                    }
+                    (Err(new_error), None)
+                }
+            }
+        }
+    };
+    match rolled_back {
+        Some(error) => {
+            if let Some(p) = probation.take() {
+                let failed_version = std::mem::replace(stage, p.previous);
+                output.verdicts.push(Verdict::RolledBack {
+                    stage: index,
+                    version: failed_version.plugin().version().to_owned(),
+                    restored: stage.plugin().version().to_owned(),
+                    error,
+                    batches: p.passed,
+                });
+            }
+        }
+        None if result.is_ok() => {
+            p.passed += 1;
+            if p.passed >= p.batches {
+                let batches = p.passed;
+                *probation = None;
+                output.verdicts.push(Verdict::Passed {
+                    stage: index,
+                    version: stage.plugin().version().to_owned(),
+                    batches,
+                });
+            }
+        }
+        None => {}
+    }
+    result
+}
+
+/// What a stage failed on in one call: (a window rather than an event, index).
+fn failed(out: &StageOutput) -> std::collections::HashSet<(bool, usize)> {
+    out.dead_letters
+        .iter()
+        .map(|d| (d.window.is_some(), d.index))
+        .collect()
 }
 
 /// The events in a batch a stage output (verified or built by the host).
@@ -340,7 +619,184 @@ pub(crate) fn append(merged: &mut BatchBuilder, batch: &[u8]) -> Result<(), Form
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::WindowConfig;
+    use crate::runtime::{Runtime, RuntimeConfig, StageConfig};
+    use std::time::Duration;
     use weir_format::{Event, encode};
+
+    mod plugins {
+        include!(concat!(env!("OUT_DIR"), "/plugin_paths.rs"));
+    }
+
+    fn runtime() -> Runtime {
+        Runtime::new(RuntimeConfig {
+            max_instances: 8,
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime")
+    }
+
+    fn stage(runtime: &Runtime, path: &str) -> Stage {
+        let plugin = runtime.load_file(path).expect("plugin");
+        let window = (plugin.kind() == crate::runtime::PluginKind::Aggregate)
+            .then(|| WindowConfig::tumbling(Duration::from_secs(60)));
+        Stage::new(&plugin, StageConfig::new("s"), window).expect("stage")
+    }
+
+    fn values(batch: &[u8]) -> Vec<String> {
+        Batch::verify(batch)
+            .expect("a batch")
+            .iter()
+            .map(|e| String::from_utf8_lossy(e.value()).into_owned())
+            .collect()
+    }
+
+    fn batch(values: &[&str]) -> Vec<u8> {
+        let events: Vec<Event> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Event::new(*v, 1_000 + i as i64).with_key("k"))
+            .collect();
+        encode(&events)
+    }
+
+    #[test]
+    fn a_version_that_takes_its_probation_batches_stays_and_the_previous_one_goes() {
+        let runtime = runtime();
+        let mut chain = Chain::new(vec![stage(&runtime, plugins::IDENTITY)]);
+        let new = stage(&runtime, plugins::PANIC_ON_MARK);
+        let version = new.plugin().version().to_owned();
+        assert!(chain.swap(0, new, 2).expect("swapped").is_none());
+        assert_eq!(chain.probation(0), Some((0, 2)));
+        let first = chain.process(&batch(&["a", "b"])).expect("first");
+        assert_eq!(
+            (values(&first.batch), first.verdicts),
+            (vec!["a".into(), "b".into()], vec![])
+        );
+        assert_eq!(chain.probation(0), Some((1, 2)));
+        let second = chain.process(&batch(&["c"])).expect("second");
+        assert_eq!(
+            second.verdicts,
+            [Verdict::Passed {
+                stage: 0,
+                version: version.clone(),
+                batches: 2
+            }]
+        );
+        assert_eq!(chain.probation(0), None);
+        assert_eq!(chain.stages()[0].plugin().version(), version);
+        assert_eq!(second.runs[0].version, version);
+    }
+
+    #[test]
+    fn a_version_failing_where_the_previous_one_does_not_is_rolled_back_with_no_dead_letter() {
+        let runtime = runtime();
+        let old = stage(&runtime, plugins::IDENTITY);
+        let old_version = old.plugin().version().to_owned();
+        let mut chain = Chain::new(vec![old]);
+        let new = stage(&runtime, plugins::PANIC_ON_MARK);
+        let new_version = new.plugin().version().to_owned();
+        assert!(chain.swap(0, new, 10).expect("swapped").is_none());
+        chain
+            .process(&batch(&["a"]))
+            .expect("a batch the new version takes");
+        let out = chain
+            .process(&batch(&["b", "poison", "c"]))
+            .expect("the previous version takes it");
+        assert_eq!(
+            values(&out.batch),
+            ["b", "poison", "c"],
+            "the previous version's output"
+        );
+        assert!(out.dead_letters.is_empty(), "{:?}", out.dead_letters);
+        assert_eq!(out.runs[0].version, old_version);
+        let [
+            Verdict::RolledBack {
+                stage: 0,
+                version,
+                restored,
+                error,
+                batches: 1,
+            },
+        ] = out.verdicts.as_slice()
+        else {
+            panic!("expected one rollback, got {:?}", out.verdicts);
+        };
+        assert_eq!((version, restored), (&new_version, &old_version));
+        assert!(error.contains("poison event at timestamp 1001"), "{error}");
+        assert_eq!(chain.stages()[0].plugin().version(), old_version);
+        assert_eq!(chain.probation(0), None);
+    }
+
+    #[test]
+    fn events_both_versions_fail_on_are_poison_and_the_new_version_stays() {
+        let runtime = runtime();
+        let mut chain = Chain::new(vec![stage(&runtime, plugins::PANIC_ON_MARK)]);
+        let new = stage(&runtime, plugins::PANIC_ON_MARK);
+        assert!(chain.swap(0, new, 3).expect("swapped").is_none());
+        let out = chain.process(&batch(&["a", "poison"])).expect("a batch");
+        assert_eq!(values(&out.batch), ["a"]);
+        assert_eq!(out.dead_letters.len(), 1);
+        assert_eq!(out.dead_letters[0].index, 1);
+        assert!(out.verdicts.is_empty());
+        assert_eq!(chain.probation(0), Some((1, 3)), "still on probation");
+    }
+
+    #[test]
+    fn window_state_moves_to_the_new_version_and_nothing_is_folded_twice() {
+        let runtime = runtime();
+        let mut chain = Chain::new(vec![stage(&runtime, plugins::BAD_FINISH)]);
+        chain
+            .process(&batch(&["x"]))
+            .expect("folded by the first version");
+        let new = stage(&runtime, plugins::BAD_FINISH);
+        assert!(chain.swap(0, new, 5).expect("swapped").is_none());
+        // Both versions fail on the poison event: each runs the batch once from the state
+        // before it; the state kept is the new version's, with `y` folded once.
+        let out = chain.process(&batch(&["y", "poison"])).expect("a batch");
+        assert_eq!(out.dead_letters.len(), 1);
+        let flushed = chain.flush().expect("flush");
+        assert_eq!(values(&flushed.batch), ["count=2"]);
+    }
+
+    #[test]
+    fn a_swap_is_refused_for_another_kind_or_while_a_version_is_on_probation() {
+        let runtime = runtime();
+        let mut chain = Chain::new(vec![stage(&runtime, plugins::IDENTITY)]);
+        let refused = chain
+            .swap(0, stage(&runtime, plugins::COUNT_SUM), 0)
+            .expect_err("an aggregate for a filter stage");
+        assert!(
+            refused
+                .message
+                .starts_with("stage `s` takes filter plugins (world `weir:plugin/filter@0.1.0`); plugin `count_sum` ")
+                && refused
+                    .message
+                    .ends_with(" implements world `weir:plugin/aggregate@0.1.0`"),
+            "{}",
+            refused.message
+        );
+        assert!(
+            chain
+                .swap(0, stage(&runtime, plugins::DROP_BOTS), 4)
+                .expect("ok")
+                .is_none()
+        );
+        let refused = chain
+            .swap(0, stage(&runtime, plugins::IDENTITY), 0)
+            .expect_err("on probation");
+        assert!(
+            refused
+                .message
+                .ends_with(" is on probation (0 of 4 batches)"),
+            "{}",
+            refused.message
+        );
+        let previous = chain
+            .swap(9, stage(&runtime, plugins::IDENTITY), 0)
+            .expect_err("no such stage");
+        assert_eq!(previous.message, "the chain has no stage 9");
+    }
 
     #[test]
     fn merging_refuses_a_batch_that_does_not_verify() {

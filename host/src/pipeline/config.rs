@@ -23,6 +23,9 @@ pub struct PipelineConfig {
     /// The sink its dead letters and late events go to; `None`: the file
     /// `DATA_DIR/dead-letters/PIPELINE.jsonl`.
     pub dead_letters: Option<String>,
+    /// A header set on every output event naming the plugin version of each stage that made
+    /// it (`STAGE=VERSION,…`); `None`: no such header.
+    pub version_header: Option<String>,
 }
 
 /// One stage of a pipeline.

@@ -20,10 +20,10 @@ mod stage;
 pub mod window;
 mod worker;
 
-pub use chain::{Chain, ChainError, ChainOutput, StageRun};
+pub use chain::{Chain, ChainError, ChainOutput, StageRun, SwapRefused, Verdict};
 pub use input::{Completion, Input, PipelineInput, Slot};
 pub use stage::{DeadLetter, LateEvent, Stage, StageOutput};
 pub use window::{
     MAX_WINDOWS_PER_EVENT, WindowConfig, WindowError, WindowId, WindowKind, WindowState, Windows,
 };
-pub use worker::{MAX_ROUND, Pipeline, WorkerConfig, WorkerSetup};
+pub use worker::{MAX_ROUND, Pipeline, Swap, Swapped, WorkerConfig, WorkerSetup};

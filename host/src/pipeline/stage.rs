@@ -108,6 +108,9 @@ impl StageOutput {
 pub struct Stage {
     instance: Instance,
     windows: Option<WindowState>,
+    /// Whether a failing batch is retried event by event (off only inside
+    /// [`Stage::process_batch_strict`] and [`Stage::flush_strict`]).
+    isolate: bool,
     /// Builds output batches.
     builder: BatchBuilder,
     /// Builds the one-event batches of isolation.
@@ -163,6 +166,7 @@ impl Stage {
         Ok(Stage {
             instance: plugin.instantiate(config)?,
             windows,
+            isolate: true,
             builder: BatchBuilder::new(),
             scratch: BatchBuilder::new(),
         })
@@ -204,6 +208,40 @@ impl Stage {
             .windows
             .as_mut()
             .map(|previous| std::mem::replace(previous, state)))
+    }
+
+    /// Takes an aggregate stage's window state out, leaving it empty (no window, no event
+    /// seen); `None` for other kinds.
+    pub fn take_window_state(&mut self) -> Option<WindowState> {
+        self.windows
+            .as_mut()
+            .map(|state| std::mem::replace(state, WindowState::new(*state.config())))
+    }
+
+    /// Puts window state back (taken with [`Stage::take_window_state`] from this stage or from
+    /// another version of it, whose window config is the same); ignored for other kinds.
+    pub(crate) fn set_window_state(&mut self, state: WindowState) {
+        if let Some(windows) = self.windows.as_mut() {
+            *windows = state;
+        }
+    }
+
+    /// Like [`Stage::process_batch`], but a batch the plugin fails on is an `Err` instead of
+    /// being retried event by event (with everything as it was before the call): how a
+    /// version on probation is tried (see `chain.rs`).
+    pub fn process_batch_strict(&mut self, input: &Batch<'_>) -> Result<StageOutput, PluginError> {
+        self.isolate = false;
+        let result = self.process_batch(input);
+        self.isolate = true;
+        result
+    }
+
+    /// Like [`Stage::flush`], without isolating a window whose `finish` fails.
+    pub fn flush_strict(&mut self) -> Result<StageOutput, PluginError> {
+        self.isolate = false;
+        let result = self.flush();
+        self.isolate = true;
+        result
     }
 
     /// The raw filter call on a verified batch: one plugin call, the bitmap as returned
@@ -270,7 +308,7 @@ impl Stage {
         let mut dead_letters = Vec::new();
         let keep = match self.instance.filter_counted(batch, n) {
             Ok(keep) => keep,
-            Err(e) if e.is_event_failure() => {
+            Err(e) if e.is_event_failure() && self.isolate => {
                 let mut keep = KeepBitmap::none(n);
                 for (i, event) in input.iter().enumerate() {
                     let single = self.single(&event);
@@ -311,7 +349,7 @@ impl Stage {
         let n = input.len();
         match self.instance.enrich_counted(batch, n) {
             Ok(out) => return Ok(StageOutput::new(out)),
-            Err(e) if e.is_event_failure() => {}
+            Err(e) if e.is_event_failure() && self.isolate => {}
             Err(e) => return Err(e),
         }
         let mut dead_letters = Vec::new();
@@ -382,7 +420,7 @@ impl Stage {
                     }
                 }
             }
-            Err(e) if e.is_event_failure() => {
+            Err(e) if e.is_event_failure() && self.isolate => {
                 for (i, event) in input.iter().enumerate() {
                     let plan = state.plan([(event.key(), event.timestamp_ms())]);
                     if !plan.late.is_empty() {
@@ -487,7 +525,7 @@ impl Stage {
     ) -> Result<Vec<u8>, PluginError> {
         match self.instance.finish(windows) {
             Ok(out) => return Ok(out),
-            Err(e) if e.is_event_failure() => {}
+            Err(e) if e.is_event_failure() && self.isolate => {}
             Err(e) => return Err(e),
         }
         let mut budget = self.output_budget();

@@ -13,7 +13,10 @@
 //!   task), with no polling. Memory stays bounded by the sinks' buffers (a full `block` sink
 //!   holds the worker in `offer`) and by the sources' own limits on batches not completed.
 //! - **Control.** Between two batches the worker takes [`Control`] messages, ahead of any
-//!   queued batch (today: stop).
+//!   queued batch: swap a stage's plugin version ([`Swap`]: the new version is instantiated
+//!   and initialized off the worker, so the swap itself moves a few pointers and the window
+//!   state), and stop. A version on probation is the chain's business (`chain.rs`); the
+//!   worker tells the deployer the verdict and counts swaps, pauses and rollbacks.
 //! - **A stage that cannot run** (its instance pool exhausted, its plugin's `init` refusing on
 //!   a recycle) leaves no half-applied batch: the chain hands back what the earlier stages
 //!   finished (delivered as usual: their output, dead letters and folds stand) and the failing
@@ -25,14 +28,15 @@
 //!   and the worker waits up to [`WorkerConfig::stop_wait`] (from when stopping began) for the
 //!   sinks to accept what it offered; rounds not accepted by then are rejected.
 
-use super::chain::{Chain, ChainError, ChainOutput};
+use super::chain::{Chain, ChainError, ChainOutput, SwapRefused, Verdict};
 use super::fanout::Fanout;
 use super::input::{Completion, Input, PipelineInput};
-use super::stage::{DeadLetter, LateEvent};
-use crate::metrics::{PipelineMetrics, StageMetrics};
+use super::stage::{DeadLetter, LateEvent, Stage};
+use crate::metrics::{Metrics, PipelineMetrics, StageMetrics, VersionMetrics};
 use crate::runtime::{PluginError, PluginKind};
 use crate::sinks::SharedBatch;
 use crate::sinks::runner::Ticket;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
@@ -77,8 +81,35 @@ impl WorkerConfig {
     }
 }
 
+/// A new version for one stage, ready to run: instantiated and initialized off the worker.
+pub struct Swap {
+    /// The stage's index.
+    pub stage: usize,
+    /// The new version.
+    pub replacement: Stage,
+    /// Batches it must take without failing before the previous version is dropped (0: no
+    /// probation; see `chain.rs`).
+    pub probation: u64,
+    /// Told once the swap is done, or why it was refused (with the replacement back).
+    pub done: oneshot::Sender<Result<Swapped, Box<SwapRefused>>>,
+    /// Told how the probation ended; dropped unanswered if the pipeline stops first.
+    pub verdict: Option<oneshot::Sender<Verdict>>,
+}
+
+/// A swap that was done.
+pub struct Swapped {
+    /// The version taken out (no probation), for the caller to drop off the worker.
+    pub previous: Option<Stage>,
+    /// How long batches waited because of the swap: from the end of the last batch the old
+    /// version took to the moment the worker could take the next (when one was waiting), or
+    /// the swap itself (when none was).
+    pub pause: Duration,
+}
+
 /// What a running pipeline's worker is told between two batches.
 pub(crate) enum Control {
+    /// Swap a stage's plugin version; window state carries over.
+    Swap(Box<Swap>),
     /// Stop taking batches, process what is queued, flush windows, wait for the sinks, end.
     /// Replies with the problems met (empty when everything was accepted).
     Stop {
@@ -121,6 +152,10 @@ pub struct WorkerSetup {
     pub queue: usize,
     /// Retries and stopping.
     pub config: WorkerConfig,
+    /// The metrics, for the series of plugin versions deployed later.
+    pub registry: Arc<Metrics>,
+    /// A header naming the plugin versions that made each output event (`STAGE=VERSION,…`).
+    pub version_header: Option<String>,
 }
 
 /// A running pipeline: its worker thread and the ways to reach it.
@@ -162,6 +197,12 @@ impl Pipeline {
             stopping: stopping.clone(),
             outstanding: Vec::new(),
             problems: Arc::new(Mutex::new(Vec::new())),
+            registry: setup.registry,
+            version_series: HashMap::new(),
+            verdicts: HashMap::new(),
+            version_header: setup.version_header,
+            versions: Vec::new(),
+            last_batch_end: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("weir-{name}"))
@@ -190,6 +231,12 @@ impl Pipeline {
         self.control
             .send(message)
             .map_err(|_| format!("pipeline `{}`: its worker has stopped", self.name))
+    }
+
+    /// Hands the worker a new version of a stage (see [`Swap`]); `Err` when the worker has
+    /// ended. The outcome comes on the swap's own channels.
+    pub fn swap(&self, swap: Swap) -> Result<(), String> {
+        self.control(Control::Swap(Box::new(swap)))
     }
 
     /// Tells the worker to stop (see [`Control::Stop`]) at once; the future completes when it
@@ -239,6 +286,18 @@ struct Worker {
     outstanding: Vec<Arc<Ticket>>,
     /// Why rounds were not accepted, each reason once.
     problems: Arc<Mutex<Vec<String>>>,
+    /// Where per-version series come from.
+    registry: Arc<Metrics>,
+    /// Per (stage, version), its series.
+    version_series: HashMap<(usize, String), VersionMetrics>,
+    /// Per stage on probation, who waits for the verdict.
+    verdicts: HashMap<usize, oneshot::Sender<Verdict>>,
+    /// The header naming the versions that made each output event, if the pipeline sets one.
+    version_header: Option<String>,
+    /// The version of each stage that made the batch under way.
+    versions: Vec<(usize, String)>,
+    /// When the last batch was done.
+    last_batch_end: Option<Instant>,
 }
 
 /// What the worker waits for next.
@@ -286,6 +345,10 @@ impl Worker {
                     // The stopper may have given up waiting; nothing to do then.
                     let _ = reply.send(problems);
                     return;
+                }
+                Next::Control(Control::Swap(swap)) => {
+                    self.swap(*swap);
+                    continue;
                 }
                 Next::Abandoned => {
                     let problems = self.stop();
@@ -335,6 +398,34 @@ impl Worker {
         })
     }
 
+    fn swap(&mut self, swap: Swap) {
+        let Swap {
+            stage,
+            replacement,
+            probation,
+            done,
+            verdict,
+        } = swap;
+        let started = Instant::now();
+        let waiting = !self.input.is_empty();
+        let result = self.chain.swap(stage, replacement, probation);
+        let from = match (waiting, self.last_batch_end) {
+            (true, Some(end)) => end.min(started),
+            _ => started,
+        };
+        let pause = from.elapsed();
+        if result.is_ok() {
+            if let Some(metrics) = self.stage_metrics.get(stage) {
+                metrics.swaps.inc();
+                metrics.swap_pause.observe(pause.as_secs_f64());
+            }
+            if let (Some(verdict), true) = (verdict, probation > 0) {
+                self.verdicts.insert(stage, verdict);
+            }
+        }
+        let _ = done.send(result.map(|previous| Swapped { previous, pause }));
+    }
+
     fn process(&mut self, input: Input, round: &mut Round) {
         let Input { batch, completion } = input;
         round.completions.push(completion);
@@ -344,12 +435,48 @@ impl Worker {
         let output = if self.chain.is_empty() {
             batch.clone()
         } else {
+            self.versions.clear();
             let result = self.chain.process_batch(&view);
             let bytes = self.finish_chain(result, round);
+            let bytes = match &self.version_header {
+                Some(header) => self.tag_versions(header, &bytes),
+                None => bytes,
+            };
             // SAFETY: a chain's output is a batch the host built or verified.
             unsafe { SharedBatch::trusted(bytes) }
         };
         self.fan_out(&output, round);
+        self.last_batch_end = Some(Instant::now());
+    }
+
+    /// The output with header `header` on every event: `STAGE=VERSION` of every stage that made
+    /// it, comma-separated.
+    fn tag_versions(&self, header: &str, bytes: &[u8]) -> Vec<u8> {
+        let value = self
+            .versions
+            .iter()
+            .map(|(stage, version)| {
+                let name = self.chain.stages().get(*stage).map_or("", |s| s.name());
+                format!("{name}={version}")
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut tagged = BatchBuilder::new();
+        // SAFETY: a chain's output is a batch the host built or verified.
+        for event in unsafe { Batch::trusted(bytes) }.iter() {
+            tagged.push_parts(
+                event.key(),
+                event.value(),
+                event.timestamp_ms(),
+                event
+                    .headers()
+                    .filter(|(name, _)| *name != header)
+                    .chain([(header, value.as_bytes())]),
+                event.route(),
+                event.source(),
+            );
+        }
+        tagged.finish()
     }
 
     /// Takes a chain's result to the end: delivers what it finished, runs a failed stage's
@@ -408,7 +535,23 @@ impl Worker {
     /// Counts what the stages did, collects dead letters and late events into the round, and
     /// returns the output batch.
     fn take(&mut self, output: ChainOutput, round: &mut Round) -> Vec<u8> {
+        for verdict in output.verdicts {
+            self.verdict(verdict);
+        }
         for run in &output.runs {
+            match self
+                .versions
+                .iter_mut()
+                .find(|(stage, _)| *stage == run.stage)
+            {
+                Some(seen) => seen.1.clone_from(&run.version),
+                None => self.versions.push((run.stage, run.version.clone())),
+            }
+            if run.events_in > 0 {
+                let version = self.version_metrics(run.stage, &run.version);
+                version.batches.inc();
+                version.failed_events.inc_by(run.failed as u64);
+            }
             let Some(metrics) = self.stage_metrics.get(run.stage) else {
                 continue;
             };
@@ -430,6 +573,55 @@ impl Worker {
         }
         self.dead_letters(&output.dead_letters, &output.late, round);
         output.batch
+    }
+
+    /// The series of one version of stage `stage`, asked for once.
+    fn version_metrics(&mut self, stage: usize, version: &str) -> &VersionMetrics {
+        let key = (stage, version.to_owned());
+        let (metrics, name, chain) = (&self.registry, &self.name, &self.chain);
+        self.version_series.entry(key).or_insert_with(|| {
+            let stage = chain.stages().get(stage).map_or("", |s| s.name());
+            metrics.stage_version(name, stage, version)
+        })
+    }
+
+    /// A probation ended: count it, log it, tell whoever deployed the version.
+    fn verdict(&mut self, verdict: Verdict) {
+        let stage = match &verdict {
+            Verdict::Passed { stage, .. } | Verdict::RolledBack { stage, .. } => *stage,
+        };
+        let name = self
+            .chain
+            .stages()
+            .get(stage)
+            .map_or("", |s| s.name())
+            .to_owned();
+        match &verdict {
+            Verdict::Passed {
+                version, batches, ..
+            } => tracing::info!(
+                "pipeline `{}`, stage `{name}`: version {version} passed its probation ({batches} batches)",
+                self.name
+            ),
+            Verdict::RolledBack {
+                version,
+                restored,
+                error,
+                batches,
+                ..
+            } => {
+                if let Some(metrics) = self.stage_metrics.get(stage) {
+                    metrics.rollbacks.inc();
+                }
+                tracing::error!(
+                    "pipeline `{}`, stage `{name}`: version {version} rolled back to {restored} after {batches} batches on probation: {error}",
+                    self.name
+                );
+            }
+        }
+        if let Some(report) = self.verdicts.remove(&stage) {
+            let _ = report.send(verdict);
+        }
     }
 
     /// The events of a stage's input that it could not run on, as its dead letters.

@@ -95,7 +95,7 @@ impl std::fmt::Debug for Topology {
 impl Topology {
     /// Compiles every plugin, instantiates every stage, opens every sink (see the module
     /// docs); starts nothing.
-    pub fn build(config: &Config, metrics: &Metrics) -> Result<Built> {
+    pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Built> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
         let stage_count: usize = config.pipelines.iter().map(|p| p.stages.len()).sum();
@@ -274,7 +274,7 @@ struct PipelineBuilder<'a> {
     plugins: &'a mut HashMap<String, Plugin>,
     sinks: &'a mut BTreeMap<String, Arc<Sink>>,
     destinations: &'a mut Vec<(Arc<Sink>, Box<dyn Destination>)>,
-    metrics: &'a Metrics,
+    metrics: &'a Arc<Metrics>,
 }
 
 impl PipelineBuilder<'_> {
@@ -357,6 +357,8 @@ impl PipelineBuilder<'_> {
                 .collect(),
             queue,
             config: WorkerConfig::default(),
+            registry: self.metrics.clone(),
+            version_header: self.pipeline.version_header.clone(),
         };
         Ok((setup, info))
     }

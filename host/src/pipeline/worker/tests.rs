@@ -27,6 +27,7 @@ struct Delivered {
     value: String,
     error: Option<String>,
     stage: Option<String>,
+    versions: Option<String>,
 }
 
 /// A destination that records every event it delivers, once its gate is open.
@@ -52,6 +53,7 @@ impl Destination for Probe {
                         value: String::from_utf8_lossy(event.value()).into_owned(),
                         error: text(event.header("weir-error")),
                         stage: text(event.header("weir-stage")),
+                        versions: text(event.header("weir-versions")),
                     });
                 }
             }
@@ -108,6 +110,15 @@ struct Harness {
 
 impl Harness {
     fn start(stages: Vec<Stage>, config: WorkerConfig, out_open: bool) -> Harness {
+        Harness::start_with(stages, config, out_open, None)
+    }
+
+    fn start_with(
+        stages: Vec<Stage>,
+        config: WorkerConfig,
+        out_open: bool,
+        version_header: Option<&str>,
+    ) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let metrics = Metrics::new();
         let out = TestSink::start("out", out_open, &metrics, dir.path());
@@ -129,6 +140,8 @@ impl Harness {
             stage_metrics,
             queue: 16,
             config,
+            registry: metrics.clone(),
+            version_header: version_header.map(str::to_owned),
         })
         .expect("a worker thread");
         Harness {
@@ -353,4 +366,94 @@ async fn stop_processes_what_is_queued_and_rejects_what_the_sinks_never_accept()
         h.pipeline.input().is_closed(),
         "no batch taken after a stop"
     );
+}
+
+/// Swaps stage 0 for `replacement` on probation for `batches` batches; the swap's outcome and
+/// the verdict's receiver.
+async fn swap(
+    h: &Harness,
+    replacement: Stage,
+    batches: u64,
+) -> (
+    Result<Swapped, Box<SwapRefused>>,
+    oneshot::Receiver<Verdict>,
+) {
+    let (done, swapped) = oneshot::channel();
+    let (verdict, judged) = oneshot::channel();
+    h.pipeline
+        .swap(Swap {
+            stage: 0,
+            replacement,
+            probation: batches,
+            done,
+            verdict: Some(verdict),
+        })
+        .expect("the worker runs");
+    (within("the swap", swapped).await.expect("answered"), judged)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaps_happen_between_batches_and_verdicts_reach_the_deployer() {
+    let runtime = runtime();
+    let old = stage(&runtime, plugins::IDENTITY, "s", None);
+    let old_version = old.plugin().version().to_owned();
+    let h = Harness::start_with(vec![old], fast(), true, Some("weir-versions"));
+    assert_eq!(outcome(h.send(&[Event::new("a", 1)]).await).await, Ok(()));
+
+    // A version that fails where the old one does not: rolled back on its first batch.
+    let bad = stage(&runtime, plugins::PANIC_ON_MARK, "s", None);
+    let bad_version = bad.plugin().version().to_owned();
+    let (swapped, judged) = swap(&h, bad, 3).await;
+    let swapped = swapped.map_err(|e| e.message).expect("swapped");
+    assert!(swapped.previous.is_none(), "kept for the probation");
+    assert!(swapped.pause < WAIT);
+    assert_eq!(
+        outcome(h.send(&[Event::new("poison", 2)]).await).await,
+        Ok(())
+    );
+    let verdict = within("the verdict", judged).await.expect("a verdict");
+    assert!(
+        matches!(&verdict, Verdict::RolledBack { version, restored, batches: 0, .. } if *version == bad_version && *restored == old_version),
+        "{verdict:?}"
+    );
+
+    // The same version again, now on a batch it takes: it passes.
+    let good = stage(&runtime, plugins::PANIC_ON_MARK, "s", None);
+    let (swapped, judged) = swap(&h, good, 1).await;
+    assert!(swapped.is_ok());
+    assert_eq!(outcome(h.send(&[Event::new("b", 3)]).await).await, Ok(()));
+    let verdict = within("the verdict", judged).await.expect("a verdict");
+    assert_eq!(
+        verdict,
+        Verdict::Passed {
+            stage: 0,
+            version: bad_version.clone(),
+            batches: 1
+        }
+    );
+    assert_eq!(h.pipeline.stop().await, Vec::<String>::new());
+
+    let tagged: Vec<(String, Option<String>)> = h
+        .out
+        .delivered()
+        .into_iter()
+        .map(|d| (d.value, d.versions))
+        .collect();
+    assert_eq!(
+        tagged,
+        [
+            ("a".to_owned(), Some(format!("s={old_version}"))),
+            ("poison".to_owned(), Some(format!("s={old_version}"))),
+            ("b".to_owned(), Some(format!("s={bad_version}"))),
+        ],
+        "each event tagged by the version whose output it is"
+    );
+    assert!(
+        h.dead.delivered().is_empty(),
+        "the bad deploy dead-lettered nothing"
+    );
+    let metrics = h.metrics.stage("p", "s");
+    assert_eq!((metrics.swaps.get(), metrics.rollbacks.get()), (2, 1));
+    let batches = |v: &str| h.metrics.stage_version("p", "s", v).batches.get();
+    assert_eq!((batches(&old_version), batches(&bad_version)), (2, 1));
 }
