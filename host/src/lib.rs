@@ -12,6 +12,7 @@
 
 pub mod baseline;
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod receiver;
@@ -20,6 +21,7 @@ pub mod server;
 pub mod sinks;
 pub mod sources;
 pub mod topology;
+pub mod utc;
 pub mod workload;
 
 /// The example plugins of plugins/ (drop-bots, geo-enrich, count-sum), built by host/build.rs

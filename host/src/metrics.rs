@@ -59,27 +59,21 @@
 //! `+Inf`. Counters end in `_total` in the exposition; their `# TYPE` lines name the family
 //! without the suffix, as OpenMetrics requires.
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::http::{Handler, HttpServer};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::{Registry, Unit};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
 
 pub use prometheus_client::metrics::counter::Counter;
 pub use prometheus_client::metrics::gauge::Gauge;
@@ -112,9 +106,6 @@ const fn latency_buckets() -> [f64; LATENCY_BUCKET_COUNT] {
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
-
-/// How long the endpoint waits for a request's head before closing the connection.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long [`MetricsServer::stop`] lets a response in flight finish (a scraper that stopped
 /// reading) before it closes the connection anyway.
@@ -676,26 +667,19 @@ impl Metrics {
 /// The running metrics endpoint that [`serve`] started. Dropping it stops the endpoint
 /// without waiting; [`MetricsServer::stop`] waits until it has stopped.
 #[derive(Debug)]
-pub struct MetricsServer {
-    local_addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
+pub struct MetricsServer(HttpServer);
 
 impl MetricsServer {
     /// The address the endpoint listens on (the port the system chose if it was asked for
     /// port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.0.local_addr()
     }
 
     /// Stops accepting connections, lets responses in flight finish (for up to 5 s), closes
     /// every connection and returns once all of that is done.
     pub async fn stop(self) {
-        self.shutdown.send_replace(true);
-        if let Err(err) = self.task.await {
-            tracing::error!("metrics endpoint on {}: {err}", self.local_addr);
-        }
+        self.0.stop().await;
     }
 }
 
@@ -704,88 +688,13 @@ impl MetricsServer {
 ///
 /// Fails if `addr` cannot be bound; the error names the address.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<MetricsServer> {
-    let listener = TcpListener::bind(addr).await.map_err(|err| {
-        io::Error::new(
-            err.kind(),
-            format!("metrics endpoint: cannot listen on {addr}: {err}"),
-        )
-    })?;
-    let local_addr = listener.local_addr()?;
-    let (shutdown, stopped) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(listener, local_addr, metrics, stopped));
-    Ok(MetricsServer {
-        local_addr,
-        shutdown,
-        task,
-    })
-}
-
-/// Resolves once the endpoint is told to stop, or once its [`MetricsServer`] is dropped.
-async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
-    // An error means the sender was dropped with the `MetricsServer`: that stops too.
-    let _ = stopped.wait_for(|stop| *stop).await;
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    local_addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let mut connections = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            () = stop_requested(&mut stopped) => break,
-            accepted = listener.accept() => accepted,
-            // Reap finished connections so that the set does not grow with every scrape.
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-        };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
-            Err(err) => {
-                tracing::warn!("metrics endpoint on {local_addr}: accept failed: {err}");
-                // Errors such as running out of file descriptors last a while: don't spin.
-                tokio::select! {
-                    () = stop_requested(&mut stopped) => break,
-                    () = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                }
-            }
-        };
-        let metrics = metrics.clone();
-        let service = service_fn(move |request| {
-            let response = respond(&metrics, &request);
-            async move { Ok::<_, Infallible>(response) }
-        });
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        let mut stopped = stopped.clone();
-        connections.spawn(async move {
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = stop_requested(&mut stopped) => {
-                    connection.as_mut().graceful_shutdown();
-                    match tokio::time::timeout(SHUTDOWN_GRACE, connection).await {
-                        Ok(result) => result,
-                        Err(_elapsed) => {
-                            tracing::debug!(
-                                "metrics endpoint on {local_addr}: closed a connection that \
-                                 was still busy {SHUTDOWN_GRACE:?} after stop"
-                            );
-                            return;
-                        }
-                    }
-                }
-            };
-            if let Err(err) = result {
-                tracing::debug!("metrics endpoint on {local_addr}: connection ended: {err}");
-            }
-        });
-    }
-    drop(listener);
-    while connections.join_next().await.is_some() {}
+    let handler: Handler = Arc::new(move |request| {
+        let response = respond(&metrics, &request);
+        Box::pin(async move { response })
+    });
+    HttpServer::start("metrics endpoint", addr, SHUTDOWN_GRACE, handler)
+        .await
+        .map(MetricsServer)
 }
 
 fn respond(metrics: &Metrics, request: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -12,37 +12,29 @@
 //! - counts them, keeps them for [`Receiver::received`] if [`ReceiverOptions::keep`] is set,
 //!   and answers `200` with `{"events":N}`.
 //!
-//! Other methods answer `405`. A request whose headers do not arrive within 30 s, or whose
+//! Other methods answer `405`. A request whose headers do not arrive within 10 s, or whose
 //! body does not within 60 s, is dropped (`408` for the body). [`Receiver::answer_with`] makes
 //! it answer every request with a chosen status instead (to test how senders handle `503` or
 //! `400`), and [`Receiver::stop`] stops it for good, closing every connection, so that senders
 //! see connection failures; a new receiver may then start on the same address.
 
+use crate::http::{Handler, HttpServer};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::value::RawValue;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::{JoinHandle, JoinSet};
 
 /// The default [`ReceiverOptions::max_body_bytes`]: 64 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 << 20;
 
-/// How long a client may take to send a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a client may take to send a request's body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -74,8 +66,7 @@ impl Default for ReceiverOptions {
 pub struct Receiver {
     addr: SocketAddr,
     state: Arc<State>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    server: HttpServer,
 }
 
 #[derive(Debug)]
@@ -110,10 +101,6 @@ impl Receiver {
                 Some((path, tokio::sync::Mutex::new(file)))
             }
         };
-        let listener = TcpListener::bind(addr).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("receiver: cannot listen on {addr}: {e}"))
-        })?;
-        let addr = listener.local_addr()?;
         let state = Arc::new(State {
             output,
             keep: options.keep.then(|| Mutex::new(Vec::new())),
@@ -122,13 +109,17 @@ impl Receiver {
             events: AtomicU64::new(0),
             requests: AtomicU64::new(0),
         });
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, state.clone(), stopped));
+        let handling = state.clone();
+        let handler: Handler = Arc::new(move |request| {
+            let state = handling.clone();
+            Box::pin(async move { handle(&state, request).await })
+        });
+        // No grace: a stopped receiver is a dead destination, mid-request included.
+        let server = HttpServer::start("receiver", addr, Duration::ZERO, handler).await?;
         Ok(Receiver {
-            addr,
+            addr: server.local_addr(),
             state,
-            stop: Some(stop),
-            task: Some(task),
+            server,
         })
     }
 
@@ -182,66 +173,9 @@ impl Receiver {
 
     /// Stops listening and closes every connection (a request in progress gets no answer),
     /// and returns once they are closed: the address is free to listen on again.
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            // The accept loop may have ended on its own; then there is nothing to tell.
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            // It returns normally once stopped; a panic in it has nothing left to clean up.
-            let _ = task.await;
-        }
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            // Aborting drops the listener and the connection set, which aborts connections.
-            task.abort();
-        }
-    }
-}
-
-async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: oneshot::Receiver<()>) {
-    let mut connections = JoinSet::new();
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
-    loop {
-        let accepted = tokio::select! {
-            _ = &mut stopped => break,
-            accepted = listener.accept() => accepted,
-        };
-        while connections.try_join_next().is_some() {}
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: wait for connections to close.
-                tracing::warn!(
-                    "receiver on {:?}: accept failed: {e}",
-                    listener.local_addr()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let state = state.clone();
-        let connection = http.serve_connection(
-            TokioIo::new(stream),
-            service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, request).await) }
-            }),
-        );
-        connections.spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("receiver: connection from {peer}: {e}");
-            }
-        });
-    }
-    drop(listener);
-    connections.shutdown().await;
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

@@ -264,13 +264,6 @@ impl StageArgs {
     }
 }
 
-/// Milliseconds since the Unix epoch now: the event time of input lines that carry none.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

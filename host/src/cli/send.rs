@@ -146,7 +146,7 @@ pub fn run(args: &SendArgs) -> Result<()> {
 fn check_file(path: &Path) -> Result<u64> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut events = 0;
-    for event in read_lines(BufReader::new(file), super::now_ms()) {
+    for event in read_lines(BufReader::new(file), weir::utc::now_ms()) {
         event.with_context(|| path.display().to_string())?;
         events += 1;
     }
@@ -217,7 +217,7 @@ async fn produce(producer: &Producer, index: u16, source: &Source) -> Result<()>
         Source::File { path, .. } => {
             let file =
                 File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-            for event in read_lines(BufReader::new(file), super::now_ms()) {
+            for event in read_lines(BufReader::new(file), weir::utc::now_ms()) {
                 send(event.with_context(|| path.display().to_string())?).await?;
             }
         }

@@ -7,12 +7,13 @@
 //! and (for the first stage) the input line; a summary line closes the run. Dead letters are
 //! the plugin's failures on particular events, not a failure of the run: the exit code is 0.
 
-use super::{StageArgs, now_ms};
+use super::StageArgs;
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use weir::pipeline::{Chain, ChainOutput};
 use weir::runtime::{Runtime, RuntimeConfig};
+use weir::utc::now_ms;
 use weir_format::json::{event_ref_to_line, event_to_line, parse_line};
 use weir_format::{Batch, BatchBuilder, Event};
 

@@ -30,7 +30,7 @@ use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 /// `type = "file"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -344,7 +344,7 @@ fn append(out: &mut impl Append, good: u64, lines: &[u8]) -> Result<(), AppendEr
 fn rotated_name(path: &Path, now: SystemTime) -> PathBuf {
     let mut base = OsString::from(path.as_os_str());
     base.push(".");
-    base.push(utc_stamp(now));
+    base.push(crate::utc::Utc::of(now).compact());
     let free = |p: &Path| std::fs::symlink_metadata(p).is_err();
     let first = PathBuf::from(&base);
     if free(&first) {
@@ -358,32 +358,6 @@ fn rotated_name(path: &Path, now: SystemTime) -> PathBuf {
         })
         .find(|p| free(p))
         .unwrap_or(first)
-}
-
-/// `now` in UTC as `YYYYMMDDTHHMMSS.mmmZ` (a clock before 1970 counts as 1970).
-fn utc_stamp(now: SystemTime) -> String {
-    let ms = now
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let (secs, millis) = (ms / 1000, ms % 1000);
-    let (days, day_secs) = (secs / 86_400, secs % 86_400);
-    // Days since 1970-01-01 to a civil date (H. Hinnant, "chrono-compatible low-level date
-    // algorithms", days_from_civil's inverse), shifted to eras starting on 0000-03-01.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{millis:03}Z",
-        day_secs / 3_600,
-        day_secs / 60 % 60,
-        day_secs % 60
-    )
 }
 
 #[cfg(test)]
@@ -535,7 +509,7 @@ mod tests {
     fn a_rotated_name_that_is_taken_gets_a_counter() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("out.jsonl");
-        let at = UNIX_EPOCH + Duration::from_millis(1_795_311_902_123);
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(1_795_311_902_123);
         let first = rotated_name(&path, at);
         assert_eq!(first, dir.path().join("out.jsonl.20261122T014502.123Z"));
         std::fs::write(&first, "").expect("write");
@@ -545,20 +519,6 @@ mod tests {
         assert_eq!(
             rotated_name(&path, at),
             dir.path().join("out.jsonl.20261122T014502.123Z.2")
-        );
-    }
-
-    #[test]
-    fn utc_stamps_are_exact() {
-        let stamp = |ms: u64| utc_stamp(UNIX_EPOCH + Duration::from_millis(ms));
-        assert_eq!(stamp(0), "19700101T000000.000Z");
-        assert_eq!(stamp(951_782_399_999), "20000228T235959.999Z");
-        assert_eq!(stamp(951_782_400_000), "20000229T000000.000Z");
-        assert_eq!(stamp(4_107_542_400_001), "21000301T000000.001Z");
-        assert_eq!(stamp(1_795_311_902_123), "20261122T014502.123Z");
-        assert_eq!(
-            utc_stamp(UNIX_EPOCH - Duration::from_secs(1)),
-            "19700101T000000.000Z"
         );
     }
 
