@@ -33,6 +33,7 @@ use std::time::Duration;
 use toml::Spanned;
 use weir_format::frame::{BATCH_HEADER_BYTES, MAX_NAME_BYTES};
 
+use crate::admin::AdminConfig;
 use crate::pipeline::WindowConfig;
 use crate::pipeline::config::{PipelineConfig, PluginSource, StageSpec};
 use crate::pipeline::route::{Condition, Route, Unmatched};
@@ -82,6 +83,8 @@ pub struct Config {
     pub sinks: Vec<SinkConfig>,
     /// Where the Prometheus endpoint listens (`[metrics] listen`); `None`: no endpoint.
     pub metrics: Option<SocketAddr>,
+    /// The admin endpoint (`[admin]`); `None`: no endpoint, no deploys.
+    pub admin: Option<AdminConfig>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -103,6 +106,15 @@ struct RawConfig {
     #[serde(default)]
     sinks: BTreeMap<Spanned<String>, Spanned<toml::Table>>,
     metrics: Option<RawMetrics>,
+    admin: Option<Spanned<RawAdmin>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
+    token: Option<String>,
+    token_env: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -386,6 +398,10 @@ impl Config {
             })?),
         };
 
+        let admin = match &raw.admin {
+            None => None,
+            Some(spanned) => Some(admin(&source, spanned)?),
+        };
         Ok(Config {
             path: path.to_path_buf(),
             data_dir: resolve(&raw.listener.data_dir),
@@ -399,6 +415,7 @@ impl Config {
             pipelines,
             sinks,
             metrics,
+            admin,
         })
     }
 
@@ -524,6 +541,49 @@ fn check_file_name(
         ));
     }
     Ok(())
+}
+
+fn admin(source: &Source<'_>, spanned: &Spanned<RawAdmin>) -> Result<AdminConfig, ConfigError> {
+    let raw = spanned.get_ref();
+    let listen = match &raw.listen {
+        None => crate::admin::DEFAULT_LISTEN
+            .parse()
+            .map_err(|_| source.at(spanned, "the default admin address does not parse"))?,
+        Some(listen) => listen.get_ref().parse::<SocketAddr>().map_err(|_| {
+            source.at(
+                listen,
+                format!(
+                    "[admin] listen address `{}` is not IP:PORT (e.g. {})",
+                    listen.get_ref(),
+                    crate::admin::DEFAULT_LISTEN
+                ),
+            )
+        })?,
+    };
+    let token = match (&raw.token, &raw.token_env) {
+        (Some(token), None) => token.clone().into_bytes(),
+        (None, Some(var)) => std::env::var(var.get_ref())
+            .map_err(|_| {
+                source.at(
+                    var,
+                    format!(
+                        "[admin]: environment variable `{}` is not set (or not UTF-8)",
+                        var.get_ref()
+                    ),
+                )
+            })?
+            .into_bytes(),
+        _ => {
+            return Err(source.at(
+                spanned,
+                "[admin] needs exactly one of `token` and `token_env`: every request must carry it",
+            ));
+        }
+    };
+    if token.is_empty() {
+        return Err(source.at(spanned, "[admin]: the token is empty"));
+    }
+    Ok(AdminConfig { listen, token })
 }
 
 fn producers(

@@ -10,6 +10,7 @@
 //! docs/PROTOCOL.md); [`sinks`] are where pipelines write.
 //! See `DESIGN.md` for the architecture and `wit/weir.wit` for the plugin contract.
 
+pub mod admin;
 pub mod baseline;
 pub mod config;
 pub mod http;

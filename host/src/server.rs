@@ -1,9 +1,12 @@
-//! `weir serve` as a library: the composition root. [`Server::start`] builds the topology from
-//! a [`Config`] (plugins, stages, sinks, pipelines), serves the metrics, and starts the QUIC
-//! source on the pipelines' inputs; [`Server::shutdown`] stops them in the order that loses
+//! `weir serve` as a library: the composition root. [`Server::start`] opens the plugin
+//! registry, builds the topology from a [`Config`] (plugins, stages, sinks, pipelines), serves
+//! the metrics and the admin endpoint, and starts the QUIC source on the pipelines' inputs; [`Server::shutdown`] stops them in the order that loses
 //! nothing. [`Server::stats`] reads the counters back from the metrics, the one place they are
 //! kept.
 
+use crate::admin::AdminServer;
+use crate::admin::deploy::Deployer;
+use crate::admin::registry::Registry;
 use crate::config::Config;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::sinks::runner::Sink;
@@ -100,6 +103,7 @@ pub struct Server {
     quic: QuicSource,
     metrics: Arc<Metrics>,
     metrics_server: Option<MetricsServer>,
+    admin: Option<AdminServer>,
     pipelines: Vec<PipelineInfo>,
     /// Every sink, by name, for the stats (also after the topology stopped).
     sinks: BTreeMap<String, Arc<Sink>>,
@@ -119,7 +123,10 @@ impl Server {
     /// and returns: producers can connect at once.
     pub async fn start(config: Config) -> Result<Server> {
         let metrics = Metrics::new();
-        let built = Topology::build(&config, &metrics)?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+        let registry = Arc::new(Registry::open(&config.data_dir)?);
+        let built = Topology::build(&config, &metrics, &registry)?;
         let metrics_server = match config.metrics {
             Some(addr) => Some(
                 crate::metrics::serve(addr, metrics.clone())
@@ -137,8 +144,27 @@ impl Server {
                 allowed: p.allowed.clone(),
             })
             .collect();
-        let quic = match QuicSource::start(&config.listener, &config.data_dir, entries, &metrics) {
-            Ok(quic) => quic,
+        let admin = match &config.admin {
+            None => Ok(None),
+            Some(admin) => {
+                let deployer = Deployer::new(
+                    topology.runtime().clone(),
+                    registry.clone(),
+                    metrics.clone(),
+                    topology.deploy_targets(),
+                );
+                AdminServer::start(admin, Arc::new(deployer))
+                    .await
+                    .map(Some)
+                    .with_context(|| format!("cannot serve the admin endpoint on {}", admin.listen))
+            }
+        };
+        let started = admin.and_then(|admin| {
+            QuicSource::start(&config.listener, &config.data_dir, entries, &metrics)
+                .map(|quic| (admin, quic))
+        });
+        let (admin, quic) = match started {
+            Ok(started) => started,
             Err(e) => {
                 // Nothing was accepted: stop what started, quietly.
                 topology.stop_pipelines().await;
@@ -157,6 +183,7 @@ impl Server {
             quic,
             metrics,
             metrics_server,
+            admin,
             pipelines,
             sinks,
         })
@@ -197,6 +224,11 @@ impl Server {
         self.metrics_server.as_ref().map(MetricsServer::local_addr)
     }
 
+    /// The address of the admin endpoint, when `[admin]` configures one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
+    }
+
     /// The counters now, read from the metrics.
     pub fn stats(&self) -> Stats {
         stats(&self.metrics, &self.pipelines, &self.sinks)
@@ -207,6 +239,10 @@ impl Server {
     /// aggregate windows are flushed, sinks flushed and everything accepted acked; then each
     /// connection closes with `NO_ERROR` and the endpoint closes.
     pub async fn shutdown(self) -> Result<ShutdownReport> {
+        // No deploy starts from now on; one on probation ends with its pipeline.
+        if let Some(admin) = self.admin {
+            admin.stop().await;
+        }
         self.quic.stop_reading().await;
         let mut problems = self.topology.stop_pipelines().await;
         problems.extend(self.quic.withheld());

@@ -4,9 +4,12 @@
 mod bench;
 mod build;
 mod demo;
+mod deploy;
 mod fanout_bench;
 mod ingest_bench;
 mod new;
+mod plugins;
+mod rollback;
 mod send;
 mod serve;
 mod test;
@@ -61,6 +64,12 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Stream events into a pipeline of a `weir serve`: from a JSON-lines file or generated.
     Send(send::SendArgs),
+    /// Ship a new version of a stage's plugin into a running router (its admin endpoint).
+    Deploy(deploy::DeployArgs),
+    /// List every stage's plugin versions in a running router (its admin endpoint).
+    Plugins(plugins::PluginsArgs),
+    /// Put back a version a stage served before (its admin endpoint).
+    Rollback(rollback::RollbackArgs),
 }
 
 impl Cli {
@@ -94,7 +103,63 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Send(args) => send::run(&args),
+        Command::Deploy(args) => deploy::run(&args),
+        Command::Plugins(args) => plugins::run(&args),
+        Command::Rollback(args) => rollback::run(&args),
     }
+}
+
+/// How the admin commands reach a router.
+#[derive(Debug, Clone, clap::Args)]
+struct AdminArgs {
+    /// The router's admin endpoint, `HOST:PORT` (its config's `[admin] listen`; default: the
+    /// WEIR_ADMIN environment variable, else 127.0.0.1:4434).
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+    /// The admin token (its config's `[admin] token`; default: the WEIR_ADMIN_TOKEN
+    /// environment variable).
+    #[arg(long, value_name = "T")]
+    token: Option<String>,
+}
+
+impl AdminArgs {
+    fn client(&self) -> Result<weir::admin::client::AdminClient> {
+        let addr = self
+            .admin
+            .clone()
+            .or_else(|| std::env::var("WEIR_ADMIN").ok())
+            .unwrap_or_else(|| weir::admin::DEFAULT_LISTEN.to_owned());
+        let Some(token) = self
+            .token
+            .clone()
+            .or_else(|| std::env::var("WEIR_ADMIN_TOKEN").ok())
+        else {
+            bail!(
+                "no admin token: pass --token or set WEIR_ADMIN_TOKEN (the router's `[admin] token`)"
+            );
+        };
+        weir::admin::client::AdminClient::new(&addr, &token).map_err(anyhow::Error::msg)
+    }
+}
+
+/// `PIPELINE/STAGE` split at its first `/`.
+fn split_target(target: &str) -> Result<(&str, &str)> {
+    match target.split_once('/') {
+        Some((pipeline, stage)) if !pipeline.is_empty() && !stage.is_empty() => {
+            Ok((pipeline, stage))
+        }
+        _ => bail!(
+            "`{target}` is not PIPELINE/STAGE (e.g. clicks/geo-enrich; `weir plugins` lists them)"
+        ),
+    }
+}
+
+/// A runtime for one request to the admin endpoint.
+fn admin_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 fn build(dir: &Path, out: Option<&Path>) -> Result<()> {

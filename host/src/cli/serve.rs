@@ -75,6 +75,12 @@ async fn serve(config: Config) -> Result<()> {
     if let Some(addr) = server.metrics_addr() {
         writeln!(banner, "metrics: http://{addr}/metrics (Prometheus)")?;
     }
+    if let Some(addr) = server.admin_addr() {
+        writeln!(
+            banner,
+            "admin: {addr} (weir deploy, weir plugins, weir rollback --admin {addr})"
+        )?;
+    }
     if let Some(first) = server.pipelines().first() {
         writeln!(
             banner,

@@ -26,4 +26,4 @@ pub use stage::{DeadLetter, LateEvent, Stage, StageOutput};
 pub use window::{
     MAX_WINDOWS_PER_EVENT, WindowConfig, WindowError, WindowId, WindowKind, WindowState, Windows,
 };
-pub use worker::{MAX_ROUND, Pipeline, Swap, Swapped, WorkerConfig, WorkerSetup};
+pub use worker::{MAX_ROUND, Pipeline, PipelineControl, Swap, Swapped, WorkerConfig, WorkerSetup};

@@ -233,10 +233,12 @@ impl Pipeline {
             .map_err(|_| format!("pipeline `{}`: its worker has stopped", self.name))
     }
 
-    /// Hands the worker a new version of a stage (see [`Swap`]); `Err` when the worker has
-    /// ended. The outcome comes on the swap's own channels.
-    pub fn swap(&self, swap: Swap) -> Result<(), String> {
-        self.control(Control::Swap(Box::new(swap)))
+    /// What deployers hold of the pipeline: a way to hand its worker a new stage version.
+    pub fn controller(&self) -> PipelineControl {
+        PipelineControl {
+            name: self.name.clone(),
+            control: self.control.clone(),
+        }
     }
 
     /// Tells the worker to stop (see [`Control::Stop`]) at once; the future completes when it
@@ -265,6 +267,23 @@ impl Pipeline {
             Some(Err(_)) => Err(format!("pipeline `{}`: its thread panicked", self.name)),
             _ => Ok(()),
         }
+    }
+}
+
+/// A handle to a running pipeline's worker for swapping stage versions. Cheap to clone.
+#[derive(Clone)]
+pub struct PipelineControl {
+    name: Arc<str>,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+impl PipelineControl {
+    /// Hands the worker a new version of a stage (see [`Swap`]); `Err` when the worker has
+    /// ended. The outcome comes on the swap's own channels.
+    pub fn swap(&self, swap: Swap) -> Result<(), String> {
+        self.control
+            .send(Control::Swap(Box::new(swap)))
+            .map_err(|_| format!("pipeline `{}`: its worker has stopped", self.name))
     }
 }
 

@@ -8,8 +8,9 @@
 //!   plugins, instantiating and initializing stages, opening destinations and disk buffers)
 //!   without starting a thread or a task; [`Built::start`] starts the sink runners and the
 //!   pipeline workers. A config that fails leaves nothing running.
-//! - **Plugins** are compiled once per source (a file or an embedded example) and shared by
-//!   the stages that use them.
+//! - **Plugins**: each stage runs the version the plugin registry says (`admin/registry.rs`:
+//!   the one last deployed to it, or the one its config names), compiled once per version and
+//!   shared by the stages that run it, through the compile cache under the data directory.
 //! - **The instance pool** is sized for every stage twice over (a stage's instance and a
 //!   replacement being prepared for a swap) plus room: [`pool_size`].
 //! - **A pipeline's queue** holds as many batches as its producers may have unacked at once
@@ -21,17 +22,20 @@
 //!   sinks deliver what they buffer and close, a sink only once every sink that may
 //!   dead-letter into it has closed (the config has no dead-letter loops).
 
+use crate::admin::deploy::{PipelineTarget, StageTarget};
+use crate::admin::registry::Registry;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::config::{PipelineConfig, PluginSource};
 use crate::pipeline::fanout::{Fanout, UnmatchedOut};
 use crate::pipeline::route::{Condition, Unmatched};
 use crate::pipeline::{Chain, Pipeline, PipelineInput, Stage, WorkerConfig, WorkerSetup};
-use crate::runtime::{Limits, Plugin, Runtime, RuntimeConfig, StageConfig};
+use crate::runtime::{Digest, Limits, Plugin, Runtime, RuntimeConfig, StageConfig};
 use crate::sinks::runner::Sink;
 use crate::sinks::{
     self, BufferConfig, Destination, FileConfig, FileDestination, Fsync, RetryConfig, WhenFull,
 };
+use crate::utc::now_ms;
 use anyhow::{Context, Result, bail};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -56,10 +60,18 @@ pub fn pool_size(stages: usize) -> u32 {
     u32::try_from(2 * stages + 8).unwrap_or(u32::MAX)
 }
 
+/// A pipeline built and not started: its worker's setup and what the rest needs of it.
+struct BuiltPipeline {
+    setup: WorkerSetup,
+    info: PipelineInfo,
+    allowed: Option<Vec<String>>,
+    stages: Vec<StageTarget>,
+}
+
 /// Everything a config needs, built and checked, nothing started yet.
 pub struct Built {
     runtime: Runtime,
-    pipelines: Vec<(WorkerSetup, PipelineInfo, Option<Vec<String>>)>,
+    pipelines: Vec<BuiltPipeline>,
     sinks: BTreeMap<String, Arc<Sink>>,
     destinations: Vec<(Arc<Sink>, Box<dyn Destination>)>,
 }
@@ -72,6 +84,8 @@ pub struct RunningPipeline {
     pub info: PipelineInfo,
     /// Producers allowed to write to it; `None`: every authenticated producer.
     pub allowed: Option<Vec<String>>,
+    /// Its stages, as deploys see them.
+    pub stages: Vec<StageTarget>,
 }
 
 /// The running sinks and pipelines.
@@ -95,7 +109,7 @@ impl std::fmt::Debug for Topology {
 impl Topology {
     /// Compiles every plugin, instantiates every stage, opens every sink (see the module
     /// docs); starts nothing.
-    pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Built> {
+    pub fn build(config: &Config, metrics: &Arc<Metrics>, registry: &Registry) -> Result<Built> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
         let stage_count: usize = config.pipelines.iter().map(|p| p.stages.len()).sum();
@@ -110,6 +124,7 @@ impl Topology {
         let runtime = Runtime::new(RuntimeConfig {
             max_instances: pool_size(stage_count),
             max_memory_bytes: max_memory,
+            cache_dir: Some(registry.compiled_dir()),
             ..RuntimeConfig::default()
         })?;
 
@@ -140,13 +155,19 @@ impl Topology {
                 config,
                 pipeline,
                 runtime: &runtime,
+                registry,
                 plugins: &mut plugins,
                 sinks: &mut sinks,
                 destinations: &mut destinations,
                 metrics,
             };
-            let (setup, info) = builder.build(queue)?;
-            pipelines.push((setup, info, pipeline.producers.clone()));
+            let (setup, info, stages) = builder.build(queue)?;
+            pipelines.push(BuiltPipeline {
+                setup,
+                info,
+                allowed: pipeline.producers.clone(),
+                stages,
+            });
         }
         Ok(Built {
             runtime,
@@ -170,6 +191,20 @@ impl Topology {
     /// The plugin runtime every stage runs in.
     pub fn runtime(&self) -> &Runtime {
         &self.runtime
+    }
+
+    /// Every pipeline as deploys see it, by name.
+    pub fn deploy_targets(&self) -> BTreeMap<String, PipelineTarget> {
+        self.pipelines
+            .iter()
+            .map(|p| {
+                let target = PipelineTarget {
+                    control: p.pipeline.controller(),
+                    stages: p.stages.clone(),
+                };
+                (p.info.name.clone(), target)
+            })
+            .collect()
     }
 
     /// Stops every pipeline (see the module docs); the problems met.
@@ -235,12 +270,19 @@ impl Built {
     /// runtime.
     pub fn start(self) -> Result<Topology> {
         let mut pipelines = Vec::new();
-        for (setup, info, allowed) in self.pipelines {
+        for BuiltPipeline {
+            setup,
+            info,
+            allowed,
+            stages,
+        } in self.pipelines
+        {
             let pipeline = Pipeline::spawn(setup).context("cannot start a pipeline thread")?;
             pipelines.push(RunningPipeline {
                 pipeline,
                 info,
                 allowed,
+                stages,
             });
         }
         // After everything that can fail: a runner holds its sink (and its disk buffer's lock)
@@ -271,6 +313,7 @@ struct PipelineBuilder<'a> {
     config: &'a Config,
     pipeline: &'a PipelineConfig,
     runtime: &'a Runtime,
+    registry: &'a Registry,
     plugins: &'a mut HashMap<String, Plugin>,
     sinks: &'a mut BTreeMap<String, Arc<Sink>>,
     destinations: &'a mut Vec<(Arc<Sink>, Box<dyn Destination>)>,
@@ -278,13 +321,14 @@ struct PipelineBuilder<'a> {
 }
 
 impl PipelineBuilder<'_> {
-    fn build(&mut self, queue: usize) -> Result<(WorkerSetup, PipelineInfo)> {
+    fn build(&mut self, queue: usize) -> Result<(WorkerSetup, PipelineInfo, Vec<StageTarget>)> {
         let name = &self.pipeline.name;
         let mut stages = Vec::new();
         let mut stage_names = Vec::new();
+        let mut targets = Vec::new();
         for spec in &self.pipeline.stages {
-            let plugin = self
-                .plugin(&spec.plugin)
+            let (plugin, deployed) = self
+                .plugin(&spec.name, &spec.plugin)
                 .with_context(|| format!("pipeline `{name}`, stage `{}`", spec.name))?;
             let mut stage_config = StageConfig::new(spec.name.clone()).limits(Limits {
                 memory_bytes: spec.memory_bytes,
@@ -294,15 +338,32 @@ impl PipelineBuilder<'_> {
             for (key, json) in &spec.with {
                 stage_config = stage_config.with_json(key.clone(), json.clone());
             }
-            let stage = Stage::new(&plugin, stage_config, spec.window)
+            let stage = Stage::new(&plugin, stage_config.clone(), spec.window)
                 .with_context(|| format!("pipeline `{name}`, stage `{}`", spec.name))?;
-            stage_names.push(format!(
-                "{} ({} {} {})",
-                spec.name,
-                plugin.kind(),
-                spec.plugin,
-                plugin.version()
-            ));
+            stage_names.push(if deployed {
+                format!(
+                    "{} ({} {} {}, deployed; the config names {})",
+                    spec.name,
+                    plugin.kind(),
+                    plugin.name(),
+                    plugin.version(),
+                    spec.plugin
+                )
+            } else {
+                format!(
+                    "{} ({} {} {})",
+                    spec.name,
+                    plugin.kind(),
+                    spec.plugin,
+                    plugin.version()
+                )
+            });
+            targets.push(StageTarget {
+                name: spec.name.clone(),
+                kind: plugin.kind(),
+                config: stage_config,
+                window: spec.window,
+            });
             stages.push(stage);
         }
         let mut routes = Vec::new();
@@ -360,27 +421,49 @@ impl PipelineBuilder<'_> {
             registry: self.metrics.clone(),
             version_header: self.pipeline.version_header.clone(),
         };
-        Ok((setup, info))
+        Ok((setup, info, targets))
     }
 
-    /// The compiled plugin of `source`, compiled on first use.
-    fn plugin(&mut self, source: &PluginSource) -> Result<Plugin> {
-        let key = source.to_string();
-        if let Some(plugin) = self.plugins.get(&key) {
-            return Ok(plugin.clone());
-        }
-        let plugin = match source {
+    /// The plugin stage `stage` runs: the version last deployed to it, or the one its config
+    /// names (the registry decides); compiled once per version. Whether it is a deployed one.
+    fn plugin(&mut self, stage: &str, source: &PluginSource) -> Result<(Plugin, bool)> {
+        let (name, bytes) = match source {
             PluginSource::Example(example) => {
                 let Some((_, bytes)) = crate::examples::ALL.iter().find(|(n, _)| n == example)
                 else {
                     bail!("unknown plugin `example:{example}`");
                 };
-                self.runtime.load_bytes(example, bytes)?
+                (example.clone(), bytes.to_vec())
             }
-            PluginSource::File(path) => self.runtime.load_file(path)?,
+            PluginSource::File(path) => {
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("cannot read plugin {}", path.display()))?;
+                (source.name(), bytes)
+            }
         };
+        let resolved =
+            self.registry
+                .resolve(&self.pipeline.name, stage, &name, &bytes, now_ms())?;
+        let key = Digest::of(&resolved.bytes).hex();
+        if let Some(plugin) = self.plugins.get(&key) {
+            return Ok((plugin.clone(), resolved.deployed));
+        }
+        let plugin = match source {
+            PluginSource::File(path) if !resolved.deployed => self.runtime.load_file(path)?,
+            _ => self.runtime.load_bytes(&resolved.name, &resolved.bytes)?,
+        };
+        tracing::info!(
+            "plugin `{}` {}: {}",
+            plugin.name(),
+            plugin.version(),
+            if plugin.from_cache() {
+                "loaded from the compile cache"
+            } else {
+                "compiled"
+            }
+        );
         self.plugins.insert(key, plugin.clone());
-        Ok(plugin)
+        Ok((plugin, resolved.deployed))
     }
 
     fn find(&self, sink: &str) -> Result<Arc<Sink>> {

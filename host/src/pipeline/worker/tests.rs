@@ -381,6 +381,7 @@ async fn swap(
     let (done, swapped) = oneshot::channel();
     let (verdict, judged) = oneshot::channel();
     h.pipeline
+        .controller()
         .swap(Swap {
             stage: 0,
             replacement,

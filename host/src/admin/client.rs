@@ -1,0 +1,189 @@
+//! The admin endpoint's client: what `weir deploy`, `weir plugins` and `weir rollback` use.
+
+use super::{DeployReport, ErrorView, PluginsView};
+use reqwest::{StatusCode, Url};
+use std::time::Duration;
+
+/// How long a request may take beyond the time the router is asked to wait.
+const SLACK: Duration = Duration::from_secs(60);
+
+/// Why a request to the admin endpoint did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Nothing answered at the address.
+    #[error(
+        "cannot reach the admin endpoint at {addr}: {message} (is the router running with an `[admin]` section listening there?)"
+    )]
+    Unreachable {
+        /// The address.
+        addr: String,
+        /// Why.
+        message: String,
+    },
+    /// The router answered with an error.
+    #[error("{message}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The router's message.
+        message: String,
+    },
+    /// The answer was not what an admin endpoint sends.
+    #[error(
+        "the admin endpoint at {addr} answered {status} with something that is not weir's: {message}"
+    )]
+    Protocol {
+        /// The address.
+        addr: String,
+        /// The HTTP status.
+        status: u16,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// A client of one router's admin endpoint.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    base: Url,
+    addr: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    /// A client of the endpoint at `addr` (`HOST:PORT`, or an `http://` URL) using `token`.
+    pub fn new(addr: &str, token: &str) -> Result<AdminClient, String> {
+        let text = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let base = Url::parse(&text)
+            .map_err(|e| format!("admin address `{addr}` is not HOST:PORT or a URL: {e}"))?;
+        if base.scheme() != "http" && base.scheme() != "https" {
+            return Err(format!(
+                "admin address `{addr}`: only http:// and https:// are spoken"
+            ));
+        }
+        let http = reqwest::Client::builder()
+            .build()
+            .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
+        Ok(AdminClient {
+            base,
+            addr: addr.to_owned(),
+            token: token.to_owned(),
+            http,
+        })
+    }
+
+    fn url(&self, path: &str, query: &[(&str, String)]) -> Url {
+        let mut url = self.base.clone();
+        url.set_path(path);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        url
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, AdminError> {
+        let response =
+            request
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .map_err(|e| AdminError::Unreachable {
+                    addr: self.addr.clone(),
+                    message: reason(&e),
+                })?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| AdminError::Unreachable {
+                addr: self.addr.clone(),
+                message: reason(&e),
+            })?;
+        let protocol = |message: String| AdminError::Protocol {
+            addr: self.addr.clone(),
+            status: status.as_u16(),
+            message,
+        };
+        if status == StatusCode::OK {
+            return serde_json::from_slice(&body).map_err(|e| protocol(e.to_string()));
+        }
+        match serde_json::from_slice::<ErrorView>(&body) {
+            Ok(view) => Err(AdminError::Refused {
+                status: status.as_u16(),
+                message: view.error,
+            }),
+            Err(_) => Err(protocol(String::from_utf8_lossy(&body).trim().to_owned())),
+        }
+    }
+
+    /// Deploys `component` to `pipeline/stage` (see `admin::deploy`).
+    pub async fn deploy(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        name: &str,
+        component: Vec<u8>,
+        probation: Option<u64>,
+        wait: Duration,
+    ) -> Result<DeployReport, AdminError> {
+        let mut query = vec![
+            ("pipeline", pipeline.to_owned()),
+            ("stage", stage.to_owned()),
+            ("name", name.to_owned()),
+            ("wait_ms", wait.as_millis().to_string()),
+        ];
+        if let Some(probation) = probation {
+            query.push(("probation", probation.to_string()));
+        }
+        let request = self
+            .http
+            .post(self.url("/v1/deploy", &query))
+            .timeout(wait + SLACK)
+            .body(component);
+        self.send(request).await
+    }
+
+    /// Rolls `pipeline/stage` back to `version`, or to the version before.
+    pub async fn rollback(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        version: Option<&str>,
+    ) -> Result<DeployReport, AdminError> {
+        let mut query = vec![
+            ("pipeline", pipeline.to_owned()),
+            ("stage", stage.to_owned()),
+        ];
+        if let Some(version) = version {
+            query.push(("version", version.to_owned()));
+        }
+        let request = self
+            .http
+            .post(self.url("/v1/rollback", &query))
+            .timeout(SLACK);
+        self.send(request).await
+    }
+
+    /// Every stage's versions.
+    pub async fn plugins(&self) -> Result<PluginsView, AdminError> {
+        let request = self.http.get(self.url("/v1/plugins", &[])).timeout(SLACK);
+        self.send(request).await
+    }
+}
+
+/// The innermost cause of a reqwest error, which says what happened ("Connection refused").
+fn reason(e: &reqwest::Error) -> String {
+    let mut source: &dyn std::error::Error = e;
+    while let Some(next) = source.source() {
+        source = next;
+    }
+    source.to_string()
+}

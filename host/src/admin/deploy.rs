@@ -1,0 +1,622 @@
+//! Deploys and rollbacks: a new version of a stage's plugin is compiled (or taken from the
+//! compile cache), checked against the stage's world, instantiated and initialized with the
+//! stage's config, all off the hot path, then handed to the pipeline's worker, which swaps it
+//! in between two batches, on probation (`pipeline/chain.rs`).
+//!
+//! Decisions:
+//!
+//! - **One deploy per stage at a time.** A second deploy (or rollback) of a stage while one is
+//!   being prepared or is on probation is refused, naming what is in progress; deploys to
+//!   other stages go ahead in parallel.
+//! - **A version that cannot serve never replaces one that does**: a file that is not a
+//!   component, the wrong world, a missing export, an `init` that refuses the stage's config
+//!   are refused before the worker hears of them, with the loader's error; the registry keeps
+//!   it as the stage's last error.
+//! - **The deploy outlives its request.** The probation is awaited by a task of its own that
+//!   records the verdict in the registry and releases the stage; the request waits for it at
+//!   most `wait`, then reports the version as on probation.
+//! - **Deploy-to-serving time** is measured from the request to the swap being done.
+
+use super::registry::{Registry, StageRecord, Status};
+use crate::metrics::Metrics;
+use crate::pipeline::{PipelineControl, Stage, Swap, Verdict, WindowConfig};
+use crate::runtime::{Digest, PluginKind, Runtime, StageConfig};
+use crate::utc::now_ms;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Batches a new version is on probation for unless the deploy says otherwise.
+pub const DEFAULT_PROBATION: u64 = 100;
+/// How long a deploy request waits for the probation's verdict unless it says otherwise.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+
+/// A stage as a deploy sees it: what a new version of it must be and get.
+#[derive(Debug, Clone)]
+pub struct StageTarget {
+    /// The stage's name.
+    pub name: String,
+    /// The world its plugin implements.
+    pub kind: PluginKind,
+    /// What `init` gets, and the limits.
+    pub config: StageConfig,
+    /// The window of an aggregate stage.
+    pub window: Option<WindowConfig>,
+}
+
+/// A pipeline as a deploy sees it.
+#[derive(Clone)]
+pub struct PipelineTarget {
+    /// Its worker.
+    pub control: PipelineControl,
+    /// Its stages, in order.
+    pub stages: Vec<StageTarget>,
+}
+
+/// What a deploy (or rollback) asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeployOptions {
+    /// Batches on probation (0: none).
+    pub probation: u64,
+    /// How long the request waits for the probation's verdict.
+    pub wait: Duration,
+}
+
+impl Default for DeployOptions {
+    fn default() -> Self {
+        DeployOptions {
+            probation: DEFAULT_PROBATION,
+            wait: DEFAULT_WAIT,
+        }
+    }
+}
+
+/// Where a deployed version stands when the request returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Serving (passed its probation, or had none).
+    Serving,
+    /// Swapped in, still on probation when the request stopped waiting.
+    Probation,
+    /// Failed on probation and rolled back: the previous version serves.
+    RolledBack,
+    /// The stage already runs this version: nothing was done.
+    Unchanged,
+}
+
+/// What a deploy or rollback did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeployReport {
+    /// The pipeline.
+    pub pipeline: String,
+    /// The stage.
+    pub stage: String,
+    /// The plugin's name.
+    pub name: String,
+    /// The version (8 hex digits).
+    pub version: String,
+    /// Its SHA-256, 64 hex digits.
+    pub digest: String,
+    /// The version that served before (8 hex digits).
+    pub previous: String,
+    /// Where it stands.
+    pub outcome: Outcome,
+    /// Batches on probation asked for.
+    pub probation: u64,
+    /// Batches it processed so far.
+    pub batches: u64,
+    /// Milliseconds spent compiling (or loading from the compile cache).
+    pub compile_ms: f64,
+    /// Whether the compiled plugin came from the compile cache.
+    pub from_cache: bool,
+    /// Milliseconds spent instantiating and initializing it.
+    pub init_ms: f64,
+    /// Microseconds batches waited for the swap.
+    pub pause_us: f64,
+    /// Milliseconds from the request to the version serving (swapped in).
+    pub serving_ms: f64,
+    /// Why it was rolled back.
+    pub error: Option<String>,
+}
+
+/// Why a deploy or rollback did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeployError {
+    /// No such pipeline, stage or version.
+    #[error("{0}")]
+    NotFound(String),
+    /// Another deploy of the stage is in progress.
+    #[error("{0}")]
+    Busy(String),
+    /// The version cannot serve (module, world, exports, init): the old one still serves.
+    #[error("{0}")]
+    Refused(String),
+    /// Something on weir's side failed (the registry's disk, a stopped pipeline).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Everything the admin endpoint needs to deploy into a running router.
+pub struct Deployer {
+    runtime: Runtime,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    pipelines: BTreeMap<String, PipelineTarget>,
+    /// Stages with a deploy in progress, and what it is.
+    busy: Mutex<HashMap<(String, String), String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The map is updated in single steps: a poisoned lock's data is whole.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A stage claimed for one deploy; released when dropped.
+struct Claim {
+    deployer: Arc<Deployer>,
+    key: (String, String),
+}
+
+impl Claim {
+    fn update(&self, doing: String) {
+        if let Some(entry) = lock(&self.deployer.busy).get_mut(&self.key) {
+            *entry = doing;
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        lock(&self.deployer.busy).remove(&self.key);
+    }
+}
+
+/// A new version, ready to be swapped in.
+struct Prepared {
+    stage: Stage,
+    digest: Digest,
+    name: String,
+    compile: Duration,
+    from_cache: bool,
+    init: Duration,
+}
+
+impl Deployer {
+    /// A deployer for these pipelines.
+    pub fn new(
+        runtime: Runtime,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        pipelines: BTreeMap<String, PipelineTarget>,
+    ) -> Deployer {
+        Deployer {
+            runtime,
+            registry,
+            metrics,
+            pipelines,
+            busy: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The pipelines and their stages, in name order.
+    pub fn pipelines(&self) -> &BTreeMap<String, PipelineTarget> {
+        &self.pipelines
+    }
+
+    /// Batches version `version` of stage `pipeline/stage` processed since the router started.
+    pub fn batches(&self, pipeline: &str, stage: &str, version: &str) -> (u64, u64) {
+        let m = self.metrics.stage_version(pipeline, stage, version);
+        (m.batches.get(), m.failed_events.get())
+    }
+
+    fn find(&self, pipeline: &str, stage: &str) -> Result<(usize, &PipelineTarget), DeployError> {
+        let Some(target) = self.pipelines.get(pipeline) else {
+            let known: Vec<String> = self.pipelines.keys().map(|p| format!("`{p}`")).collect();
+            return Err(DeployError::NotFound(format!(
+                "unknown pipeline `{pipeline}` (pipelines: {})",
+                known.join(", ")
+            )));
+        };
+        match target.stages.iter().position(|s| s.name == stage) {
+            Some(index) => Ok((index, target)),
+            None => {
+                let known: Vec<String> = target
+                    .stages
+                    .iter()
+                    .map(|s| format!("`{}`", s.name))
+                    .collect();
+                Err(DeployError::NotFound(format!(
+                    "pipeline `{pipeline}` has no stage `{stage}` (stages: {})",
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                )))
+            }
+        }
+    }
+
+    fn claim(
+        self: &Arc<Self>,
+        pipeline: &str,
+        stage: &str,
+        doing: String,
+    ) -> Result<Claim, DeployError> {
+        let key = (pipeline.to_owned(), stage.to_owned());
+        let mut busy = lock(&self.busy);
+        if let Some(what) = busy.get(&key) {
+            return Err(DeployError::Busy(format!(
+                "a deploy to `{pipeline}/{stage}` is in progress ({what}); try again when it is done"
+            )));
+        }
+        busy.insert(key.clone(), doing);
+        Ok(Claim {
+            deployer: self.clone(),
+            key,
+        })
+    }
+
+    /// Deploys `bytes` (a component named `name`) to stage `stage` of `pipeline`.
+    pub async fn deploy(
+        self: &Arc<Self>,
+        pipeline: &str,
+        stage: &str,
+        name: &str,
+        bytes: Vec<u8>,
+        options: DeployOptions,
+    ) -> Result<DeployReport, DeployError> {
+        let started = Instant::now();
+        let (index, target) = self.find(pipeline, stage)?;
+        let target = target.clone();
+        let claim = self.claim(pipeline, stage, format!("`{name}` being prepared"))?;
+        let record = self.record(pipeline, stage)?;
+        let digest = Digest::of(&bytes);
+        if record.serving == digest.hex() {
+            let (batches, _) = self.batches(pipeline, stage, &digest.short());
+            return Ok(DeployReport {
+                pipeline: pipeline.to_owned(),
+                stage: stage.to_owned(),
+                name: name.to_owned(),
+                version: digest.short(),
+                digest: digest.hex(),
+                previous: digest.short(),
+                outcome: Outcome::Unchanged,
+                probation: 0,
+                batches,
+                compile_ms: 0.0,
+                from_cache: false,
+                init_ms: 0.0,
+                pause_us: 0.0,
+                serving_ms: 0.0,
+                error: None,
+            });
+        }
+        let prepared = self.prepare(&target.stages[index], name, bytes).await;
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                let message =
+                    format!("`{pipeline}/{stage}`: {e}; the serving version is unchanged");
+                tracing::warn!("deploy refused: {message}");
+                self.note_refused(pipeline, stage, &message);
+                return Err(DeployError::Refused(message));
+            }
+        };
+        self.swap_in(
+            claim,
+            target.control,
+            index,
+            record,
+            prepared,
+            options,
+            started,
+        )
+        .await
+    }
+
+    /// Rolls stage `stage` of `pipeline` back to `version` (a digest, or its first 4 or more hex
+    /// digits), or to the version that served before the current one. No probation: the
+    /// version served before.
+    pub async fn rollback(
+        self: &Arc<Self>,
+        pipeline: &str,
+        stage: &str,
+        version: Option<&str>,
+    ) -> Result<DeployReport, DeployError> {
+        let started = Instant::now();
+        let (index, target) = self.find(pipeline, stage)?;
+        let target = target.clone();
+        let claim = self.claim(pipeline, stage, "a rollback".into())?;
+        let record = self.record(pipeline, stage)?;
+        let chosen = match version {
+            Some(prefix) => {
+                let prefix = prefix.to_ascii_lowercase();
+                let matching: Vec<_> = record
+                    .versions
+                    .iter()
+                    .filter(|v| prefix.len() >= 4 && v.digest.starts_with(&prefix))
+                    .collect();
+                match matching.as_slice() {
+                    [one] => (*one).clone(),
+                    [] => {
+                        return Err(DeployError::NotFound(format!(
+                            "`{pipeline}/{stage}` keeps no version `{prefix}` (kept: {}; give 4 or more hex digits)",
+                            kept(&record)
+                        )));
+                    }
+                    _ => {
+                        return Err(DeployError::NotFound(format!(
+                            "`{prefix}` names more than one version of `{pipeline}/{stage}`: give more hex digits"
+                        )));
+                    }
+                }
+            }
+            None => match record
+                .versions
+                .iter()
+                .filter(|v| v.digest != record.serving && v.status == Status::Kept)
+                .max_by_key(|v| v.deployed_at_ms)
+            {
+                Some(v) => v.clone(),
+                None => {
+                    return Err(DeployError::NotFound(format!(
+                        "`{pipeline}/{stage}` keeps no earlier version to roll back to (kept: {})",
+                        kept(&record)
+                    )));
+                }
+            },
+        };
+        if chosen.digest == record.serving {
+            return Err(DeployError::Refused(format!(
+                "`{pipeline}/{stage}` already serves {}",
+                &chosen.digest[..8]
+            )));
+        }
+        let digest = Digest::parse(&chosen.digest).ok_or_else(|| {
+            DeployError::Internal(format!(
+                "the registry holds a bad digest `{}`",
+                chosen.digest
+            ))
+        })?;
+        let bytes = self
+            .registry
+            .blob(&digest)
+            .map_err(|e| DeployError::Internal(e.to_string()))?;
+        let prepared = self
+            .prepare(&target.stages[index], &chosen.name, bytes)
+            .await
+            .map_err(|e| DeployError::Refused(format!("`{pipeline}/{stage}`: {e}")))?;
+        let options = DeployOptions {
+            probation: 0,
+            wait: Duration::ZERO,
+        };
+        self.swap_in(
+            claim,
+            target.control,
+            index,
+            record,
+            prepared,
+            options,
+            started,
+        )
+        .await
+    }
+
+    fn record(&self, pipeline: &str, stage: &str) -> Result<StageRecord, DeployError> {
+        self.registry.stage(pipeline, stage).ok_or_else(|| {
+            DeployError::Internal(format!(
+                "the registry has no record of `{pipeline}/{stage}`"
+            ))
+        })
+    }
+
+    fn note_refused(&self, pipeline: &str, stage: &str, message: &str) {
+        if let Err(e) = self.registry.refused(pipeline, stage, message, now_ms()) {
+            tracing::error!("{e}");
+        }
+    }
+
+    /// Compiles (or loads from the cache) and initializes a version for `target`, off the
+    /// async workers.
+    async fn prepare(
+        &self,
+        target: &StageTarget,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Prepared, String> {
+        let runtime = self.runtime.clone();
+        let registry = self.registry.clone();
+        let target = target.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let plugin = runtime
+                .load_bytes_as(&name, &bytes, target.kind)
+                .map_err(|e| e.to_string())?;
+            let compile = started.elapsed();
+            let started = Instant::now();
+            let stage = Stage::new(&plugin, target.config.clone(), target.window)
+                .map_err(|e| e.to_string())?;
+            let init = started.elapsed();
+            let digest = registry.store(&bytes).map_err(|e| e.to_string())?;
+            Ok(Prepared {
+                from_cache: plugin.from_cache(),
+                stage,
+                digest,
+                name,
+                compile,
+                init,
+            })
+        })
+        .await
+        .map_err(|e| format!("preparing the version failed: {e}"))?
+    }
+
+    /// Swaps a prepared version in and, on probation, waits (bounded) for the verdict.
+    #[allow(clippy::too_many_arguments)]
+    async fn swap_in(
+        self: &Arc<Self>,
+        claim: Claim,
+        control: PipelineControl,
+        index: usize,
+        record: StageRecord,
+        prepared: Prepared,
+        options: DeployOptions,
+        started: Instant,
+    ) -> Result<DeployReport, DeployError> {
+        let (pipeline, stage) = claim.key.clone();
+        let Prepared {
+            stage: replacement,
+            digest,
+            name,
+            compile,
+            from_cache,
+            init,
+        } = prepared;
+        let version = digest.short();
+        claim.update(format!("version {version} being swapped in"));
+        let (done, swapped) = oneshot::channel();
+        let (verdict_tx, verdict_rx) = oneshot::channel();
+        control
+            .swap(Swap {
+                stage: index,
+                replacement,
+                probation: options.probation,
+                done,
+                verdict: Some(verdict_tx),
+            })
+            .map_err(DeployError::Internal)?;
+        let swapped = swapped.await.map_err(|_| {
+            DeployError::Internal(format!("pipeline `{pipeline}` stopped before the swap"))
+        })?;
+        let swapped = match swapped {
+            Ok(swapped) => swapped,
+            Err(refused) => {
+                let message = format!("`{pipeline}/{stage}`: {}", refused.message);
+                self.note_refused(&pipeline, &stage, &message);
+                // The unused version's instance goes off the async workers.
+                tokio::task::spawn_blocking(move || drop(refused));
+                return Err(DeployError::Refused(message));
+            }
+        };
+        let serving = started.elapsed();
+        if let Some(previous) = swapped.previous {
+            tokio::task::spawn_blocking(move || drop(previous));
+        }
+        let on_probation = options.probation > 0;
+        self.registry
+            .swapped(&pipeline, &stage, &digest, &name, on_probation, now_ms())
+            .map_err(|e| DeployError::Internal(e.to_string()))?;
+        let previous = record.serving.get(..8).unwrap_or_default().to_owned();
+        tracing::info!(
+            "pipeline `{pipeline}`, stage `{stage}`: version {version} of `{name}` swapped in for {previous} (pause {:?}){}",
+            swapped.pause,
+            if on_probation {
+                format!(", on probation for {} batches", options.probation)
+            } else {
+                String::new()
+            }
+        );
+        let mut report = DeployReport {
+            pipeline: pipeline.clone(),
+            stage: stage.clone(),
+            name,
+            version: version.clone(),
+            digest: digest.hex(),
+            previous,
+            outcome: Outcome::Serving,
+            probation: options.probation,
+            batches: 0,
+            compile_ms: compile.as_secs_f64() * 1e3,
+            from_cache,
+            init_ms: init.as_secs_f64() * 1e3,
+            pause_us: swapped.pause.as_secs_f64() * 1e6,
+            serving_ms: serving.as_secs_f64() * 1e3,
+            error: None,
+        };
+        if !on_probation {
+            return Ok(report);
+        }
+        claim.update(format!("version {version} on probation"));
+        // The verdict is recorded even if the request stops waiting.
+        let (judged_tx, judged) = oneshot::channel();
+        let deployer = self.clone();
+        tokio::spawn(async move {
+            let verdict = verdict_rx.await.ok();
+            deployer.judged(&claim, &digest, verdict.as_ref());
+            drop(claim);
+            let _ = judged_tx.send(verdict);
+        });
+        match tokio::time::timeout(options.wait, judged).await {
+            Ok(Ok(Some(Verdict::Passed { batches, .. }))) => {
+                report.batches = batches;
+            }
+            Ok(Ok(Some(Verdict::RolledBack { error, batches, .. }))) => {
+                report.outcome = Outcome::RolledBack;
+                report.batches = batches;
+                report.error = Some(error);
+            }
+            Ok(_) => {
+                return Err(DeployError::Internal(format!(
+                    "pipeline `{pipeline}` stopped while version {version} was on probation"
+                )));
+            }
+            Err(_) => {
+                report.outcome = Outcome::Probation;
+                report.batches = self.batches(&pipeline, &stage, &version).0;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Records a probation's verdict.
+    fn judged(&self, claim: &Claim, digest: &Digest, verdict: Option<&Verdict>) {
+        let (pipeline, stage) = &claim.key;
+        let recorded = match verdict {
+            Some(Verdict::Passed { .. }) => self.registry.passed(pipeline, stage, digest),
+            Some(Verdict::RolledBack { error, .. }) => {
+                let message = format!(
+                    "version {} rolled back on probation: {error}",
+                    digest.short()
+                );
+                self.registry
+                    .rolled_back(pipeline, stage, digest, &message, now_ms())
+            }
+            // The pipeline stopped first: the registry keeps the version as on probation,
+            // which the next start marks interrupted.
+            None => Ok(()),
+        };
+        if let Err(e) = recorded {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+/// The kept versions of a stage, for messages.
+fn kept(record: &StageRecord) -> String {
+    let versions: Vec<String> = record
+        .versions
+        .iter()
+        .map(|v| {
+            format!(
+                "{} ({})",
+                &v.digest[..8.min(v.digest.len())],
+                v.status.as_str()
+            )
+        })
+        .collect();
+    if versions.is_empty() {
+        "none".into()
+    } else {
+        versions.join(", ")
+    }
+}

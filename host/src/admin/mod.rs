@@ -1,0 +1,359 @@
+//! The admin endpoint: deploy, list and roll back plugin versions of a running router
+//! (`weir deploy`, `weir plugins`, `weir rollback`), and the plugin registry behind them.
+//!
+//! Off unless the config has an `[admin]` section; it then listens on `listen` (default
+//! `127.0.0.1:4434`: loopback) and requires a token on every request. HTTP/1.1, JSON answers:
+//!
+//! | request | does |
+//! | --- | --- |
+//! | `GET /v1/plugins` | every stage: the version serving, the versions kept (digest, name, when deployed, status, batches and failed events since the router started), the last error |
+//! | `POST /v1/deploy?pipeline=P&stage=S[&name=N][&probation=B][&wait_ms=W]`, body: the component | deploys it (`deploy.rs`); answers with a [`DeployReport`] |
+//! | `POST /v1/rollback?pipeline=P&stage=S[&version=V]` | rolls back to version `V` (a digest or 4+ of its hex digits) or to the one before |
+//!
+//! Every request carries `Authorization: Bearer TOKEN`; a missing or wrong token is `401`,
+//! an unknown pipeline, stage or version `404`, a deploy to a stage that has one in progress
+//! `409`, a version that cannot serve `422`; each with `{"error": "..."}` naming the thing and
+//! the problem.
+//!
+//! Decisions:
+//!
+//! - **Plain HTTP on loopback by default**: the token travels in clear, so an `[admin]
+//!   listen` on another interface belongs behind a TLS-terminating proxy or a private network
+//!   (docs/SERVE.md). weir logs a warning when it listens on a non-loopback address.
+//! - **The component travels in the body**, whole: the router compiles what it received,
+//!   never a path on its own disk, so a deploy works the same from another machine.
+
+pub mod client;
+pub mod deploy;
+pub mod registry;
+
+use crate::http::{Handler, HttpServer};
+use bytes::Bytes;
+use deploy::{DeployError, DeployOptions, Deployer};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use registry::{ErrorRecord, Status};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use deploy::{DeployReport, Outcome};
+
+/// The admin endpoint's default address: loopback.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4434";
+/// The largest component a deploy takes (interpreters built with componentize-py weigh tens
+/// of MB).
+pub const MAX_COMPONENT_BYTES: usize = 256 << 20;
+/// How long the endpoint lets requests in flight finish when it stops.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// The `[admin]` section.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Where the endpoint listens.
+    pub listen: SocketAddr,
+    /// The token every request must carry.
+    pub token: Vec<u8>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// One version of a stage, as `GET /v1/plugins` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionView {
+    /// The version (8 hex digits).
+    pub version: String,
+    /// Its SHA-256.
+    pub digest: String,
+    /// The plugin's name.
+    pub name: String,
+    /// `config` or `deploy`.
+    pub origin: String,
+    /// What became of it.
+    pub status: Status,
+    /// When it was deployed, ms since the Unix epoch.
+    pub deployed_at_ms: i64,
+    /// Batches it processed since the router started.
+    pub batches: u64,
+    /// Events it failed on since the router started.
+    pub failed_events: u64,
+    /// Why it was rolled back.
+    pub error: Option<String>,
+}
+
+/// One stage, as `GET /v1/plugins` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageView {
+    /// The pipeline.
+    pub pipeline: String,
+    /// The stage.
+    pub stage: String,
+    /// Its world (`filter`, `enrich`, `aggregate`).
+    pub kind: String,
+    /// The version serving (8 hex digits).
+    pub serving: String,
+    /// The versions kept, oldest first.
+    pub versions: Vec<VersionView>,
+    /// The last deploy that failed.
+    pub last_error: Option<ErrorRecord>,
+}
+
+/// The answer to `GET /v1/plugins`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginsView {
+    /// Every stage, by pipeline then stage order.
+    pub stages: Vec<StageView>,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorView {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// The running admin endpoint.
+#[derive(Debug)]
+pub struct AdminServer(HttpServer);
+
+impl AdminServer {
+    /// Listens on `config.listen` and serves the deployer.
+    pub async fn start(
+        config: &AdminConfig,
+        deployer: Arc<Deployer>,
+    ) -> std::io::Result<AdminServer> {
+        if !config.listen.ip().is_loopback() {
+            tracing::warn!(
+                "the admin endpoint listens on {}, not on loopback: its token travels in clear (put it behind TLS or on a private network)",
+                config.listen
+            );
+        }
+        let token: Arc<[u8]> = Arc::from(config.token.as_slice());
+        let handler: Handler = Arc::new(move |request| {
+            let deployer = deployer.clone();
+            let token = token.clone();
+            Box::pin(async move { respond(&deployer, &token, request).await })
+        });
+        HttpServer::start("admin endpoint", config.listen, GRACE, handler)
+            .await
+            .map(AdminServer)
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.0.local_addr()
+    }
+
+    /// Stops it; requests in flight get 5 s to finish (a deploy goes on in the router).
+    pub async fn stop(self) {
+        self.0.stop().await;
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|e| {
+        format!("{{\"error\":\"admin: cannot encode the answer: {e}\"}}").into_bytes()
+    });
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json(
+        status,
+        &ErrorView {
+            error: message.into(),
+        },
+    )
+}
+
+/// Compares secrets without stopping at the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn respond(
+    deployer: &Arc<Deployer>,
+    token: &[u8],
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let presented = request
+        .headers()
+        .get(AUTHORIZATION)
+        .map(|v| v.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b""));
+    match presented {
+        None => {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "admin: no token: send `Authorization: Bearer TOKEN` (weir deploy --token, or WEIR_ADMIN_TOKEN)",
+            );
+        }
+        Some(presented) if !constant_time_eq(presented, token) => {
+            return error(StatusCode::UNAUTHORIZED, "admin: wrong token");
+        }
+        Some(_) => {}
+    }
+    let query: HashMap<String, String> = request
+        .uri()
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    let allowed = match path.as_str() {
+        "/v1/plugins" => "GET",
+        "/v1/deploy" | "/v1/rollback" => "POST",
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "admin: no such path {path} (there are /v1/plugins, /v1/deploy and /v1/rollback)"
+                ),
+            );
+        }
+    };
+    if method.as_str() != allowed {
+        let mut response = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("admin: {path} answers {allowed}, not {method}"),
+        );
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(allowed));
+        return response;
+    }
+    let need = |key: &str| -> Result<String, String> {
+        query
+            .get(key)
+            .cloned()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("admin: {path} needs `{key}` in its query"))
+    };
+    let number = |key: &str, default: u64| -> Result<u64, String> {
+        match query.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("admin: `{key}` must be a whole number, not `{v}`")),
+        }
+    };
+    let bad_request = |message: String| error(StatusCode::BAD_REQUEST, message);
+    let answer = match path.as_str() {
+        "/v1/plugins" => return json(StatusCode::OK, &plugins(deployer)),
+        "/v1/deploy" => {
+            let (pipeline, stage) = match (need("pipeline"), need("stage")) {
+                (Ok(p), Ok(s)) => (p, s),
+                (Err(e), _) | (_, Err(e)) => return bad_request(e),
+            };
+            let defaults = DeployOptions::default();
+            let options = match (
+                number("probation", defaults.probation),
+                number("wait_ms", defaults.wait.as_millis() as u64),
+            ) {
+                (Ok(probation), Ok(wait)) => DeployOptions {
+                    probation,
+                    wait: Duration::from_millis(wait),
+                },
+                (Err(e), _) | (_, Err(e)) => return bad_request(e),
+            };
+            let name = query.get("name").cloned().unwrap_or_else(|| stage.clone());
+            let body = Limited::new(request.into_body(), MAX_COMPONENT_BYTES);
+            let bytes = match body.collect().await {
+                Ok(collected) => collected.to_bytes().to_vec(),
+                Err(e) => {
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "admin: cannot read the component (at most {MAX_COMPONENT_BYTES} bytes): {e}"
+                        ),
+                    );
+                }
+            };
+            deployer
+                .deploy(&pipeline, &stage, &name, bytes, options)
+                .await
+        }
+        _ => {
+            let (pipeline, stage) = match (need("pipeline"), need("stage")) {
+                (Ok(p), Ok(s)) => (p, s),
+                (Err(e), _) | (_, Err(e)) => return bad_request(e),
+            };
+            deployer
+                .rollback(&pipeline, &stage, query.get("version").map(String::as_str))
+                .await
+        }
+    };
+    match answer {
+        Ok(report) => json(StatusCode::OK, &report),
+        Err(e) => {
+            let status = match &e {
+                DeployError::NotFound(_) => StatusCode::NOT_FOUND,
+                DeployError::Busy(_) => StatusCode::CONFLICT,
+                DeployError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                DeployError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            error(status, e.to_string())
+        }
+    }
+}
+
+/// Every stage's versions, with their counts since the router started.
+fn plugins(deployer: &Deployer) -> PluginsView {
+    let records = deployer.registry().stages();
+    let mut stages = Vec::new();
+    for (pipeline, target) in deployer.pipelines() {
+        for stage in &target.stages {
+            let Some(record) = records.get(&format!("{pipeline}/{}", stage.name)) else {
+                continue;
+            };
+            let versions = record
+                .versions
+                .iter()
+                .map(|v| {
+                    let version = v.digest.get(..8).unwrap_or_default().to_owned();
+                    let (batches, failed_events) =
+                        deployer.batches(pipeline, &stage.name, &version);
+                    VersionView {
+                        version,
+                        digest: v.digest.clone(),
+                        name: v.name.clone(),
+                        origin: v.origin.clone(),
+                        status: v.status,
+                        deployed_at_ms: v.deployed_at_ms,
+                        batches,
+                        failed_events,
+                        error: v.error.clone(),
+                    }
+                })
+                .collect();
+            stages.push(StageView {
+                pipeline: pipeline.clone(),
+                stage: stage.name.clone(),
+                kind: stage.kind.to_string(),
+                serving: record.serving.get(..8).unwrap_or_default().to_owned(),
+                versions,
+                last_error: record.last_error.clone(),
+            });
+        }
+    }
+    PluginsView { stages }
+}

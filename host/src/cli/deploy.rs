@@ -1,0 +1,107 @@
+//! `weir deploy PIPELINE/STAGE FILE.wasm|DIR`: ships a new version of a stage's plugin into a
+//! running router through its admin endpoint, and says what happened: refused (the router
+//! names why; the old version still serves), swapped in and serving after its probation,
+//! rolled back (the new version failed where the old one did not), or still on probation when
+//! `--wait` ran out. Exits 0 only when the version serves (or is still on probation).
+
+use super::AdminArgs;
+use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
+use std::time::Duration;
+use weir::admin::{DeployReport, Outcome};
+
+/// Arguments of `weir deploy`.
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// The stage: `PIPELINE/STAGE`, as `weir plugins` lists it.
+    target: String,
+    /// The component (`.wasm`), or a plugin crate's directory (built with `weir build`'s
+    /// rules first).
+    path: PathBuf,
+    /// Batches the new version takes on probation before the old one is dropped (default:
+    /// the router's, 100).
+    #[arg(long, value_name = "N")]
+    probation: Option<u64>,
+    /// How long to wait for the probation's verdict, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    wait: u64,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+/// Runs the command.
+pub fn run(args: &DeployArgs) -> Result<()> {
+    let (pipeline, stage) = super::split_target(&args.target)?;
+    let wasm = if args.path.is_dir() {
+        let wasm = super::build::compile(&args.path)?;
+        eprintln!("built {}", wasm.display());
+        wasm
+    } else {
+        args.path.clone()
+    };
+    let component =
+        std::fs::read(&wasm).with_context(|| format!("cannot read {}", wasm.display()))?;
+    let name = wasm
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| stage.to_owned());
+    let client = args.admin.client()?;
+    let runtime = super::admin_runtime()?;
+    let report = runtime.block_on(client.deploy(
+        pipeline,
+        stage,
+        &name,
+        component,
+        args.probation,
+        Duration::from_secs(args.wait),
+    ))?;
+    println!("{}", describe(&report));
+    if report.outcome == Outcome::RolledBack {
+        bail!(
+            "`{pipeline}/{stage}`: version {} rolled back to {} on probation: {}",
+            report.version,
+            report.previous,
+            report.error.as_deref().unwrap_or("no reason given")
+        );
+    }
+    Ok(())
+}
+
+/// What a deploy or rollback did, in a few lines.
+pub fn describe(r: &DeployReport) -> String {
+    let target = format!("{}/{}", r.pipeline, r.stage);
+    let prepared = format!(
+        "{} in {:.0} ms, initialized in {:.1} ms, swapped in {:.0} ms after the request (batches waited {:.2} ms)",
+        if r.from_cache {
+            "loaded from the compile cache"
+        } else {
+            "compiled"
+        },
+        r.compile_ms,
+        r.init_ms,
+        r.serving_ms,
+        r.pause_us / 1e3
+    );
+    match r.outcome {
+        Outcome::Unchanged => format!(
+            "{target}: already serving `{}` {}; nothing to do",
+            r.name, r.version
+        ),
+        Outcome::Serving if r.probation == 0 => format!(
+            "{target}: `{}` {} serves (was {}): {prepared}",
+            r.name, r.version, r.previous
+        ),
+        Outcome::Serving => format!(
+            "{target}: `{}` {} serves (was {}): {prepared}\n  probation passed: {} batches without a failure; {} is kept for `weir rollback`",
+            r.name, r.version, r.previous, r.batches, r.previous
+        ),
+        Outcome::Probation => format!(
+            "{target}: `{}` {} swapped in (was {}): {prepared}\n  on probation: {} of {} batches so far; `weir plugins` shows the verdict",
+            r.name, r.version, r.previous, r.batches, r.probation
+        ),
+        Outcome::RolledBack => format!(
+            "{target}: `{}` {} swapped in (was {}): {prepared}\n  rolled back after {} batches on probation; {} serves again, and it took the batch the new version failed on",
+            r.name, r.version, r.previous, r.batches, r.previous
+        ),
+    }
+}
