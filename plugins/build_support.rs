@@ -21,6 +21,12 @@ const ALL_PLUGINS: &[&str] = &[
     "bad-finish",
     "record-filter",
     "identity",
+    "version-a",
+    "version-b",
+    "trap-always",
+    "tally-a",
+    "tally-b",
+    "tally-wide",
 ];
 
 /// Writes `OUT_DIR/plugin_paths.rs`: one `pub const CRATE_NAME: &str` path per built plugin.

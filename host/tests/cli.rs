@@ -266,7 +266,7 @@ fn bad_plugins_are_clear_errors() {
         format!(
             "error: plugin `other` ({}): implements no weir world: expected the exports of world \
              `weir:plugin/filter@0.1.0` (`init`, `filter`), `weir:plugin/enrich@0.1.0` (`init`, \
-             `enrich`) or `weir:plugin/aggregate@0.1.0` (`init`, `fold`, `finish`); it exports `run`",
+             `enrich`) or `weir:plugin/aggregate@0.1.0` (`init`, `fold`, `finish`, `state-layout`); it exports `run`",
             path("other.wasm")
         )
     );

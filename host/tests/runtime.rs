@@ -195,7 +195,7 @@ fn a_component_of_no_world_lists_what_it_exports() {
         e.to_string(),
         "plugin `runner`: implements no weir world: expected the exports of world \
          `weir:plugin/filter@0.1.0` (`init`, `filter`), `weir:plugin/enrich@0.1.0` (`init`, \
-         `enrich`) or `weir:plugin/aggregate@0.1.0` (`init`, `fold`, `finish`); it exports `run`"
+         `enrich`) or `weir:plugin/aggregate@0.1.0` (`init`, `fold`, `finish`, `state-layout`); it exports `run`"
     );
     let empty = wat::parse_str("(component)").expect("wat");
     let e = runtime().load_bytes("empty", &empty).expect_err("no world");

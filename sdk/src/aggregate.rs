@@ -8,8 +8,9 @@
 //! next call; a window that was never folded starts from `Default::default()`.
 //!
 //! Because the bytes outlive the plugin version that wrote them, the accumulator type is a
-//! contract between versions: a new version that changes its fields must use a new type layout
-//! only together with a fresh aggregate state (postcard cannot skip or default unknown fields).
+//! contract between versions (postcard cannot skip or default unknown fields). Each version
+//! declares its layout ([`Aggregate::state_layout`], by default derived from the type's shape)
+//! and the host never hands a version an accumulator written under another layout.
 //! A decode failure fails the call: in `fold` with ``group G: accumulator does not decode: ...``
 //! (G: the group's index among the call's groups), in `finish` with ``window W: accumulator does
 //! not decode: ...`` (W: the window's index among the call's windows).
@@ -51,6 +52,28 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned {
 
     /// Turns the accumulator of a finished window into 0..n events.
     fn finish(self, window: &Window, out: &mut Emitter, config: &Self::Config) -> Result<()>;
+
+    /// The layout id of this accumulator's encoding. The host keeps every window's
+    /// accumulator with the layout id of the version that wrote it and never hands a version
+    /// an accumulator of another layout: deploying a version whose id differs while windows
+    /// are open is refused, or (as the deploy chooses) the previous version finishes the
+    /// windows it opened.
+    ///
+    /// The default is derived from the type's shape as serde sees its default value: its name,
+    /// field names and primitive types (`auto:` and a hash). Override it to say yourself when
+    /// the encoding changes, e.g. to keep the id across a rename:
+    ///
+    /// ```ignore
+    /// fn state_layout() -> String {
+    ///     "count-sum/2".into()
+    /// }
+    /// ```
+    fn state_layout() -> String {
+        format!(
+            "auto:{}",
+            crate::shape::hash(&crate::shape::of(&Self::default()))
+        )
+    }
 }
 
 /// One keyed window of an aggregate, as the host assigned it.

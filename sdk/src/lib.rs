@@ -91,6 +91,7 @@ pub use weir_sdk_macros::enrich;
 pub use weir_sdk_macros::aggregate;
 
 mod runtime;
+mod shape;
 
 /// What the attribute macros expand to. Not a public API: it changes without notice.
 #[doc(hidden)]

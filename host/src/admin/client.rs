@@ -42,6 +42,25 @@ pub enum AdminError {
     },
 }
 
+/// What to deploy where.
+#[derive(Debug, Clone)]
+pub struct DeployRequest {
+    /// The pipeline.
+    pub pipeline: String,
+    /// The stage.
+    pub stage: String,
+    /// The plugin's name (its file stem).
+    pub name: String,
+    /// The component's bytes.
+    pub component: Vec<u8>,
+    /// Batches on probation (`None`: the router's default).
+    pub probation: Option<u64>,
+    /// Let the previous version finish its windows if the state layout changed.
+    pub drain: bool,
+    /// How long the router waits for the probation's verdict.
+    pub wait: Duration,
+}
+
 /// A client of one router's admin endpoint.
 #[derive(Debug, Clone)]
 pub struct AdminClient {
@@ -124,30 +143,25 @@ impl AdminClient {
         }
     }
 
-    /// Deploys `component` to `pipeline/stage` (see `admin::deploy`).
-    pub async fn deploy(
-        &self,
-        pipeline: &str,
-        stage: &str,
-        name: &str,
-        component: Vec<u8>,
-        probation: Option<u64>,
-        wait: Duration,
-    ) -> Result<DeployReport, AdminError> {
+    /// Deploys a component (see `admin::deploy`).
+    pub async fn deploy(&self, request: DeployRequest) -> Result<DeployReport, AdminError> {
         let mut query = vec![
-            ("pipeline", pipeline.to_owned()),
-            ("stage", stage.to_owned()),
-            ("name", name.to_owned()),
-            ("wait_ms", wait.as_millis().to_string()),
+            ("pipeline", request.pipeline),
+            ("stage", request.stage),
+            ("name", request.name),
+            ("wait_ms", request.wait.as_millis().to_string()),
         ];
-        if let Some(probation) = probation {
+        if let Some(probation) = request.probation {
             query.push(("probation", probation.to_string()));
+        }
+        if request.drain {
+            query.push(("state", "drain".to_owned()));
         }
         let request = self
             .http
             .post(self.url("/v1/deploy", &query))
-            .timeout(wait + SLACK)
-            .body(component);
+            .timeout(request.wait + SLACK)
+            .body(request.component);
         self.send(request).await
     }
 

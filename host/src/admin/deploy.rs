@@ -19,7 +19,7 @@
 
 use super::registry::{Registry, StageRecord, Status};
 use crate::metrics::Metrics;
-use crate::pipeline::{PipelineControl, Stage, Swap, Verdict, WindowConfig};
+use crate::pipeline::{PipelineControl, Stage, StateChange, Swap, Verdict, WindowConfig};
 use crate::runtime::{Digest, PluginKind, Runtime, StageConfig};
 use crate::utc::now_ms;
 use serde::{Deserialize, Serialize};
@@ -60,6 +60,8 @@ pub struct PipelineTarget {
 pub struct DeployOptions {
     /// Batches on probation (0: none).
     pub probation: u64,
+    /// What to do when an aggregate's new version writes another state layout.
+    pub state: StateChange,
     /// How long the request waits for the probation's verdict.
     pub wait: Duration,
 }
@@ -68,6 +70,7 @@ impl Default for DeployOptions {
     fn default() -> Self {
         DeployOptions {
             probation: DEFAULT_PROBATION,
+            state: StateChange::Refuse,
             wait: DEFAULT_WAIT,
         }
     }
@@ -116,6 +119,9 @@ pub struct DeployReport {
     pub init_ms: f64,
     /// Microseconds batches waited for the swap.
     pub pause_us: f64,
+    /// Windows the previous version finishes because the state layout changed (`--state
+    /// drain`).
+    pub draining_windows: u64,
     /// Milliseconds from the request to the version serving (swapped in).
     pub serving_ms: f64,
     /// Why it was rolled back.
@@ -296,6 +302,7 @@ impl Deployer {
                 from_cache: false,
                 init_ms: 0.0,
                 pause_us: 0.0,
+                draining_windows: 0,
                 serving_ms: 0.0,
                 error: None,
             });
@@ -397,6 +404,7 @@ impl Deployer {
             .map_err(|e| DeployError::Refused(format!("`{pipeline}/{stage}`: {e}")))?;
         let options = DeployOptions {
             probation: 0,
+            state: StateChange::Refuse,
             wait: Duration::ZERO,
         };
         self.swap_in(
@@ -491,6 +499,7 @@ impl Deployer {
                 stage: index,
                 replacement,
                 probation: options.probation,
+                on_change: options.state,
                 done,
                 verdict: Some(verdict_tx),
             })
@@ -512,7 +521,7 @@ impl Deployer {
         if let Some(previous) = swapped.previous {
             tokio::task::spawn_blocking(move || drop(previous));
         }
-        let on_probation = options.probation > 0;
+        let on_probation = swapped.on_probation;
         self.registry
             .swapped(&pipeline, &stage, &digest, &name, on_probation, now_ms())
             .map_err(|e| DeployError::Internal(e.to_string()))?;
@@ -534,12 +543,13 @@ impl Deployer {
             digest: digest.hex(),
             previous,
             outcome: Outcome::Serving,
-            probation: options.probation,
+            probation: if on_probation { options.probation } else { 0 },
             batches: 0,
             compile_ms: compile.as_secs_f64() * 1e3,
             from_cache,
             init_ms: init.as_secs_f64() * 1e3,
             pause_us: swapped.pause.as_secs_f64() * 1e6,
+            draining_windows: swapped.draining as u64,
             serving_ms: serving.as_secs_f64() * 1e3,
             error: None,
         };
@@ -592,8 +602,8 @@ impl Deployer {
                     .rolled_back(pipeline, stage, digest, &message, now_ms())
             }
             // The pipeline stopped first: the registry keeps the version as on probation,
-            // which the next start marks interrupted.
-            None => Ok(()),
+            // which the next start marks interrupted. (A drain is no probation: no verdict.)
+            None | Some(Verdict::Drained { .. }) => Ok(()),
         };
         if let Err(e) = recorded {
             tracing::error!("{e}");

@@ -7,7 +7,7 @@
 //! | request | does |
 //! | --- | --- |
 //! | `GET /v1/plugins` | every stage: the version serving, the versions kept (digest, name, when deployed, status, batches and failed events since the router started), the last error |
-//! | `POST /v1/deploy?pipeline=P&stage=S[&name=N][&probation=B][&wait_ms=W]`, body: the component | deploys it (`deploy.rs`); answers with a [`DeployReport`] |
+//! | `POST /v1/deploy?pipeline=P&stage=S[&name=N][&probation=B][&state=refuse\|drain][&wait_ms=W]`, body: the component | deploys it (`deploy.rs`); answers with a [`DeployReport`] |
 //! | `POST /v1/rollback?pipeline=P&stage=S[&version=V]` | rolls back to version `V` (a digest or 4+ of its hex digits) or to the one before |
 //!
 //! Every request carries `Authorization: Bearer TOKEN`; a missing or wrong token is `401`,
@@ -28,6 +28,7 @@ pub mod deploy;
 pub mod registry;
 
 use crate::http::{Handler, HttpServer};
+use crate::pipeline::StateChange;
 use bytes::Bytes;
 use deploy::{DeployError, DeployOptions, Deployer};
 use http_body_util::{BodyExt, Full, Limited};
@@ -265,12 +266,22 @@ async fn respond(
                 (Err(e), _) | (_, Err(e)) => return bad_request(e),
             };
             let defaults = DeployOptions::default();
+            let state = match query.get("state").map(String::as_str) {
+                None | Some("refuse") => StateChange::Refuse,
+                Some("drain") => StateChange::Drain,
+                Some(other) => {
+                    return bad_request(format!(
+                        "admin: `state` is `refuse` or `drain`, not `{other}`"
+                    ));
+                }
+            };
             let options = match (
                 number("probation", defaults.probation),
                 number("wait_ms", defaults.wait.as_millis() as u64),
             ) {
                 (Ok(probation), Ok(wait)) => DeployOptions {
                     probation,
+                    state,
                     wait: Duration::from_millis(wait),
                 },
                 (Err(e), _) | (_, Err(e)) => return bad_request(e),

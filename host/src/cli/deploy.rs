@@ -8,6 +8,7 @@ use super::AdminArgs;
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use std::time::Duration;
+use weir::admin::client::DeployRequest;
 use weir::admin::{DeployReport, Outcome};
 
 /// Arguments of `weir deploy`.
@@ -22,11 +23,23 @@ pub struct DeployArgs {
     /// the router's, 100).
     #[arg(long, value_name = "N")]
     probation: Option<u64>,
+    /// When an aggregate's new version declares another state layout than the open windows
+    /// hold: `refuse` the deploy (the default), or `drain`: the previous version finishes the
+    /// windows it opened while the new one takes every other (no probation then).
+    #[arg(long, value_enum, default_value_t = StateArg::Refuse)]
+    state: StateArg,
     /// How long to wait for the probation's verdict, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     wait: u64,
     #[command(flatten)]
     admin: AdminArgs,
+}
+
+/// `--state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StateArg {
+    Refuse,
+    Drain,
 }
 
 /// Runs the command.
@@ -47,14 +60,15 @@ pub fn run(args: &DeployArgs) -> Result<()> {
         .unwrap_or_else(|| stage.to_owned());
     let client = args.admin.client()?;
     let runtime = super::admin_runtime()?;
-    let report = runtime.block_on(client.deploy(
-        pipeline,
-        stage,
-        &name,
+    let report = runtime.block_on(client.deploy(DeployRequest {
+        pipeline: pipeline.to_owned(),
+        stage: stage.to_owned(),
+        name,
         component,
-        args.probation,
-        Duration::from_secs(args.wait),
-    ))?;
+        probation: args.probation,
+        drain: args.state == StateArg::Drain,
+        wait: Duration::from_secs(args.wait),
+    }))?;
     println!("{}", describe(&report));
     if report.outcome == Outcome::RolledBack {
         bail!(
@@ -86,6 +100,10 @@ pub fn describe(r: &DeployReport) -> String {
         Outcome::Unchanged => format!(
             "{target}: already serving `{}` {}; nothing to do",
             r.name, r.version
+        ),
+        Outcome::Serving if r.draining_windows > 0 => format!(
+            "{target}: `{}` {} serves (was {}): {prepared}\n  the state layout changed: {} finishes the {} windows it opened, {} takes every other",
+            r.name, r.version, r.previous, r.previous, r.draining_windows, r.version
         ),
         Outcome::Serving if r.probation == 0 => format!(
             "{target}: `{}` {} serves (was {}): {prepared}",

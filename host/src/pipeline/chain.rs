@@ -40,7 +40,8 @@
 //!   is always processed wholly by one version. Each probation's end is a [`Verdict`] in the
 //!   output.
 
-use super::stage::{DeadLetter, LateEvent, Stage, StageOutput};
+use super::stage::{DeadLetter, LateEvent, Scope, Stage, StageOutput};
+use super::window::WindowState;
 use crate::runtime::PluginError;
 use std::time::{Duration, Instant};
 use weir_format::{Batch, BatchBuilder, FormatError};
@@ -142,6 +143,21 @@ pub struct Chain {
     stages: Vec<Stage>,
     /// Per stage: the version it ran before a swap, kept while the new one is on probation.
     probation: Vec<Option<Probation>>,
+    /// Per aggregate stage: the previous version, finishing the windows it opened, when the
+    /// new one writes another state layout.
+    draining: Vec<Option<Stage>>,
+}
+
+/// What [`Chain::swap`] does when an aggregate's new version declares another state layout
+/// than the accumulators of the open windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StateChange {
+    /// Refuse the swap (the default): the new version would misread the accumulators.
+    #[default]
+    Refuse,
+    /// Swap, and let the previous version finish the windows it opened: it folds their
+    /// events and finishes them, the new version everything else.
+    Drain,
 }
 
 /// A stage's previous version, kept while the new one is on probation.
@@ -165,6 +181,14 @@ pub enum Verdict {
         version: String,
         /// Batches it took on probation.
         batches: u64,
+    },
+    /// The previous version finished the last window it opened before a swap that changed the
+    /// state layout: it is dropped.
+    Drained {
+        /// The stage's index.
+        stage: usize,
+        /// The previous version, gone.
+        version: String,
     },
     /// The new version failed on events the previous one takes: the previous one serves again
     /// and its output of that batch is what went on.
@@ -202,7 +226,12 @@ impl Chain {
     /// A chain of these stages, first to last.
     pub fn new(stages: Vec<Stage>) -> Self {
         let probation = stages.iter().map(|_| None).collect();
-        Chain { stages, probation }
+        let draining = stages.iter().map(|_| None).collect();
+        Chain {
+            stages,
+            probation,
+            draining,
+        }
     }
 
     /// Replaces stage `index` with `replacement`, a version of the same kind initialized with
@@ -210,11 +239,17 @@ impl Chain {
     /// previous version is kept until the new one has taken that many batches without failing
     /// (see the module docs) and `Ok(None)` is returned; with 0 the previous version is
     /// returned at once, for the caller to drop.
+    ///
+    /// An aggregate's new version that declares another state layout than the open windows'
+    /// accumulators is refused, or, with [`StateChange::Drain`], swapped in beside the previous
+    /// one, which finishes the windows it opened (no probation then: the previous version is
+    /// busy with its windows).
     pub fn swap(
         &mut self,
         index: usize,
         mut replacement: Stage,
         probation: u64,
+        on_change: StateChange,
     ) -> Result<Option<Stage>, Box<SwapRefused>> {
         let refuse = |message: String, replacement: Stage| {
             Err(Box::new(SwapRefused {
@@ -222,9 +257,11 @@ impl Chain {
                 replacement,
             }))
         };
-        let (Some(current), Some(slot)) =
-            (self.stages.get_mut(index), self.probation.get_mut(index))
-        else {
+        let (Some(current), Some(slot), Some(draining)) = (
+            self.stages.get_mut(index),
+            self.probation.get_mut(index),
+            self.draining.get_mut(index),
+        ) else {
             return refuse(format!("the chain has no stage {index}"), replacement);
         };
         if current.plugin().kind() != replacement.plugin().kind() {
@@ -249,6 +286,38 @@ impl Chain {
             );
             return refuse(message, replacement);
         }
+        if let Some(old) = draining {
+            let message = format!(
+                "stage `{}`: version {} still finishes the {} windows it opened before the state layout changed",
+                current.name(),
+                old.plugin().version(),
+                old.window_state().map_or(0, WindowState::open_windows)
+            );
+            return refuse(message, replacement);
+        }
+        let open = current.window_state().map_or(0, WindowState::open_windows);
+        if open > 0 && current.layout() != replacement.layout() {
+            let (old, new) = (
+                current.layout().unwrap_or_default().to_owned(),
+                replacement.layout().unwrap_or_default().to_owned(),
+            );
+            if on_change == StateChange::Refuse {
+                let message = format!(
+                    "stage `{}`: plugin `{}` {} declares state layout `{new}`, but the {open} open windows hold accumulators of layout `{old}` (written by {}): a version never reads another layout's accumulators; deploy it with `--state drain` to let {} finish the windows it opened, or keep the layout",
+                    current.name(),
+                    replacement.plugin().name(),
+                    replacement.plugin().version(),
+                    current.plugin().version(),
+                    current.plugin().version(),
+                );
+                return refuse(message, replacement);
+            }
+            if let Some(state) = current.window_state() {
+                replacement.set_window_state(WindowState::continuing(state, Some(new)));
+            }
+            *draining = Some(std::mem::replace(current, replacement));
+            return Ok(None);
+        }
         if let Some(state) = current.take_window_state() {
             replacement.set_window_state(state);
         }
@@ -262,6 +331,16 @@ impl Chain {
             passed: 0,
         });
         Ok(None)
+    }
+
+    /// The windows stage `index`'s previous version still finishes after a state layout change
+    /// (0: none).
+    pub fn draining(&self, index: usize) -> usize {
+        self.draining
+            .get(index)
+            .and_then(Option::as_ref)
+            .and_then(Stage::window_state)
+            .map_or(0, WindowState::open_windows)
     }
 
     /// Stage `index`'s probation, if its version is on one: (batches taken, batches to take).
@@ -314,11 +393,12 @@ impl Chain {
     ) -> Result<ChainOutput, Box<ChainError>> {
         let first_stage = stage.min(self.stages.len());
         let mut output = ChainOutput::new();
-        let (stages, probation) = (
-            &mut self.stages[first_stage..],
-            &mut self.probation[first_stage..],
-        );
-        match run(stages, probation, first_stage, first, &mut output) {
+        let slots = Slots {
+            stages: &mut self.stages[first_stage..],
+            probation: &mut self.probation[first_stage..],
+            draining: &mut self.draining[first_stage..],
+        };
+        match run(slots, first_stage, first, &mut output) {
             Ok(batch) => {
                 output.batch = batch;
                 Ok(output)
@@ -338,26 +418,29 @@ impl Chain {
         for i in 0..self.stages.len() {
             let (stage, rest) = self.stages[i..].split_at_mut(1);
             let (probation, rest_probation) = self.probation[i..].split_at_mut(1);
+            let (draining, rest_draining) = self.draining[i..].split_at_mut(1);
             let started = Instant::now();
-            let flushed = call(
-                &mut stage[0],
-                &mut probation[0],
-                i,
-                &mut output,
-                Stage::flush_strict,
-                Stage::flush,
-            );
+            let flushed = match draining[0].as_mut() {
+                Some(old) => drained_flush(&mut stage[0], old),
+                None => call(
+                    &mut stage[0],
+                    &mut probation[0],
+                    i,
+                    &mut output,
+                    Stage::flush_strict,
+                    Stage::flush,
+                ),
+            };
             let failure = match flushed {
                 Ok(flushed) => {
                     let version = stage[0].plugin().version().to_owned();
                     let flushed = output.took(i, &version, 0, flushed, started);
-                    match run(
-                        rest,
-                        rest_probation,
-                        i + 1,
-                        First::Bytes(&flushed),
-                        &mut output,
-                    ) {
+                    let rest = Slots {
+                        stages: rest,
+                        probation: rest_probation,
+                        draining: rest_draining,
+                    };
+                    match run(rest, i + 1, First::Bytes(&flushed), &mut output) {
                         Ok(out) => match append(&mut merged, &out) {
                             Ok(()) => continue,
                             Err(e) => self.bad_flush_output(e),
@@ -432,18 +515,26 @@ enum First<'a, 'b> {
 /// its probation), collecting dead letters, late events, runs and verdicts into `output`. On
 /// failure, returns the failing stage's index in the chain and its input.
 fn run(
-    stages: &mut [Stage],
-    probation: &mut [Option<Probation>],
+    slots: Slots<'_>,
     offset: usize,
     first: First<'_, '_>,
     output: &mut ChainOutput,
 ) -> Result<Vec<u8>, Box<Failure>> {
+    let Slots {
+        stages,
+        probation,
+        draining,
+    } = slots;
     let first_bytes = match &first {
         First::Verified(batch) => batch.bytes(),
         First::Bytes(bytes) => bytes,
     };
     let mut current: Option<Vec<u8>> = None;
-    for (k, (stage, probation)) in stages.iter_mut().zip(probation.iter_mut()).enumerate() {
+    let slots = stages
+        .iter_mut()
+        .zip(probation.iter_mut())
+        .zip(draining.iter_mut());
+    for (k, ((stage, probation), draining)) in slots.enumerate() {
         let started = Instant::now();
         let index = offset + k;
         let verified;
@@ -470,14 +561,26 @@ fn run(
                 }
             },
         };
-        let result = call(
-            stage,
-            probation,
-            index,
-            output,
-            |s| s.process_batch_strict(&input),
-            |s| s.process_batch(&input),
-        );
+        let result = match draining.as_mut() {
+            Some(old) => drained(stage, old, &input),
+            None => call(
+                stage,
+                probation,
+                index,
+                output,
+                |s| s.process_batch_strict(&input),
+                |s| s.process_batch(&input),
+            ),
+        };
+        if result.is_ok()
+            && let Some(old) =
+                draining.take_if(|old| old.window_state().is_none_or(|s| s.open_windows() == 0))
+        {
+            output.verdicts.push(Verdict::Drained {
+                stage: index,
+                version: old.plugin().version().to_owned(),
+            });
+        }
         match result {
             Ok(out) => {
                 let version = stage.plugin().version().to_owned();
@@ -493,6 +596,70 @@ fn run(
         }
     }
     Ok(current.unwrap_or_else(|| first_bytes.to_vec()))
+}
+
+/// A chain's per-stage slots from some stage on.
+struct Slots<'a> {
+    stages: &'a mut [Stage],
+    probation: &'a mut [Option<Probation>],
+    draining: &'a mut [Option<Stage>],
+}
+
+/// One batch through a stage whose previous version finishes the windows it opened: it folds
+/// their events, the new version every other window; all or nothing for both.
+fn drained(
+    stage: &mut Stage,
+    old: &mut Stage,
+    input: &Batch<'_>,
+) -> Result<StageOutput, PluginError> {
+    // The windows the previous version holds before this batch are its own, also those it
+    // finishes during the batch.
+    let Some(before) = old.window_state().cloned() else {
+        return stage.process_batch(input);
+    };
+    let finishing = old.process_batch_in(input, Scope::Opened)?;
+    match stage.process_batch_in(input, Scope::Except(&before)) {
+        Ok(new) => Ok(joined(finishing, new)),
+        Err(e) => {
+            old.set_window_state(before);
+            Err(e)
+        }
+    }
+}
+
+/// End of input for a stage whose previous version still finishes windows: both flush.
+fn drained_flush(stage: &mut Stage, old: &mut Stage) -> Result<StageOutput, PluginError> {
+    let before = old.window_state().cloned();
+    let finishing = old.flush()?;
+    match stage.flush() {
+        Ok(new) => Ok(joined(finishing, new)),
+        Err(e) => {
+            if let Some(state) = before {
+                old.set_window_state(state);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The outputs of the two versions of a draining stage as one: the previous version's first.
+fn joined(first: StageOutput, second: StageOutput) -> StageOutput {
+    let mut batch = BatchBuilder::new();
+    for part in [&first.batch, &second.batch] {
+        // SAFETY: a stage's output batch is one the host built or verified.
+        for event in unsafe { Batch::trusted(part) }.iter() {
+            batch.push_ref(&event, event.source());
+        }
+    }
+    let mut dead_letters = first.dead_letters;
+    dead_letters.extend(second.dead_letters);
+    let mut late = first.late;
+    late.extend(second.late);
+    StageOutput {
+        batch: batch.finish(),
+        dead_letters,
+        late,
+    }
 }
 
 /// Runs one call of stage `index`: as it is, or, when its version is on probation, under the
@@ -666,7 +833,12 @@ mod tests {
         let mut chain = Chain::new(vec![stage(&runtime, plugins::IDENTITY)]);
         let new = stage(&runtime, plugins::PANIC_ON_MARK);
         let version = new.plugin().version().to_owned();
-        assert!(chain.swap(0, new, 2).expect("swapped").is_none());
+        assert!(
+            chain
+                .swap(0, new, 2, StateChange::Refuse)
+                .expect("swapped")
+                .is_none()
+        );
         assert_eq!(chain.probation(0), Some((0, 2)));
         let first = chain.process(&batch(&["a", "b"])).expect("first");
         assert_eq!(
@@ -696,7 +868,12 @@ mod tests {
         let mut chain = Chain::new(vec![old]);
         let new = stage(&runtime, plugins::PANIC_ON_MARK);
         let new_version = new.plugin().version().to_owned();
-        assert!(chain.swap(0, new, 10).expect("swapped").is_none());
+        assert!(
+            chain
+                .swap(0, new, 10, StateChange::Refuse)
+                .expect("swapped")
+                .is_none()
+        );
         chain
             .process(&batch(&["a"]))
             .expect("a batch the new version takes");
@@ -733,7 +910,12 @@ mod tests {
         let runtime = runtime();
         let mut chain = Chain::new(vec![stage(&runtime, plugins::PANIC_ON_MARK)]);
         let new = stage(&runtime, plugins::PANIC_ON_MARK);
-        assert!(chain.swap(0, new, 3).expect("swapped").is_none());
+        assert!(
+            chain
+                .swap(0, new, 3, StateChange::Refuse)
+                .expect("swapped")
+                .is_none()
+        );
         let out = chain.process(&batch(&["a", "poison"])).expect("a batch");
         assert_eq!(values(&out.batch), ["a"]);
         assert_eq!(out.dead_letters.len(), 1);
@@ -750,7 +932,12 @@ mod tests {
             .process(&batch(&["x"]))
             .expect("folded by the first version");
         let new = stage(&runtime, plugins::BAD_FINISH);
-        assert!(chain.swap(0, new, 5).expect("swapped").is_none());
+        assert!(
+            chain
+                .swap(0, new, 5, StateChange::Refuse)
+                .expect("swapped")
+                .is_none()
+        );
         // Both versions fail on the poison event: each runs the batch once from the state
         // before it; the state kept is the new version's, with `y` folded once.
         let out = chain.process(&batch(&["y", "poison"])).expect("a batch");
@@ -764,7 +951,12 @@ mod tests {
         let runtime = runtime();
         let mut chain = Chain::new(vec![stage(&runtime, plugins::IDENTITY)]);
         let refused = chain
-            .swap(0, stage(&runtime, plugins::COUNT_SUM), 0)
+            .swap(
+                0,
+                stage(&runtime, plugins::COUNT_SUM),
+                0,
+                StateChange::Refuse,
+            )
             .expect_err("an aggregate for a filter stage");
         assert!(
             refused
@@ -778,12 +970,22 @@ mod tests {
         );
         assert!(
             chain
-                .swap(0, stage(&runtime, plugins::DROP_BOTS), 4)
+                .swap(
+                    0,
+                    stage(&runtime, plugins::DROP_BOTS),
+                    4,
+                    StateChange::Refuse
+                )
                 .expect("ok")
                 .is_none()
         );
         let refused = chain
-            .swap(0, stage(&runtime, plugins::IDENTITY), 0)
+            .swap(
+                0,
+                stage(&runtime, plugins::IDENTITY),
+                0,
+                StateChange::Refuse,
+            )
             .expect_err("on probation");
         assert!(
             refused
@@ -793,7 +995,12 @@ mod tests {
             refused.message
         );
         let previous = chain
-            .swap(9, stage(&runtime, plugins::IDENTITY), 0)
+            .swap(
+                9,
+                stage(&runtime, plugins::IDENTITY),
+                0,
+                StateChange::Refuse,
+            )
             .expect_err("no such stage");
         assert_eq!(previous.message, "the chain has no stage 9");
     }
@@ -826,5 +1033,109 @@ mod tests {
             e.to_string(),
             "stage `geo`: plugin `geo_enrich` 1234abcd: cannot instantiate: pool exhausted"
         );
+    }
+
+    fn tagged(batch: &[u8]) -> Vec<(String, String)> {
+        Batch::verify(batch)
+            .expect("a batch")
+            .iter()
+            .map(|e| {
+                let version = e.header("version").unwrap_or_default();
+                (
+                    String::from_utf8_lossy(e.value()).into_owned(),
+                    String::from_utf8_lossy(version).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn at(ms: i64) -> Vec<u8> {
+        encode(&[Event::new("x", ms).with_key("a")])
+    }
+
+    #[test]
+    fn a_version_with_the_same_state_layout_takes_the_open_windows_over() {
+        let runtime = runtime();
+        let mut chain = Chain::new(vec![stage(&runtime, plugins::TALLY_A)]);
+        chain.process(&at(1_000)).expect("folded by a");
+        let b = stage(&runtime, plugins::TALLY_B);
+        assert_eq!(
+            b.layout(),
+            chain.stages()[0].layout(),
+            "one accumulator type"
+        );
+        assert!(
+            chain
+                .swap(0, b, 0, StateChange::Refuse)
+                .expect("swapped")
+                .is_some()
+        );
+        chain.process(&at(2_000)).expect("folded by b");
+        let flushed = chain.flush().expect("flush");
+        assert_eq!(tagged(&flushed.batch), [("count=2".into(), "b".into())]);
+    }
+
+    #[test]
+    fn another_state_layout_is_refused_while_windows_are_open() {
+        let runtime = runtime();
+        let mut chain = Chain::new(vec![stage(&runtime, plugins::TALLY_A)]);
+        chain.process(&at(1_000)).expect("folded by a");
+        let wide = stage(&runtime, plugins::TALLY_WIDE);
+        let (a, w) = (
+            chain.stages()[0].layout().unwrap_or_default().to_owned(),
+            wide.layout().unwrap_or_default().to_owned(),
+        );
+        assert!(
+            a.starts_with("auto:") && w.starts_with("auto:") && a != w,
+            "{a} {w}"
+        );
+        let refused = chain
+            .swap(0, wide, 5, StateChange::Refuse)
+            .expect_err("another layout");
+        assert!(
+            refused.message.contains(&format!(
+                "declares state layout `{w}`, but the 1 open windows hold accumulators of layout `{a}`"
+            )) && refused.message.contains("deploy it with `--state drain`"),
+            "{}",
+            refused.message
+        );
+        // With no window open, any layout goes.
+        let mut fresh = Chain::new(vec![stage(&runtime, plugins::TALLY_A)]);
+        assert!(
+            fresh
+                .swap(0, refused.replacement, 0, StateChange::Refuse)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn draining_lets_the_previous_version_finish_the_windows_it_opened() {
+        let runtime = runtime();
+        let mut chain = Chain::new(vec![stage(&runtime, plugins::TALLY_A)]);
+        chain.process(&at(1_000)).expect("folded by a");
+        let wide = stage(&runtime, plugins::TALLY_WIDE);
+        assert!(
+            chain
+                .swap(0, wide, 5, StateChange::Drain)
+                .expect("swapped")
+                .is_none()
+        );
+        assert_eq!((chain.draining(0), chain.probation(0)), (1, None));
+        // 30 s: a's window; 61 s: a new one (wide's), which also closes a's.
+        let out = chain
+            .process(&encode(&[
+                Event::new("x", 30_000).with_key("a"),
+                Event::new("x", 61_000).with_key("a"),
+            ]))
+            .expect("a batch");
+        assert_eq!(tagged(&out.batch), [("count=2".into(), "a".into())]);
+        assert!(
+            matches!(&out.verdicts[..], [Verdict::Drained { stage: 0, .. }]),
+            "{:?}",
+            out.verdicts
+        );
+        assert_eq!(chain.draining(0), 0);
+        let flushed = chain.flush().expect("flush");
+        assert_eq!(tagged(&flushed.batch), [("count=1".into(), "wide".into())]);
     }
 }

@@ -20,9 +20,9 @@ mod stage;
 pub mod window;
 mod worker;
 
-pub use chain::{Chain, ChainError, ChainOutput, StageRun, SwapRefused, Verdict};
+pub use chain::{Chain, ChainError, ChainOutput, StageRun, StateChange, SwapRefused, Verdict};
 pub use input::{Completion, Input, PipelineInput, Slot};
-pub use stage::{DeadLetter, LateEvent, Stage, StageOutput};
+pub use stage::{DeadLetter, LateEvent, Scope, Stage, StageOutput};
 pub use window::{
     MAX_WINDOWS_PER_EVENT, WindowConfig, WindowError, WindowId, WindowKind, WindowState, Windows,
 };

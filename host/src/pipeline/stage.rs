@@ -104,10 +104,25 @@ impl StageOutput {
     }
 }
 
+/// Which windows an aggregate stage folds a batch's events into.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Every window the events belong to (the usual case).
+    All,
+    /// Only the windows open in its own state: a previous version finishing the windows it
+    /// opened (it reports no late events: those are the new version's).
+    Opened,
+    /// Every window but those open in this other state (the new version beside a previous one
+    /// that finishes its windows).
+    Except(&'a WindowState),
+}
+
 /// One plugin instance with its stage config, for one worker.
 pub struct Stage {
     instance: Instance,
     windows: Option<WindowState>,
+    /// The layout id its plugin declares (aggregates).
+    layout: Option<String>,
     /// Whether a failing batch is retried event by event (off only inside
     /// [`Stage::process_batch_strict`] and [`Stage::flush_strict`]).
     isolate: bool,
@@ -163,13 +178,29 @@ impl Stage {
             }
             (_, None) => None,
         };
+        let mut instance = plugin.instantiate(config)?;
+        let layout = match windows {
+            Some(_) => Some(instance.state_layout()?),
+            None => None,
+        };
+        let windows = windows.map(|mut state| {
+            state.set_layout(layout.clone());
+            state
+        });
         Ok(Stage {
-            instance: plugin.instantiate(config)?,
+            instance,
             windows,
+            layout,
             isolate: true,
             builder: BatchBuilder::new(),
             scratch: BatchBuilder::new(),
         })
+    }
+
+    /// The layout id of the accumulators an aggregate stage's plugin writes; `None` for other
+    /// kinds.
+    pub fn layout(&self) -> Option<&str> {
+        self.layout.as_deref()
     }
 
     /// The stage's name.
@@ -219,9 +250,13 @@ impl Stage {
     }
 
     /// Puts window state back (taken with [`Stage::take_window_state`] from this stage or from
-    /// another version of it, whose window config is the same); ignored for other kinds.
-    pub(crate) fn set_window_state(&mut self, state: WindowState) {
+    /// another version of it with the same window config and, unless no window is open, the
+    /// same layout); ignored for other kinds. An empty state takes this stage's layout.
+    pub(crate) fn set_window_state(&mut self, mut state: WindowState) {
         if let Some(windows) = self.windows.as_mut() {
+            if state.open_windows() == 0 {
+                state.set_layout(self.layout.clone());
+            }
             *windows = state;
         }
     }
@@ -260,6 +295,16 @@ impl Stage {
     /// on `Err` the stage is as it was before the call (see the module docs). The output
     /// batch is verified or built by the host, so it can be handed to the next stage as is.
     pub fn process_batch(&mut self, input: &Batch<'_>) -> Result<StageOutput, PluginError> {
+        self.process_batch_in(input, Scope::All)
+    }
+
+    /// Like [`Stage::process_batch`], folding an aggregate's events only into the windows of
+    /// `scope` (see [`Scope`]).
+    pub fn process_batch_in(
+        &mut self,
+        input: &Batch<'_>,
+        scope: Scope<'_>,
+    ) -> Result<StageOutput, PluginError> {
         let batch = input.bytes();
         if input.is_empty() {
             return Ok(StageOutput::new(self.builder.finish()));
@@ -267,7 +312,7 @@ impl Stage {
         let result = match self.plugin().kind() {
             PluginKind::Filter => self.process_filter(batch, input),
             PluginKind::Enrich => self.process_enrich(batch, input),
-            PluginKind::Aggregate => self.process_aggregate(batch, input),
+            PluginKind::Aggregate => self.process_aggregate(batch, input, scope),
         };
         if result.is_err() {
             self.discard();
@@ -386,12 +431,13 @@ impl Stage {
         &mut self,
         batch: &[u8],
         input: &Batch<'_>,
+        scope: Scope<'_>,
     ) -> Result<StageOutput, PluginError> {
         let Some(mut state) = self.windows.take() else {
             return Ok(StageOutput::new(self.builder.finish()));
         };
         let mut journal = state.journal();
-        let result = self.aggregate(&mut state, &mut journal, batch, input);
+        let result = self.aggregate(&mut state, &mut journal, batch, input, scope);
         if result.is_err() {
             state.rollback(journal);
         }
@@ -405,13 +451,29 @@ impl Stage {
         journal: &mut Journal,
         batch: &[u8],
         input: &Batch<'_>,
+        scope: Scope<'_>,
     ) -> Result<StageOutput, PluginError> {
         let mut output = StageOutput::new(Vec::new());
+        let plan = |state: &WindowState, events: &mut dyn Iterator<Item = (Option<&[u8]>, i64)>| {
+            let mut plan = match scope {
+                Scope::All => state.plan(events),
+                Scope::Opened => state.plan_some(events, |w| state.contains(w)),
+                Scope::Except(other) => state.plan_some(events, |w| !other.contains(w)),
+            };
+            // A version finishing the windows it opened leaves late events to the other.
+            if matches!(scope, Scope::Opened) {
+                plan.late.clear();
+            }
+            plan
+        };
         let Plan {
             groups,
             late,
             max_event_ms,
-        } = state.plan(input.iter().map(|e| (e.key(), e.timestamp_ms())));
+        } = plan(
+            state,
+            &mut input.iter().map(|e| (e.key(), e.timestamp_ms())),
+        );
         match self.fold(state, journal, batch, input.len(), groups, max_event_ms) {
             Ok(()) => {
                 for i in late {
@@ -422,7 +484,10 @@ impl Stage {
             }
             Err(e) if e.is_event_failure() && self.isolate => {
                 for (i, event) in input.iter().enumerate() {
-                    let plan = state.plan([(event.key(), event.timestamp_ms())]);
+                    let plan = plan(
+                        state,
+                        &mut std::iter::once((event.key(), event.timestamp_ms())),
+                    );
                     if !plan.late.is_empty() {
                         output.late.push(self.late(&event, i));
                         continue;
@@ -460,7 +525,9 @@ impl Stage {
         max_event_ms: Option<i64>,
     ) -> Result<(), PluginError> {
         if planned.is_empty() {
-            // Every event was late: nothing to fold, and late events do not move event time.
+            // Nothing to fold here. Event time moves as far as events with an open window went
+            // (none, when every event was late; the journal notes where it was).
+            state.observe(max_event_ms);
             return Ok(());
         }
         let groups: Vec<Group> = planned

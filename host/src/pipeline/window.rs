@@ -47,9 +47,11 @@
 //! # State
 //!
 //! [`WindowState`] holds the accumulator bytes per (key, window) and the maximum event time
-//! seen. [`WindowState::to_bytes`] / [`WindowState::from_bytes`] (postcard, with a format
-//! number first) carry it across a hot swap or a restart; each stored window keeps its own
-//! start and end, so state stays meaningful if the window config changes in between.
+//! seen, and the layout id of those accumulators (declared by the plugin version that wrote
+//! them: a version never reads accumulators of another layout). [`WindowState::to_bytes`] /
+//! [`WindowState::from_bytes`] (postcard, with a format number first) carry it across a hot
+//! swap or a restart; each stored window keeps its own start and end, so state stays
+//! meaningful if the window config changes in between.
 //!
 //! A stage changes the state in steps it may have to undo (a batch is all or nothing, see
 //! `stage.rs`): [`Journal`] records what each step replaced, and [`WindowState::rollback`]
@@ -449,6 +451,9 @@ pub struct WindowState {
     config: WindowConfig,
     max_event_ms: Option<i64>,
     accs: BTreeMap<Slot, Vec<u8>>,
+    /// The layout id of every accumulator here (the plugin version that wrote them declares
+    /// it); `None` until a stage sets it.
+    layout: Option<String>,
 }
 
 /// What changed in a [`WindowState`] since [`WindowState::journal`], for
@@ -475,6 +480,8 @@ impl Journal {
 struct Stored {
     format: u32,
     max_event_ms: Option<i64>,
+    /// The layout id the accumulators were written under.
+    layout: Option<String>,
     windows: Vec<StoredWindow>,
 }
 
@@ -486,8 +493,8 @@ struct StoredWindow {
     acc: Vec<u8>,
 }
 
-/// The state layout this build writes and reads.
-const STATE_FORMAT: u32 = 1;
+/// The state layout this build writes and reads (2: with the accumulators' layout id).
+const STATE_FORMAT: u32 = 2;
 
 impl WindowState {
     /// Empty state: no window open, no event seen.
@@ -496,7 +503,35 @@ impl WindowState {
             config,
             max_event_ms: None,
             accs: BTreeMap::new(),
+            layout: None,
         }
+    }
+
+    /// No window open, event time where `other`'s is, accumulators of layout `layout`: where
+    /// a version with another layout starts while `other`'s version finishes its windows.
+    pub fn continuing(other: &WindowState, layout: Option<String>) -> Self {
+        WindowState {
+            config: other.config,
+            max_event_ms: other.max_event_ms,
+            accs: BTreeMap::new(),
+            layout,
+        }
+    }
+
+    /// The layout id of the accumulators.
+    pub fn layout(&self) -> Option<&str> {
+        self.layout.as_deref()
+    }
+
+    /// Sets the layout id of the accumulators (a stage does, from its plugin).
+    pub fn set_layout(&mut self, layout: Option<String>) {
+        self.layout = layout;
+    }
+
+    /// Whether `window` is open here (has an accumulator).
+    pub fn contains(&self, window: &WindowId) -> bool {
+        self.accs
+            .contains_key(&(window.end_ms, window.start_ms, window.key.clone()))
     }
 
     /// The window config.
@@ -529,6 +564,17 @@ impl WindowState {
     /// Assigns the events of a batch, given as `(key, event time)` in batch order, to windows,
     /// applying the watermark rule event by event. Does not change the state.
     pub fn plan<'a>(&self, events: impl IntoIterator<Item = (Option<&'a [u8]>, i64)>) -> Plan {
+        self.plan_some(events, |_| true)
+    }
+
+    /// Like [`WindowState::plan`], but assigns events only to the windows `accept` takes. An
+    /// event is late only when every window it belongs to has finished, whether accepted or
+    /// not, and it moves event time if any of them is open.
+    pub fn plan_some<'a>(
+        &self,
+        events: impl IntoIterator<Item = (Option<&'a [u8]>, i64)>,
+        accept: impl Fn(&WindowId) -> bool,
+    ) -> Plan {
         let mut plan = Plan {
             max_event_ms: self.max_event_ms,
             ..Plan::default()
@@ -546,15 +592,24 @@ impl WindowState {
                 }
                 open = true;
                 match index.entry((key, start_ms, end_ms)) {
-                    Entry::Occupied(group) => plan.groups[*group.get()].1.push(i32),
+                    Entry::Occupied(group) => {
+                        if let Some(group) = plan.groups.get_mut(*group.get()) {
+                            group.1.push(i32);
+                        }
+                    }
                     Entry::Vacant(slot) => {
-                        slot.insert(plan.groups.len());
                         let id = WindowId {
                             key: key.map(<[u8]>::to_vec),
                             start_ms,
                             end_ms,
                         };
-                        plan.groups.push((id, vec![i32]));
+                        if accept(&id) {
+                            slot.insert(plan.groups.len());
+                            plan.groups.push((id, vec![i32]));
+                        } else {
+                            // Not taken: later events of this window are skipped likewise.
+                            slot.insert(usize::MAX);
+                        }
                     }
                 }
             }
@@ -678,6 +733,7 @@ impl WindowState {
         let stored = Stored {
             format: STATE_FORMAT,
             max_event_ms: self.max_event_ms,
+            layout: self.layout.clone(),
             windows: self
                 .accs
                 .iter()
@@ -711,6 +767,7 @@ impl WindowState {
         }
         let mut state = WindowState::new(config);
         state.max_event_ms = stored.max_event_ms;
+        state.layout = stored.layout;
         for w in stored.windows {
             if w.end_ms <= w.start_ms {
                 return Err(WindowError::State(format!(
@@ -1134,12 +1191,14 @@ mod tests {
     fn state_round_trips_through_bytes() {
         let config = tumbling(60_000, 5_000);
         let mut state = WindowState::new(config);
+        state.set_layout(Some("count/1".into()));
         let list = [(Some("a"), 1_000), (None, 61_000), (Some("a"), 62_000)];
         let plan = state.plan(events(&list));
         state.commit(&plan, vec![b"x".to_vec(), b"yy".to_vec(), vec![]]);
         let bytes = state.to_bytes();
         let back = WindowState::from_bytes(config, &bytes).expect("decodes");
         assert_eq!(back, state);
+        assert_eq!(back.layout(), Some("count/1"));
         assert_eq!(back.watermark(), Some(57_000));
         // Empty state too.
         let empty = WindowState::new(config);
@@ -1161,7 +1220,7 @@ mod tests {
         assert_eq!(
             WindowState::from_bytes(config, &bytes).map_err(|e| e.to_string()),
             Err(
-                "bad window state: format 9 is not known to this build (it reads format 1)"
+                "bad window state: format 9 is not known to this build (it reads format 2)"
                     .to_owned()
             )
         );

@@ -28,7 +28,7 @@
 //!   and the worker waits up to [`WorkerConfig::stop_wait`] (from when stopping began) for the
 //!   sinks to accept what it offered; rounds not accepted by then are rejected.
 
-use super::chain::{Chain, ChainError, ChainOutput, SwapRefused, Verdict};
+use super::chain::{Chain, ChainError, ChainOutput, StateChange, SwapRefused, Verdict};
 use super::fanout::Fanout;
 use super::input::{Completion, Input, PipelineInput};
 use super::stage::{DeadLetter, LateEvent, Stage};
@@ -90,6 +90,8 @@ pub struct Swap {
     /// Batches it must take without failing before the previous version is dropped (0: no
     /// probation; see `chain.rs`).
     pub probation: u64,
+    /// What to do when an aggregate's new version writes another state layout.
+    pub on_change: StateChange,
     /// Told once the swap is done, or why it was refused (with the replacement back).
     pub done: oneshot::Sender<Result<Swapped, Box<SwapRefused>>>,
     /// Told how the probation ended; dropped unanswered if the pipeline stops first.
@@ -100,6 +102,11 @@ pub struct Swap {
 pub struct Swapped {
     /// The version taken out (no probation), for the caller to drop off the worker.
     pub previous: Option<Stage>,
+    /// Whether the new version is on probation (its verdict will come).
+    pub on_probation: bool,
+    /// Windows the previous version goes on finishing, because the new one writes another
+    /// state layout (0: none).
+    pub draining: usize,
     /// How long batches waited because of the swap: from the end of the last batch the old
     /// version took to the moment the worker could take the next (when one was waiting), or
     /// the swap itself (when none was).
@@ -422,27 +429,35 @@ impl Worker {
             stage,
             replacement,
             probation,
+            on_change,
             done,
             verdict,
         } = swap;
         let started = Instant::now();
         let waiting = !self.input.is_empty();
-        let result = self.chain.swap(stage, replacement, probation);
+        let result = self.chain.swap(stage, replacement, probation, on_change);
         let from = match (waiting, self.last_batch_end) {
             (true, Some(end)) => end.min(started),
             _ => started,
         };
         let pause = from.elapsed();
+        let on_probation = self.chain.probation(stage).is_some();
+        let draining = self.chain.draining(stage);
         if result.is_ok() {
             if let Some(metrics) = self.stage_metrics.get(stage) {
                 metrics.swaps.inc();
                 metrics.swap_pause.observe(pause.as_secs_f64());
             }
-            if let (Some(verdict), true) = (verdict, probation > 0) {
+            if let (Some(verdict), true) = (verdict, on_probation) {
                 self.verdicts.insert(stage, verdict);
             }
         }
-        let _ = done.send(result.map(|previous| Swapped { previous, pause }));
+        let _ = done.send(result.map(|previous| Swapped {
+            previous,
+            on_probation,
+            draining,
+            pause,
+        }));
     }
 
     fn process(&mut self, input: Input, round: &mut Round) {
@@ -607,7 +622,9 @@ impl Worker {
     /// A probation ended: count it, log it, tell whoever deployed the version.
     fn verdict(&mut self, verdict: Verdict) {
         let stage = match &verdict {
-            Verdict::Passed { stage, .. } | Verdict::RolledBack { stage, .. } => *stage,
+            Verdict::Passed { stage, .. }
+            | Verdict::RolledBack { stage, .. }
+            | Verdict::Drained { stage, .. } => *stage,
         };
         let name = self
             .chain
@@ -620,6 +637,10 @@ impl Worker {
                 version, batches, ..
             } => tracing::info!(
                 "pipeline `{}`, stage `{name}`: version {version} passed its probation ({batches} batches)",
+                self.name
+            ),
+            Verdict::Drained { version, .. } => tracing::info!(
+                "pipeline `{}`, stage `{name}`: version {version} finished the last window it opened before the state layout changed, and is dropped",
                 self.name
             ),
             Verdict::RolledBack {

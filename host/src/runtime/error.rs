@@ -57,8 +57,8 @@ pub enum PluginError {
     #[error(
         "plugin {who}: implements no weir world: expected the exports of world \
          `weir:plugin/filter@0.1.0` (`init`, `filter`), `weir:plugin/enrich@0.1.0` \
-         (`init`, `enrich`) or `weir:plugin/aggregate@0.1.0` (`init`, `fold`, `finish`); \
-         it exports {exports}"
+         (`init`, `enrich`) or `weir:plugin/aggregate@0.1.0` (`init`, `fold`, `finish`, \
+         `state-layout`); it exports {exports}"
     )]
     NoWorld {
         /// The plugin and where it came from.
@@ -335,7 +335,7 @@ impl PluginKind {
         match self {
             PluginKind::Filter => &["init", "filter"],
             PluginKind::Enrich => &["init", "enrich"],
-            PluginKind::Aggregate => &["init", "fold", "finish"],
+            PluginKind::Aggregate => &["init", "fold", "finish", "state-layout"],
         }
     }
 }

@@ -334,6 +334,25 @@ impl Instance {
         Ok(out)
     }
 
+    /// The layout id of the accumulators an aggregate writes (its `state-layout` export). A
+    /// layout id must be 1 to 256 bytes of printable text.
+    pub fn state_layout(&mut self) -> Result<String, PluginError> {
+        let layout = self.call("state-layout", |exports, store| match exports {
+            Exports::Aggregate(f) => Ok(f.call_state_layout(store).map(Ok)),
+            _ => Err("state-layout"),
+        })?;
+        if layout.is_empty() || layout.len() > 256 || layout.chars().any(char::is_control) {
+            return Err(self.bad_output(
+                "state-layout",
+                format!(
+                    "`{}` is not a layout id (1 to 256 printable bytes)",
+                    layout.escape_debug()
+                ),
+            ));
+        }
+        Ok(layout)
+    }
+
     /// Verifies an input batch and counts its events.
     pub(crate) fn count(&self, batch: &[u8]) -> Result<usize, PluginError> {
         Batch::verify(batch)

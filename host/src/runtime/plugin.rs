@@ -286,7 +286,7 @@ mod tests {
                 "plugin `x`: implements no weir world: expected the exports of world \
                  `weir:plugin/filter@0.1.0` (`init`, `filter`), `weir:plugin/enrich@0.1.0` \
                  (`init`, `enrich`) or `weir:plugin/aggregate@0.1.0` (`init`, `fold`, \
-                 `finish`); it exports `run`"
+                 `finish`, `state-layout`); it exports `run`"
                     .to_owned()
             )
         );

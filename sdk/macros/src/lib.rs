@@ -225,6 +225,12 @@ fn expand_aggregate(attr: TokenStream2, item: ItemImpl) -> syn::Result<TokenStre
         ) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
             ::weir_sdk::__private::finish::<#acc>(&__WEIR_CONFIG, windows)
         }
+
+        #[doc(hidden)]
+        #[allow(dead_code)]
+        fn __weir_state_layout() -> ::std::string::String {
+            <#acc as ::weir_sdk::Aggregate>::state_layout()
+        }
     };
     let export = quote! {
         fn fold(
@@ -242,6 +248,10 @@ fn expand_aggregate(attr: TokenStream2, item: ItemImpl) -> syn::Result<TokenStre
             super::__weir_finish(windows.into_iter().map(|w| {
                 (::weir_sdk::Window::new(w.key, w.start_ms, w.end_ms), w.acc)
             }))
+        }
+
+        fn state_layout() -> ::std::string::String {
+            super::__weir_state_layout()
         }
     };
     let component = component("aggregate", export);

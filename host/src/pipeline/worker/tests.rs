@@ -386,6 +386,7 @@ async fn swap(
             stage: 0,
             replacement,
             probation: batches,
+            on_change: StateChange::Refuse,
             done,
             verdict: Some(verdict),
         })
