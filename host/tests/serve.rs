@@ -1395,12 +1395,8 @@ fn weir_serve_prints_its_setup_and_stops_on_sigterm() {
             ),
             "pipeline `clicks`:".into(),
             format!(
-                "  stage 1: drop-bots (filter example:drop-bots {})",
-                lines[4]
-                    .rsplit(' ')
-                    .next()
-                    .unwrap_or_default()
-                    .trim_end_matches(')')
+                "  stage 1: drop-bots (filter example:drop-bots {}, compiled)",
+                weir::runtime::Digest::of(weir::examples::DROP_BOTS).short()
             ),
             format!(
                 "  sink: clicks: file {} (fsync on ack), when_full = block",

@@ -340,24 +340,26 @@ impl PipelineBuilder<'_> {
             }
             let stage = Stage::new(&plugin, stage_config.clone(), spec.window)
                 .with_context(|| format!("pipeline `{name}`, stage `{}`", spec.name))?;
-            stage_names.push(if deployed {
+            let origin = if deployed {
                 format!(
-                    "{} ({} {} {}, deployed; the config names {})",
-                    spec.name,
-                    plugin.kind(),
+                    "`{}`, deployed; the config names {}",
                     plugin.name(),
-                    plugin.version(),
                     spec.plugin
                 )
             } else {
-                format!(
-                    "{} ({} {} {})",
-                    spec.name,
-                    plugin.kind(),
-                    spec.plugin,
-                    plugin.version()
-                )
-            });
+                spec.plugin.to_string()
+            };
+            let compiled = if plugin.from_cache() {
+                "from the compile cache"
+            } else {
+                "compiled"
+            };
+            stage_names.push(format!(
+                "{} ({} {origin} {}, {compiled})",
+                spec.name,
+                plugin.kind(),
+                plugin.version()
+            ));
             targets.push(StageTarget {
                 name: spec.name.clone(),
                 kind: plugin.kind(),
