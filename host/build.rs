@@ -5,7 +5,13 @@
 include!("../plugins/build_support.rs");
 
 /// The example plugins every `weir` binary carries.
-const EXAMPLES: &[&str] = &["drop_bots", "geo_enrich", "count_sum", "identity"];
+const EXAMPLES: &[&str] = &[
+    "drop_bots",
+    "geo_enrich",
+    "count_sum",
+    "identity",
+    "geo_enrich_v2",
+];
 
 fn main() {
     let built = build_plugins(ALL_PLUGINS);

@@ -13,6 +13,7 @@ const PLUGIN_TARGET: &str = "wasm32-wasip2";
 const ALL_PLUGINS: &[&str] = &[
     "drop-bots",
     "geo-enrich",
+    "geo-enrich-v2",
     "count-sum",
     "panic-on-mark",
     "loop-forever",

@@ -1307,7 +1307,7 @@ path = "out.jsonl"
     fn errors_name_the_file_line_and_problem() {
         assert_eq!(
             error(&MINIMAL.replace("drop-bots", "nope")),
-            "conf/weir.toml:10:10: pipeline `clicks`: unknown plugin `example:nope` (examples: `drop-bots`, `geo-enrich`, `count-sum`, `identity`)"
+            "conf/weir.toml:10:10: pipeline `clicks`: unknown plugin `example:nope` (examples: `drop-bots`, `geo-enrich`, `count-sum`, `identity`, `geo-enrich-v2`)"
         );
         assert_eq!(
             error(&MINIMAL.replace("sinks = [\"out\"]", "sinks = [\"oops\"]")),

@@ -498,6 +498,42 @@ fn demo_runs_the_embedded_examples() {
     }
     assert!(out.contains("\n  receiver: 4000 events "), "{out}");
 
+    // Halfway, geo-enrich's next version was deployed: it passed its probation, and the
+    // archive's events split between the two versions, each event once.
+    let v1 = weir::runtime::Digest::of(weir::examples::GEO_ENRICH).short();
+    let v2 = weir::runtime::Digest::of(weir::examples::GEO_ENRICH_V2).short();
+    let deployed =
+        format!("hot load: geo-enrich {v2} deployed to clicks/geo-enrich halfway (was {v1}): ");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&deployed))
+        .unwrap_or_else(|| panic!("no deploy line in {out}"));
+    assert!(
+        line.ends_with("it passed its probation (3 batches) and serves"),
+        "{line}"
+    );
+    let mut by_version = std::collections::BTreeMap::<String, usize>::new();
+    for event in lines("clicks.jsonl") {
+        let versions = event["headers"]["weir-versions"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        *by_version.entry(versions).or_default() += 1;
+    }
+    let bots = weir::runtime::Digest::of(weir::examples::DROP_BOTS).short();
+    let tag = |geo: &str| format!("drop-bots={bots},geo-enrich={geo}");
+    assert_eq!(
+        by_version,
+        std::collections::BTreeMap::from([(tag(&v1), 4500), (tag(&v2), 4500)])
+    );
+    let mut split = [v1.clone(), v2.clone()];
+    split.sort();
+    let counted = format!(
+        "(header weir-versions): {} 4500, {} 4500 (9000 in all)",
+        split[0], split[1]
+    );
+    assert!(out.contains(&counted), "{out}");
+
     // The config it wrote is one `weir serve` runs.
     let config_path = demo
         .canonicalize()

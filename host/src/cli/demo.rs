@@ -12,23 +12,31 @@
 //! - `totals`: drop-bots → count-sum over tumbling one-minute windows of event time, to
 //!   `console` (stdout): each window's result is printed as the window closes.
 //!
+//! Halfway through, it deploys geo-enrich's next version into `clicks/geo-enrich` through the
+//! router's admin endpoint, as `weir deploy` does (`hotload.rs`); `clicks` tags every event
+//! with the versions that made it, so the archive shows the split.
+//!
 //! While it streams, stderr shows per-stage and per-sink counts (`live.rs`). Then the router
 //! stops gracefully (windows still open are flushed, sinks drained) and the summary gives the
-//! final counts (`counts.rs`), the throughput and where the files are (`setup.rs`).
+//! final counts (`counts.rs`), the throughput, the deploy and where the files are (`setup.rs`).
 
 mod counts;
+mod hotload;
 mod live;
 mod setup;
 
 use anyhow::{Context, Result, bail};
 use counts::Table;
+use hotload::Midway;
 use setup::{Files, PIPELINES};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use weir::admin::DeployReport;
 use weir::config::Config;
 use weir::receiver::{Receiver, ReceiverOptions};
+use weir::runtime::Digest;
 use weir::server::{Server, ShutdownReport};
 use weir::workload::{BOT_EVERY, WorkloadSpec};
 use weir_client::{ConnectOptions, Producer, Trust};
@@ -58,6 +66,17 @@ struct Streamed {
     acked: u64,
     /// From the first send to the last ack.
     elapsed: Duration,
+    /// The deploy made halfway, or why it failed.
+    deployed: Result<DeployReport, String>,
+}
+
+/// A token for the demo router's admin endpoint, new on every run.
+fn admin_token() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let seed = format!("{}-{nanos}", std::process::id());
+    Digest::of(seed.as_bytes()).hex()[..32].to_owned()
 }
 
 /// Runs the command.
@@ -68,6 +87,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     let files = Files::new(args.dir.as_deref())?;
     files.clear()?;
+    files.write_components()?;
     let receiver = runtime.block_on(Receiver::start(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         ReceiverOptions {
@@ -75,7 +95,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             ..ReceiverOptions::default()
         },
     ))?;
-    let text = setup::config_text(&files, &receiver.url());
+    let token = admin_token();
+    let text = setup::config_text(&files, &receiver.url(), &token);
     std::fs::write(&files.config, &text)
         .with_context(|| format!("cannot write {}", files.config.display()))?;
     let config = Config::parse(&text, &files.config)?;
@@ -86,15 +107,26 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         keys: USERS,
         ..WorkloadSpec::default()
     };
-    print(&banner(&server, &config, &files, &spec)?)?;
+    let admin = server
+        .admin_addr()
+        .context("the demo's config has an admin endpoint")?;
+    let midway = Midway::new(admin, &token, &files)?;
+    print(&banner(&server, &config, &files, &spec, &midway)?)?;
 
     // Connected and closed outside the live view, so that the router's log lines about it
     // do not land inside the view.
     let producer = runtime.block_on(connect(&server))?;
     let expected = spec.events * PIPELINES.len() as u64;
     let streamed = live::show_while(&server, &table, expected, || {
-        runtime.block_on(stream(&producer, &spec))
+        runtime.block_on(stream(&producer, &spec, &midway))
     });
+    let deployed = match &streamed {
+        Ok(s) => match &s.deployed {
+            Ok(report) => Ok(runtime.block_on(midway.verdict(report.clone()))),
+            Err(e) => Err(e.clone()),
+        },
+        Err(e) => Err(format!("{e:#}")),
+    };
     let closed = runtime.block_on(producer.close());
     // The router stops gracefully even when streaming failed.
     let report = runtime.block_on(server.shutdown())?;
@@ -105,6 +137,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     print(&summary(
         &report, &table, &streamed, received, &files, &spec,
     )?)?;
+    print(&hotload::summary(&deployed, &files)?)?;
     if !report.problems.is_empty() {
         bail!(
             "the router stopped with problems: {}",
@@ -125,14 +158,21 @@ async fn connect(server: &Server) -> Result<Producer> {
     Ok(Producer::connect(options).await?)
 }
 
-/// Sends every event of `spec` to each pipeline; returns once all are acked.
-async fn stream(producer: &Producer, spec: &WorkloadSpec) -> Result<Streamed> {
+/// Sends every event of `spec` to each pipeline, deploying geo-enrich's next version
+/// halfway; returns once all are acked.
+async fn stream(producer: &Producer, spec: &WorkloadSpec, midway: &Midway) -> Result<Streamed> {
     let pipelines = PIPELINES
         .iter()
         .map(|p| producer.pipeline_index(p))
         .collect::<Result<Vec<u16>, _>>()?;
     let started = Instant::now();
+    let mut deployed = Err("the stream ended before halfway".to_owned());
     for i in 0..spec.events {
+        if i == spec.events / 2 {
+            // The first half acked (so processed by the version serving), then the deploy.
+            producer.flush().await?;
+            deployed = midway.deploy().await.map_err(|e| format!("{e:#}"));
+        }
         let event = spec.event(i);
         for &pipeline in &pipelines {
             producer.send_to(pipeline, &event).await?;
@@ -142,11 +182,18 @@ async fn stream(producer: &Producer, spec: &WorkloadSpec) -> Result<Streamed> {
     Ok(Streamed {
         acked: producer.stats().events_acked,
         elapsed: started.elapsed(),
+        deployed,
     })
 }
 
 /// What runs where, printed before the events stream.
-fn banner(server: &Server, config: &Config, files: &Files, spec: &WorkloadSpec) -> Result<String> {
+fn banner(
+    server: &Server,
+    config: &Config,
+    files: &Files,
+    spec: &WorkloadSpec,
+    midway: &Midway,
+) -> Result<String> {
     let mut text = String::new();
     writeln!(
         text,
@@ -178,6 +225,7 @@ fn banner(server: &Server, config: &Config, files: &Files, spec: &WorkloadSpec) 
             "metrics: http://{metrics}/metrics (Prometheus, while the demo runs)"
         )?;
     }
+    text.push_str(&midway.banner());
     writeln!(
         text,
         "\nwindow results of `totals` (count and sum of `amount` per user), as each minute of \

@@ -24,6 +24,10 @@ pub(super) struct Files {
     pub received: PathBuf,
     /// Where the router writes the pipelines' dead letters (`PIPELINE.jsonl`).
     pub dead_letters: PathBuf,
+    /// geo-enrich as the config runs it, for `weir deploy` (and to roll back to).
+    pub geo_v1: PathBuf,
+    /// geo-enrich's next version, which the demo deploys halfway.
+    pub geo_v2: PathBuf,
 }
 
 impl Files {
@@ -40,13 +44,32 @@ impl Files {
             archive: dir.join(ARCHIVE_FILE),
             received: dir.join("eu-received.jsonl"),
             dead_letters: dir.join("dead-letters"),
+            geo_v1: dir.join("components/geo_enrich.wasm"),
+            geo_v2: dir.join("components/geo_enrich_v2.wasm"),
             dir,
         })
     }
 
+    /// Writes geo-enrich and its next version (embedded in weir) as component files.
+    pub fn write_components(&self) -> Result<()> {
+        for (path, bytes) in [
+            (&self.geo_v1, weir::examples::GEO_ENRICH),
+            (&self.geo_v2, weir::examples::GEO_ENRICH_V2),
+        ] {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            std::fs::write(path, bytes)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(())
+    }
+
     /// Creates the directory and removes what an earlier demo wrote there (its config, outputs,
-    /// dead letters and the router's disk buffers), so that the counts start from zero.
-    /// Nothing else in the directory is touched; the generated certificate is kept.
+    /// dead letters, the router's disk buffers and its record of deployed plugin versions), so
+    /// that the counts start from zero and the config's plugins serve. Nothing else in the
+    /// directory is touched; the generated certificate and the compile cache are kept.
     pub fn clear(&self) -> Result<()> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("cannot create {}", self.dir.display()))?;
@@ -64,10 +87,18 @@ impl Files {
                 _ => {}
             }
         }
-        let spill = self.dir.join("spill");
-        match std::fs::remove_dir_all(&spill) {
+        for dir in [self.dir.join("spill"), self.dir.join("plugins/blobs")] {
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("cannot remove {}", dir.display()));
+                }
+                _ => {}
+            }
+        }
+        let record = self.dir.join("plugins/stages.json");
+        match std::fs::remove_file(&record) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("cannot remove {}", spill.display()))
+                Err(e).with_context(|| format!("cannot remove {}", record.display()))
             }
             _ => Ok(()),
         }
@@ -76,7 +107,7 @@ impl Files {
 
 /// The config text: both pipelines, sink `eu` posting to `receiver_url`. Paths are relative
 /// to the file's directory, which is the router's data directory.
-pub(super) fn config_text(files: &Files, receiver_url: &str) -> String {
+pub(super) fn config_text(files: &Files, receiver_url: &str, admin_token: &str) -> String {
     format!(
         r#"# Written by `weir demo`. Run the same router with:
 #   weir serve --config {config}
@@ -96,10 +127,18 @@ anonymous = true
 # Prometheus scrapes http://ADDRESS/metrics.
 listen = "127.0.0.1:0"
 
+[admin]
+# `weir deploy`, `weir plugins` and `weir rollback` talk to the router here (port 0: any free
+# port, printed at start), with this token (a local demo: in production, use `token_env`).
+listen = "127.0.0.1:0"
+token = "{admin_token}"
+
 # Pipeline `clicks`: drop bot traffic, add a country header and a route tag (the code in
 # lower case), then fan out: every event to `archive`, French and German ones also to `eu`.
 [pipelines.clicks]
 sinks = ["archive", {{ sink = "eu", route = ["fr", "de"] }}]
+# Every output event names the plugin version of each stage that made it.
+version_header = "weir-versions"
 
 [[pipelines.clicks.stages]]
 plugin = "example:drop-bots"
