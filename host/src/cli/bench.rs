@@ -9,7 +9,8 @@
 //! events/s and ns/event come from the total time, p50/p99 from the per-batch times.
 //!
 //! `weir bench --e2e` measures ingest over QUIC instead: see `ingest_bench.rs`; `weir bench
-//! --fanout` measures fanning out to 1, 2 and 4 sinks: see `fanout_bench.rs`.
+//! --fanout` measures fanning out to 1, 2 and 4 sinks: see `fanout_bench.rs`; `weir bench
+//! --deploy` measures hot load: see `deploy_bench.rs`.
 
 use super::StageArgs;
 use super::fanout_bench::KindChoice;
@@ -27,7 +28,7 @@ use weir_format::Batch;
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// The plugin component (.wasm).
-    #[arg(required_unless_present_any = ["e2e", "fanout"])]
+    #[arg(required_unless_present_any = ["e2e", "fanout", "deploy"])]
     plugin: Option<PathBuf>,
     /// Instead of a plugin: ingest over QUIC on loopback, weir (identity plugin, null sink)
     /// against raw quinn sending the same bytes, then weir's ack latency at half its rate.
@@ -37,6 +38,14 @@ pub struct BenchArgs {
     /// and 4 sinks of `--kind`, each taking every event; events/s and time as a ratio to 1 sink.
     #[arg(long, conflicts_with_all = ["plugin", "e2e"])]
     fanout: bool,
+    /// Instead of a plugin: hot load on loopback routers: start time compiling and from the
+    /// compile cache, deploy-to-serving time of the example plugins, throughput with and
+    /// without a deploy every second, and the pause each swap causes under load.
+    #[arg(long, conflicts_with_all = ["plugin", "e2e", "fanout"])]
+    deploy: bool,
+    /// With --deploy: seconds each throughput round lasts.
+    #[arg(long, default_value_t = 10, requires = "deploy")]
+    seconds: u64,
     /// With --fanout: the sinks' kind.
     #[arg(long, value_enum, default_value_t = KindChoice::Null, requires = "fanout")]
     kind: KindChoice,
@@ -115,6 +124,14 @@ pub fn demo_table() -> HashMap<String, String> {
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.batch == 0 || args.events == 0 {
         bail!("--events and --batch must be at least 1");
+    }
+    if args.deploy {
+        return super::deploy_bench::run(&super::deploy_bench::DeployBenchArgs {
+            seconds: args.seconds,
+            rounds: super::ingest_bench::ROUNDS,
+            size: args.size,
+            batch: args.batch,
+        });
     }
     if args.fanout {
         return super::fanout_bench::run(&super::fanout_bench::FanoutArgs {

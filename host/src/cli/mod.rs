@@ -5,6 +5,7 @@ mod bench;
 mod build;
 mod demo;
 mod deploy;
+mod deploy_bench;
 mod fanout_bench;
 mod ingest_bench;
 mod new;
