@@ -543,6 +543,35 @@ fn check_file_name(
     Ok(())
 }
 
+/// A token given inline (`token`) or by the name of an environment variable (`token_env`),
+/// exactly one; `who` names the table in errors.
+fn secret<T>(
+    source: &Source<'_>,
+    table: &Spanned<T>,
+    inline: &Option<String>,
+    env: &Option<Spanned<String>>,
+    who: &str,
+) -> Result<Vec<u8>, ConfigError> {
+    match (inline, env) {
+        (Some(token), None) => Ok(token.clone().into_bytes()),
+        (None, Some(var)) => std::env::var(var.get_ref())
+            .map(String::into_bytes)
+            .map_err(|_| {
+                source.at(
+                    var,
+                    format!(
+                        "{who}: environment variable `{}` is not set (or not UTF-8)",
+                        var.get_ref()
+                    ),
+                )
+            }),
+        _ => Err(source.at(
+            table,
+            format!("{who} needs exactly one of `token` and `token_env`"),
+        )),
+    }
+}
+
 fn admin(source: &Source<'_>, spanned: &Spanned<RawAdmin>) -> Result<AdminConfig, ConfigError> {
     let raw = spanned.get_ref();
     let listen = match &raw.listen {
@@ -560,26 +589,7 @@ fn admin(source: &Source<'_>, spanned: &Spanned<RawAdmin>) -> Result<AdminConfig
             )
         })?,
     };
-    let token = match (&raw.token, &raw.token_env) {
-        (Some(token), None) => token.clone().into_bytes(),
-        (None, Some(var)) => std::env::var(var.get_ref())
-            .map_err(|_| {
-                source.at(
-                    var,
-                    format!(
-                        "[admin]: environment variable `{}` is not set (or not UTF-8)",
-                        var.get_ref()
-                    ),
-                )
-            })?
-            .into_bytes(),
-        _ => {
-            return Err(source.at(
-                spanned,
-                "[admin] needs exactly one of `token` and `token_env`: every request must carry it",
-            ));
-        }
-    };
+    let token = secret(source, spanned, &raw.token, &raw.token_env, "[admin]")?;
     if token.is_empty() {
         return Err(source.at(spanned, "[admin]: the token is empty"));
     }
@@ -598,26 +608,13 @@ fn producers(
         if out.iter().any(|q| q.id == id) {
             return Err(source.at(&p.id, format!("producer `{id}` is configured twice")));
         }
-        let token = match (&p.token, &p.token_env) {
-            (Some(token), None) => token.clone().into_bytes(),
-            (None, Some(var)) => std::env::var(var.get_ref())
-                .map_err(|_| {
-                    source.at(
-                        var,
-                        format!(
-                            "producer `{id}`: environment variable `{}` is not set (or not UTF-8)",
-                            var.get_ref()
-                        ),
-                    )
-                })?
-                .into_bytes(),
-            _ => {
-                return Err(source.at(
-                    spanned,
-                    format!("producer `{id}` needs exactly one of `token` and `token_env`"),
-                ));
-            }
-        };
+        let token = secret(
+            source,
+            spanned,
+            &p.token,
+            &p.token_env,
+            &format!("producer `{id}`"),
+        )?;
         if token.is_empty() {
             return Err(source.at(spanned, format!("producer `{id}`: the token is empty")));
         }

@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod baseline;
 pub mod config;
+pub mod files;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;

@@ -193,14 +193,51 @@ async fn stream(producer: &Producer, stop: &AtomicBool, sent: &AtomicU64, min: u
     }
 }
 
-/// Waits until `sent` reaches `n`.
-async fn sent_at_least(sent: &AtomicU64, n: u64) {
-    within("batches sent", async {
-        while sent.load(Ordering::Acquire) < n {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+/// A producer streaming into one pipeline of the shared router in the background.
+struct Streaming {
+    producer: Arc<Producer>,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Streaming {
+    /// Connects as producer `pipeline` to `pipeline` and streams (see [`stream`]) at least
+    /// `min` batches; returns once 10 are sent.
+    async fn start(r: &Router, pipeline: &str, min: u64) -> Streaming {
+        let producer = Arc::new(connect(r.addr, &r.fingerprint, pipeline, pipeline).await);
+        let (stop, sent) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let task = {
+            let (producer, stop, sent) = (producer.clone(), stop.clone(), sent.clone());
+            tokio::spawn(async move { stream(&producer, &stop, &sent, min, 20_000).await })
+        };
+        within("batches sent", async {
+            while sent.load(Ordering::Acquire) < 10 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        Streaming {
+            producer,
+            stop,
+            sent,
+            task,
         }
-    })
-    .await;
+    }
+
+    /// Stops the stream once `min` batches are sent and waits for their acks; the producer and
+    /// the batches sent.
+    async fn finish(self) -> (Arc<Producer>, u64) {
+        self.stop.store(true, Ordering::Release);
+        within("the stream", self.task).await.expect("streamed");
+        within("every ack", self.producer.flush())
+            .await
+            .expect("acked");
+        (self.producer, self.sent.load(Ordering::Acquire))
+    }
 }
 
 fn request(pipeline: &str, path: &str, probation: u64) -> DeployRequest {
@@ -236,16 +273,7 @@ fn batch_of(event: &Event) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_deploys_under_load_lose_nothing_duplicate_nothing_and_never_split_a_batch() {
     let r = router();
-    let producer = Arc::new(connect(r.addr, &r.fingerprint, "tags", "tags").await);
-    let (stop, sent) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let streaming = {
-        let (producer, stop, sent) = (producer.clone(), stop.clone(), sent.clone());
-        tokio::spawn(async move { stream(&producer, &stop, &sent, 100, 20_000).await })
-    };
-    sent_at_least(&sent, 10).await;
+    let streaming = Streaming::start(r, "tags", 100).await;
     let admin = r.admin();
     let mut pauses = Vec::new();
     for i in 0..20 {
@@ -264,10 +292,7 @@ async fn twenty_deploys_under_load_lose_nothing_duplicate_nothing_and_never_spli
         );
         pauses.push(report.pause_us);
     }
-    stop.store(true, Ordering::Release);
-    within("the stream", streaming).await.expect("streamed");
-    within("every ack", producer.flush()).await.expect("acked");
-    let batches = sent.load(Ordering::Acquire);
+    let (producer, batches) = streaming.finish().await;
 
     let events = r.written("tags");
     assert_eq!(events.len() as u64, batches * BATCH, "every event once");
@@ -295,16 +320,7 @@ async fn twenty_deploys_under_load_lose_nothing_duplicate_nothing_and_never_spli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploys_under_load_keep_aggregate_windows_exactly() {
     let r = router();
-    let producer = Arc::new(connect(r.addr, &r.fingerprint, "counts", "counts").await);
-    let (stop, sent) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let streaming = {
-        let (producer, stop, sent) = (producer.clone(), stop.clone(), sent.clone());
-        tokio::spawn(async move { stream(&producer, &stop, &sent, 100, 20_000).await })
-    };
-    sent_at_least(&sent, 10).await;
+    let streaming = Streaming::start(r, "counts", 100).await;
     let admin = r.admin();
     for i in 0..20 {
         let plugin = if i % 2 == 0 {
@@ -317,9 +333,7 @@ async fn deploys_under_load_keep_aggregate_windows_exactly() {
             .unwrap_or_else(|e| panic!("deploy {i}: {e}"));
         assert_eq!(report.outcome, Outcome::Serving, "deploy {i}: {report:?}");
     }
-    stop.store(true, Ordering::Release);
-    within("the stream", streaming).await.expect("streamed");
-    let batches = sent.load(Ordering::Acquire);
+    let (producer, batches) = streaming.finish().await;
     // One event far ahead in event time closes every window of the stream.
     let mut closing = BatchBuilder::new();
     closing.push(&Event::new("1", (batches * BATCH) as i64 + 60_000).with_key("close"));
@@ -365,16 +379,7 @@ async fn deploys_under_load_keep_aggregate_windows_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_deploys_under_load_leave_the_old_version_serving_and_dead_letter_nothing() {
     let r = router();
-    let producer = Arc::new(connect(r.addr, &r.fingerprint, "guarded", "guarded").await);
-    let (stop, sent) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let streaming = {
-        let (producer, stop, sent) = (producer.clone(), stop.clone(), sent.clone());
-        tokio::spawn(async move { stream(&producer, &stop, &sent, 50, 20_000).await })
-    };
-    sent_at_least(&sent, 10).await;
+    let streaming = Streaming::start(r, "guarded", 50).await;
     let admin = r.admin();
     let refused = |e: AdminError| match e {
         AdminError::Refused { status, message } => (status, message),
@@ -451,10 +456,7 @@ async fn bad_deploys_under_load_leave_the_old_version_serving_and_dead_letter_no
         "{stderr}"
     );
 
-    stop.store(true, Ordering::Release);
-    within("the stream", streaming).await.expect("streamed");
-    within("every ack", producer.flush()).await.expect("acked");
-    let batches = sent.load(Ordering::Acquire);
+    let (producer, batches) = streaming.finish().await;
     let events = r.written("guarded");
     assert_eq!(events.len() as u64, batches * BATCH, "every event once");
     assert!(

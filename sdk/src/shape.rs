@@ -52,6 +52,16 @@ impl Shape {
         self.0.push_str(text);
         Ok(())
     }
+
+    /// Starts a compound: `open`, its items, `close`.
+    fn open(&mut self, open: &str, close: &'static str) -> Result<Compound<'_>, Error> {
+        self.put(open)?;
+        Ok(Compound {
+            shape: self,
+            first: true,
+            close,
+        })
+    }
 }
 
 /// A compound being written: its items are separated by commas.
@@ -166,21 +176,11 @@ impl<'a> ser::Serializer for &'a mut Shape {
     }
 
     fn serialize_seq(self, _len: Option<usize>) -> Result<Compound<'a>, Error> {
-        self.put("seq[")?;
-        Ok(Compound {
-            shape: self,
-            first: true,
-            close: "]",
-        })
+        self.open("seq[", "]")
     }
 
     fn serialize_tuple(self, _len: usize) -> Result<Compound<'a>, Error> {
-        self.put("(")?;
-        Ok(Compound {
-            shape: self,
-            first: true,
-            close: ")",
-        })
+        self.open("(", ")")
     }
 
     fn serialize_tuple_struct(
@@ -188,12 +188,7 @@ impl<'a> ser::Serializer for &'a mut Shape {
         name: &'static str,
         _len: usize,
     ) -> Result<Compound<'a>, Error> {
-        self.put(&format!("{name}("))?;
-        Ok(Compound {
-            shape: self,
-            first: true,
-            close: ")",
-        })
+        self.open(&format!("{name}("), ")")
     }
 
     fn serialize_tuple_variant(
@@ -203,30 +198,15 @@ impl<'a> ser::Serializer for &'a mut Shape {
         variant: &'static str,
         _len: usize,
     ) -> Result<Compound<'a>, Error> {
-        self.put(&format!("{name}::{variant}("))?;
-        Ok(Compound {
-            shape: self,
-            first: true,
-            close: ")",
-        })
+        self.open(&format!("{name}::{variant}("), ")")
     }
 
     fn serialize_map(self, _len: Option<usize>) -> Result<Compound<'a>, Error> {
-        self.put("map{")?;
-        Ok(Compound {
-            shape: self,
-            first: true,
-            close: "}",
-        })
+        self.open("map{", "}")
     }
 
     fn serialize_struct(self, name: &'static str, _len: usize) -> Result<Compound<'a>, Error> {
-        self.put(&format!("{name}{{"))?;
-        Ok(Compound {
-            shape: self,
-            first: true,
-            close: "}",
-        })
+        self.open(&format!("{name}{{"), "}")
     }
 
     fn serialize_struct_variant(
@@ -236,69 +216,62 @@ impl<'a> ser::Serializer for &'a mut Shape {
         variant: &'static str,
         _len: usize,
     ) -> Result<Compound<'a>, Error> {
-        self.put(&format!("{name}::{variant}{{"))?;
-        Ok(Compound {
-            shape: self,
-            first: true,
-            close: "}",
-        })
+        self.open(&format!("{name}::{variant}{{"), "}")
     }
 }
 
-impl ser::SerializeSeq for Compound<'_> {
-    type Ok = ();
-    type Error = Error;
+/// The compound serializers whose items are unnamed (`serialize_element` or `serialize_field`).
+macro_rules! unnamed {
+    ($($trait:ident::$method:ident),* $(,)?) => {
+        $(impl ser::$trait for Compound<'_> {
+            type Ok = ();
+            type Error = Error;
 
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Error> {
-        self.item(None);
-        value.serialize(&mut *self.shape)
-    }
+            fn $method<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Error> {
+                self.item(None);
+                value.serialize(&mut *self.shape)
+            }
 
-    fn end(self) -> Result<(), Error> {
-        Compound::end(self)
-    }
+            fn end(self) -> Result<(), Error> {
+                Compound::end(self)
+            }
+        })*
+    };
 }
 
-impl ser::SerializeTuple for Compound<'_> {
-    type Ok = ();
-    type Error = Error;
+/// The compound serializers whose fields are named.
+macro_rules! named {
+    ($($trait:ident),* $(,)?) => {
+        $(impl ser::$trait for Compound<'_> {
+            type Ok = ();
+            type Error = Error;
 
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Error> {
-        self.item(None);
-        value.serialize(&mut *self.shape)
-    }
+            fn serialize_field<T: ?Sized + Serialize>(
+                &mut self,
+                key: &'static str,
+                value: &T,
+            ) -> Result<(), Error> {
+                self.item(Some(key));
+                value.serialize(&mut *self.shape)
+            }
 
-    fn end(self) -> Result<(), Error> {
-        Compound::end(self)
-    }
+            fn end(self) -> Result<(), Error> {
+                Compound::end(self)
+            }
+        })*
+    };
 }
 
-impl ser::SerializeTupleStruct for Compound<'_> {
-    type Ok = ();
-    type Error = Error;
-
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Error> {
-        self.item(None);
-        value.serialize(&mut *self.shape)
-    }
-
-    fn end(self) -> Result<(), Error> {
-        Compound::end(self)
-    }
+unnamed! {
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field,
 }
 
-impl ser::SerializeTupleVariant for Compound<'_> {
-    type Ok = ();
-    type Error = Error;
-
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Error> {
-        self.item(None);
-        value.serialize(&mut *self.shape)
-    }
-
-    fn end(self) -> Result<(), Error> {
-        Compound::end(self)
-    }
+named! {
+    SerializeStruct,
+    SerializeStructVariant,
 }
 
 impl ser::SerializeMap for Compound<'_> {
@@ -312,42 +285,6 @@ impl ser::SerializeMap for Compound<'_> {
     }
 
     fn serialize_value<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Error> {
-        value.serialize(&mut *self.shape)
-    }
-
-    fn end(self) -> Result<(), Error> {
-        Compound::end(self)
-    }
-}
-
-impl ser::SerializeStruct for Compound<'_> {
-    type Ok = ();
-    type Error = Error;
-
-    fn serialize_field<T: ?Sized + Serialize>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), Error> {
-        self.item(Some(key));
-        value.serialize(&mut *self.shape)
-    }
-
-    fn end(self) -> Result<(), Error> {
-        Compound::end(self)
-    }
-}
-
-impl ser::SerializeStructVariant for Compound<'_> {
-    type Ok = ();
-    type Error = Error;
-
-    fn serialize_field<T: ?Sized + Serialize>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), Error> {
-        self.item(Some(key));
         value.serialize(&mut *self.shape)
     }
 

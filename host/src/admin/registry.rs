@@ -21,10 +21,10 @@
 //! - **Writes** of `stages.json` are atomic (a temporary file, synced, renamed). A file that
 //!   does not parse is an error naming it at start: weir does not guess what was deployed.
 
+use crate::files::write_atomically;
 use crate::runtime::Digest;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -221,7 +221,7 @@ impl Registry {
         let digest = Digest::of(bytes);
         let path = self.blob_path(&digest);
         if !path.exists() {
-            write_atomically(&path, bytes).map_err(|e| RegistryError {
+            write_atomically(&path, &[bytes]).map_err(|e| RegistryError {
                 path: path.display().to_string(),
                 message: format!("cannot write it: {e}"),
             })?;
@@ -451,7 +451,7 @@ impl Registry {
             path: path.display().to_string(),
             message: format!("cannot encode it: {e}"),
         })?;
-        write_atomically(&path, &text).map_err(|e| RegistryError {
+        write_atomically(&path, &[&text]).map_err(|e| RegistryError {
             path: path.display().to_string(),
             message: format!("cannot write it: {e}"),
         })
@@ -480,16 +480,6 @@ fn serve(record: &mut StageRecord, digest: &str, name: &str, origin: &str, now_m
         }),
     }
     record.serving = digest.to_owned();
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file beside it, synced, renamed.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    file.write_all(bytes)?;
-    file.as_file().sync_data()?;
-    file.persist(path).map_err(|e| e.error)?;
-    Ok(())
 }
 
 #[cfg(test)]

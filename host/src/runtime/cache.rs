@@ -17,9 +17,9 @@
 //!   A cache that cannot be written (a read-only disk) is a warning: the plugin still loads.
 
 use super::error::PluginError;
+use crate::files::write_atomically;
 use sha2::{Digest as _, Sha256};
 use std::hash::{Hash, Hasher};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use wasmtime::Engine;
 use wasmtime::component::Component;
@@ -162,7 +162,9 @@ impl CompileCache {
         })?;
         match component.serialize() {
             Ok(artifact) => {
-                if let Err(e) = write(&path, &artifact) {
+                if let Err(e) =
+                    write_atomically(&path, &[MAGIC, &Sha256::digest(&artifact), &artifact])
+                {
                     tracing::warn!(
                         "plugin {who}: cannot write compile cache entry {}: {e} (the plugin is compiled at every start)",
                         path.display()
@@ -185,19 +187,6 @@ fn check(entry: &[u8]) -> Result<&[u8], &'static str> {
         return Err("corrupted (its checksum does not match)");
     }
     Ok(artifact)
-}
-
-/// Writes an entry atomically: a temporary file, synced, renamed over `path`.
-fn write(path: &Path, artifact: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    file.write_all(MAGIC)?;
-    file.write_all(&Sha256::digest(artifact))?;
-    file.write_all(artifact)?;
-    file.as_file().sync_data()?;
-    file.persist(path).map_err(|e| e.error)?;
-    Ok(())
 }
 
 #[cfg(test)]
