@@ -64,6 +64,7 @@ token = "{TOKEN}"
         ("tags", plugins::VERSION_A, None),
         ("guarded", plugins::VERSION_A, None),
         ("busy", plugins::VERSION_A, None),
+        ("built", plugins::VERSION_A, None),
         ("counts", plugins::TALLY_A, Some("tumbling:1s")),
         ("layout", plugins::TALLY_A, Some("tumbling:10s")),
     ];
@@ -497,6 +498,87 @@ async fn bad_deploys_under_load_leave_the_old_version_serving_and_dead_letter_no
     producer.close().await.expect("close");
 }
 
+/// Runs `weir ARGS` against the shared router's admin endpoint; exit code, stdout, stderr.
+async fn weir(args: &[&str]) -> (Option<i32>, String, String) {
+    let r = router();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_weir"));
+    command
+        .args(args)
+        .env("WEIR_ADMIN", r.admin.to_string())
+        .env("WEIR_ADMIN_TOKEN", TOKEN)
+        // A plugin directory is built into the plugins' shared target directory, where
+        // host/build.rs built it already: nothing to compile.
+        .env(
+            "CARGO_TARGET_DIR",
+            Path::new(plugins::VERSION_B)
+                .ancestors()
+                .nth(3)
+                .expect("<target>/plugins/wasm32-wasip2/release/x.wasm"),
+        );
+    let output = tokio::task::spawn_blocking(move || command.output());
+    let output = within("weir", output)
+        .await
+        .expect("joined")
+        .expect("weir runs");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_deploy_takes_a_plugin_directory_and_weir_rollback_puts_the_version_back() {
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/version-b");
+    let (code, stdout, stderr) = weir(&[
+        "deploy",
+        "built/stage",
+        &crate_dir.display().to_string(),
+        "--probation",
+        "0",
+    ])
+    .await;
+    let b = weir::runtime::Digest::of(&wasm(plugins::VERSION_B)).short();
+    let a = weir::runtime::Digest::of(&wasm(plugins::VERSION_A)).short();
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with(&format!("built/stage: `version_b` {b} serves (was {a}): ")),
+        "{stdout}"
+    );
+    let (code, listing, stderr) = weir(&["plugins"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let block: Vec<&str> = listing
+        .lines()
+        .skip_while(|l| !l.starts_with("built/stage "))
+        .take(3)
+        .collect();
+    assert_eq!(
+        block[0],
+        format!("built/stage (enrich): serving {b}"),
+        "{listing}"
+    );
+    assert!(
+        block[1].starts_with(&format!(
+            "  {a} version_a      kept         config deployed "
+        )) && block[2].starts_with(&format!(
+            "  {b} version_b      serving      deploy deployed "
+        )),
+        "{listing}"
+    );
+    let (code, stdout, stderr) = weir(&["rollback", "built/stage"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.starts_with(&format!("built/stage: `version_a` {a} serves (was {b}): ")),
+        "{stdout}"
+    );
+    let (code, _, stderr) = weir(&["rollback", "built/stage", "zz"]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("`built/stage` keeps no version `zz`"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_endpoint_refuses_what_it_cannot_do_by_name() {
     let r = router();
@@ -520,7 +602,7 @@ async fn the_admin_endpoint_refuses_what_it_cannot_do_by_name() {
         ),
         (
             404,
-            "unknown pipeline `nope` (pipelines: `busy`, `counts`, `guarded`, `layout`, `tags`)"
+            "unknown pipeline `nope` (pipelines: `built`, `busy`, `counts`, `guarded`, `layout`, `tags`)"
                 .to_owned()
         )
     );
