@@ -721,10 +721,10 @@ async fn another_state_layout_is_refused_or_drained_as_the_deploy_says() {
     producer.close().await.expect("close");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_serves_the_deployed_version_from_the_compile_cache() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let text = format!(
+/// The config of a router of its own: pipeline `tags` whose stage runs `plugin` with `with`
+/// (TOML, maybe empty), into `out.jsonl`.
+fn solo_config(plugin: &str, with: &str) -> String {
+    format!(
         r#"
 [listener]
 listen = "127.0.0.1:0"
@@ -742,35 +742,33 @@ sinks = ["out"]
 
 [[pipelines.tags.stages]]
 name = "stage"
-path = "{}"
+path = "{plugin}"
+{with}
 
 [sinks.out]
 type = "file"
 path = "out.jsonl"
-"#,
-        plugins::VERSION_A
-    );
-    let start = || async {
-        let config = Config::parse(&text, dir.path().join("weir.toml")).expect("a config");
-        within("the router to start", Server::start(config))
-            .await
-            .expect("starts")
-    };
-    let server = start().await;
-    assert!(
-        server.pipelines()[0].stages[0].ends_with(", compiled)"),
-        "{:?}",
-        server.pipelines()
-    );
+"#
+    )
+}
+
+async fn start_solo(dir: &Path, text: &str) -> Server {
+    let config = Config::parse(text, dir.join("weir.toml")).expect("a config");
+    within("the router to start", Server::start(config))
+        .await
+        .expect("starts")
+}
+
+/// Deploys `path` to `tags/stage` of `server` with a probation of one batch, sends that batch
+/// through `producer`, and waits until the registry says the version serves.
+async fn deploy_and_pass(server: &Server, producer: &Producer, path: &str) -> DeployReport {
     let admin = AdminClient::new(&server.admin_addr().expect("admin").to_string(), TOKEN)
         .expect("a client");
-    let producer = connect(server.local_addr(), &server.fingerprint(), "r", "tags").await;
-    let mut deploy = request("tags", plugins::VERSION_B, 1);
+    let mut deploy = request("tags", path, 1);
     deploy.wait = Duration::from_millis(1);
     let report = admin.deploy(deploy).await.expect("deployed");
     producer.send_batch(0, &batch(0, 0)).await.expect("queued");
     within("the ack", producer.flush()).await.expect("acked");
-    // The verdict came with that batch; the registry records it.
     within("the verdict", async {
         loop {
             let view = admin.plugins().await.expect("plugins");
@@ -781,11 +779,49 @@ path = "out.jsonl"
         }
     })
     .await;
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployed_version_that_no_longer_starts_gives_way_to_the_configs_plugin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = r#"with = { table = { FR = "France" } }"#;
+    let server = start_solo(dir.path(), &solo_config(plugins::VERSION_A, table)).await;
+    let producer = connect(server.local_addr(), &server.fingerprint(), "r", "tags").await;
+    // geo-enrich starts with the stage's `with` values as they are: it needs the table.
+    deploy_and_pass(&server, &producer, plugins::GEO_ENRICH).await;
+    producer.close().await.expect("close");
+    server.shutdown().await.expect("stops");
+
+    // The table is gone from the config: the deployed geo-enrich refuses to start, the
+    // config's version-a serves, and the router starts.
+    let server = start_solo(dir.path(), &solo_config(plugins::VERSION_A, "")).await;
+    let described = &server.pipelines()[0].stages[0];
+    let a = weir::runtime::Digest::of(&wasm(plugins::VERSION_A)).short();
+    assert!(
+        described.starts_with(&format!("stage (enrich {} {a}, ", plugins::VERSION_A)),
+        "{described}"
+    );
+    server.shutdown().await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_serves_the_deployed_version_from_the_compile_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = solo_config(plugins::VERSION_A, "");
+    let server = start_solo(dir.path(), &text).await;
+    assert!(
+        server.pipelines()[0].stages[0].ends_with(", compiled)"),
+        "{:?}",
+        server.pipelines()
+    );
+    let producer = connect(server.local_addr(), &server.fingerprint(), "r", "tags").await;
+    let report = deploy_and_pass(&server, &producer, plugins::VERSION_B).await;
     producer.close().await.expect("close");
     let stopped = server.shutdown().await.expect("stops");
     assert_eq!(stopped.problems, Vec::<String>::new());
 
-    let server = start().await;
+    let server = start_solo(dir.path(), &text).await;
     let described = &server.pipelines()[0].stages[0];
     assert!(
         described.starts_with(&format!(

@@ -15,7 +15,8 @@
 //!   the file its config names, as long as the config still names the plugin it named when
 //!   that version was deployed. A config that names another plugin was edited on purpose: it
 //!   wins, and the log says which deployed version it replaced. A version still on probation
-//!   at a crash is not served after the restart (it never passed).
+//!   at a crash is not served after the restart (it never passed). (The topology falls back
+//!   to the config's plugin, too, when the deployed version no longer starts.)
 //! - **Versions kept:** the last [`KEPT`] per stage; a blob that no stage keeps any more is
 //!   deleted.
 //! - **Writes** of `stages.json` are atomic (a temporary file, synced, renamed). A file that

@@ -26,7 +26,7 @@ use crate::admin::deploy::{PipelineTarget, StageTarget};
 use crate::admin::registry::Registry;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::pipeline::config::{PipelineConfig, PluginSource};
+use crate::pipeline::config::{PipelineConfig, PluginSource, StageSpec};
 use crate::pipeline::fanout::{Fanout, UnmatchedOut};
 use crate::pipeline::route::{Condition, Unmatched};
 use crate::pipeline::{Chain, Pipeline, PipelineInput, Stage, WorkerConfig, WorkerSetup};
@@ -38,6 +38,7 @@ use crate::sinks::{
 use crate::utc::now_ms;
 use anyhow::{Context, Result, bail};
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 
@@ -327,9 +328,6 @@ impl PipelineBuilder<'_> {
         let mut stage_names = Vec::new();
         let mut targets = Vec::new();
         for spec in &self.pipeline.stages {
-            let (plugin, deployed) = self
-                .plugin(&spec.name, &spec.plugin)
-                .with_context(|| format!("pipeline `{name}`, stage `{}`", spec.name))?;
             let mut stage_config = StageConfig::new(spec.name.clone()).limits(Limits {
                 memory_bytes: spec.memory_bytes,
                 deadline: spec.deadline,
@@ -338,8 +336,10 @@ impl PipelineBuilder<'_> {
             for (key, json) in &spec.with {
                 stage_config = stage_config.with_json(key.clone(), json.clone());
             }
-            let stage = Stage::new(&plugin, stage_config.clone(), spec.window)
+            let (stage, deployed) = self
+                .stage(spec, &stage_config)
                 .with_context(|| format!("pipeline `{name}`, stage `{}`", spec.name))?;
+            let plugin = stage.plugin().clone();
             let origin = if deployed {
                 format!(
                     "`{}`, deployed; the config names {}",
@@ -426,33 +426,44 @@ impl PipelineBuilder<'_> {
         Ok((setup, info, targets))
     }
 
-    /// The plugin stage `stage` runs: the version last deployed to it, or the one its config
-    /// names (the registry decides); compiled once per version. Whether it is a deployed one.
-    fn plugin(&mut self, stage: &str, source: &PluginSource) -> Result<(Plugin, bool)> {
-        let (name, bytes) = match source {
-            PluginSource::Example(example) => {
-                let Some((_, bytes)) = crate::examples::ALL.iter().find(|(n, _)| n == example)
-                else {
-                    bail!("unknown plugin `example:{example}`");
-                };
-                (example.clone(), bytes.to_vec())
-            }
-            PluginSource::File(path) => {
-                let bytes = std::fs::read(path)
-                    .with_context(|| format!("cannot read plugin {}", path.display()))?;
-                (source.name(), bytes)
-            }
-        };
+    /// Stage `spec` as it runs: the version last deployed to it, or the one its config names
+    /// (the registry decides), instantiated with `config`; whether it is a deployed one. A
+    /// deployed version that no longer loads or starts (its `init` refuses a config edited
+    /// since) gives way to the config's plugin, loudly.
+    fn stage(&mut self, spec: &StageSpec, config: &StageConfig) -> Result<(Stage, bool)> {
+        let (name, bytes, path) = source_bytes(&spec.plugin)?;
         let resolved =
             self.registry
-                .resolve(&self.pipeline.name, stage, &name, &bytes, now_ms())?;
-        let key = Digest::of(&resolved.bytes).hex();
-        if let Some(plugin) = self.plugins.get(&key) {
-            return Ok((plugin.clone(), resolved.deployed));
+                .resolve(&self.pipeline.name, &spec.name, &name, &bytes, now_ms())?;
+        if resolved.deployed {
+            let started = self
+                .load(&resolved.name, &resolved.bytes, None)
+                .and_then(|plugin| Ok(Stage::new(&plugin, config.clone(), spec.window)?));
+            match started {
+                Ok(stage) => return Ok((stage, true)),
+                Err(e) => tracing::error!(
+                    "pipeline `{}`, stage `{}`: the version deployed to it, {} {}, does not start ({e:#}); the config's plugin serves instead",
+                    self.pipeline.name,
+                    spec.name,
+                    resolved.name,
+                    Digest::of(&resolved.bytes).short()
+                ),
+            }
         }
-        let plugin = match source {
-            PluginSource::File(path) if !resolved.deployed => self.runtime.load_file(path)?,
-            _ => self.runtime.load_bytes(&resolved.name, &resolved.bytes)?,
+        let plugin = self.load(&name, &bytes, path)?;
+        Ok((Stage::new(&plugin, config.clone(), spec.window)?, false))
+    }
+
+    /// The plugin of these bytes, compiled (or loaded from the compile cache) once per version.
+    fn load(&mut self, name: &str, bytes: &[u8], path: Option<&Path>) -> Result<Plugin> {
+        let key = Digest::of(bytes).hex();
+        if let Some(plugin) = self.plugins.get(&key) {
+            return Ok(plugin.clone());
+        }
+        let plugin = match path {
+            // Read again by the runtime, so that its errors name the file.
+            Some(path) => self.runtime.load_file(path)?,
+            None => self.runtime.load_bytes(name, bytes)?,
         };
         tracing::info!(
             "plugin `{}` {}: {}",
@@ -465,7 +476,7 @@ impl PipelineBuilder<'_> {
             }
         );
         self.plugins.insert(key, plugin.clone());
-        Ok((plugin, resolved.deployed))
+        Ok(plugin)
     }
 
     fn find(&self, sink: &str) -> Result<Arc<Sink>> {
@@ -509,6 +520,23 @@ impl PipelineBuilder<'_> {
         self.destinations
             .push((sink.clone(), Box::new(destination)));
         Ok(sink)
+    }
+}
+
+/// The name and bytes of the plugin a config names, and its file when it is one.
+fn source_bytes(source: &PluginSource) -> Result<(String, Vec<u8>, Option<&Path>)> {
+    match source {
+        PluginSource::Example(example) => {
+            let Some((_, bytes)) = crate::examples::ALL.iter().find(|(n, _)| n == example) else {
+                bail!("unknown plugin `example:{example}`");
+            };
+            Ok((example.clone(), bytes.to_vec(), None))
+        }
+        PluginSource::File(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read plugin {}", path.display()))?;
+            Ok((source.name(), bytes, Some(path)))
+        }
     }
 }
 
