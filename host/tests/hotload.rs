@@ -802,6 +802,18 @@ async fn a_deployed_version_that_no_longer_starts_gives_way_to_the_configs_plugi
         described.starts_with(&format!("stage (enrich {} {a}, ", plugins::VERSION_A)),
         "{described}"
     );
+    // The registry says so: what serves, and why.
+    let admin = AdminClient::new(&server.admin_addr().expect("admin").to_string(), TOKEN)
+        .expect("a client");
+    let view = admin.plugins().await.expect("plugins");
+    assert_eq!(view.stages[0].serving, a);
+    let last = view.stages[0].last_error.as_ref().expect("the last error");
+    assert!(
+        last.message
+            .contains("did not start at a restart, so the config's plugin serves")
+            && last.message.contains("missing field `table`"),
+        "{last:?}"
+    );
     server.shutdown().await.expect("stops");
 }
 

@@ -183,6 +183,8 @@ impl Drop for Claim {
 /// A new version, ready to be swapped in.
 struct Prepared {
     stage: Stage,
+    /// Its component, stored in the registry once it is swapped in.
+    bytes: Vec<u8>,
     digest: Digest,
     name: String,
     compile: Duration,
@@ -318,7 +320,7 @@ impl Deployer {
                 return Err(DeployError::Refused(message));
             }
         };
-        self.swap_in(
+        self.detached(
             claim,
             target.control,
             index,
@@ -385,7 +387,7 @@ impl Deployer {
         if chosen.digest == record.serving {
             return Err(DeployError::Refused(format!(
                 "`{pipeline}/{stage}` already serves {}",
-                &chosen.digest[..8]
+                chosen.digest.get(..8).unwrap_or_default()
             )));
         }
         let digest = Digest::parse(&chosen.digest).ok_or_else(|| {
@@ -407,7 +409,7 @@ impl Deployer {
             state: StateChange::Refuse,
             wait: Duration::ZERO,
         };
-        self.swap_in(
+        self.detached(
             claim,
             target.control,
             index,
@@ -417,6 +419,29 @@ impl Deployer {
             started,
         )
         .await
+    }
+
+    /// Runs [`Deployer::swap_in`] on a task of its own and waits for it: once the worker has
+    /// the new version, the swap, its record in the registry and the verdict's go on even if
+    /// the request is dropped (a client that gave up, the endpoint stopping).
+    #[allow(clippy::too_many_arguments)]
+    async fn detached(
+        self: &Arc<Self>,
+        claim: Claim,
+        control: PipelineControl,
+        index: usize,
+        record: StageRecord,
+        prepared: Prepared,
+        options: DeployOptions,
+        started: Instant,
+    ) -> Result<DeployReport, DeployError> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.swap_in(claim, control, index, record, prepared, options, started)
+                .await
+        })
+        .await
+        .map_err(|e| DeployError::Internal(format!("the deploy's task failed: {e}")))?
     }
 
     fn record(&self, pipeline: &str, stage: &str) -> Result<StageRecord, DeployError> {
@@ -442,7 +467,6 @@ impl Deployer {
         bytes: Vec<u8>,
     ) -> Result<Prepared, String> {
         let runtime = self.runtime.clone();
-        let registry = self.registry.clone();
         let target = target.clone();
         let name = name.to_owned();
         tokio::task::spawn_blocking(move || {
@@ -455,11 +479,11 @@ impl Deployer {
             let stage = Stage::new(&plugin, target.config.clone(), target.window)
                 .map_err(|e| e.to_string())?;
             let init = started.elapsed();
-            let digest = registry.store(&bytes).map_err(|e| e.to_string())?;
             Ok(Prepared {
                 from_cache: plugin.from_cache(),
                 stage,
-                digest,
+                digest: Digest::of(&bytes),
+                bytes,
                 name,
                 compile,
                 init,
@@ -484,6 +508,7 @@ impl Deployer {
         let (pipeline, stage) = claim.key.clone();
         let Prepared {
             stage: replacement,
+            bytes,
             digest,
             name,
             compile,
@@ -523,8 +548,9 @@ impl Deployer {
         }
         let on_probation = swapped.on_probation;
         self.registry
-            .swapped(&pipeline, &stage, &digest, &name, on_probation, now_ms())
+            .swapped(&pipeline, &stage, &bytes, &name, on_probation, now_ms())
             .map_err(|e| DeployError::Internal(e.to_string()))?;
+        drop(bytes);
         let previous = record.serving.get(..8).unwrap_or_default().to_owned();
         tracing::info!(
             "pipeline `{pipeline}`, stage `{stage}`: version {version} of `{name}` swapped in for {previous} (pause {:?}){}",

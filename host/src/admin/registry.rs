@@ -193,7 +193,20 @@ impl Registry {
                 ),
             ));
         }
-        for record in stored.stages.values_mut() {
+        for (stage, record) in &mut stored.stages {
+            let digests = [&record.serving, &record.config]
+                .into_iter()
+                .chain(record.versions.iter().map(|v| &v.digest));
+            for digest in digests {
+                if Digest::parse(digest).is_none() {
+                    return Err(error(
+                        &file,
+                        format!(
+                            "stage `{stage}` holds `{digest}`, which is not a digest (64 hex digits); move the file away to start with the config's plugins"
+                        ),
+                    ));
+                }
+            }
             for version in &mut record.versions {
                 if version.status == Status::Probation {
                     version.status = Status::Interrupted;
@@ -217,8 +230,10 @@ impl Registry {
             .join(format!("{}.wasm", digest.hex()))
     }
 
-    /// Stores a version's bytes (once per digest); its digest.
-    pub fn store(&self, bytes: &[u8]) -> Result<Digest, RegistryError> {
+    /// Stores a version's bytes (once per digest); its digest. Called with the state locked,
+    /// so that `save` (which deletes blobs no record keeps) never sees a blob whose record is
+    /// not written yet.
+    fn store(&self, _locked: &Stored, bytes: &[u8]) -> Result<Digest, RegistryError> {
         let digest = Digest::of(bytes);
         let path = self.blob_path(&digest);
         if !path.exists() {
@@ -256,8 +271,8 @@ impl Registry {
         bytes: &[u8],
         now_ms: i64,
     ) -> Result<Resolved, RegistryError> {
-        let config = self.store(bytes)?;
         let mut state = lock(&self.state);
+        let config = self.store(&state, bytes)?;
         let record = state.stages.get(&key(pipeline, stage)).cloned();
         if let Some(record) = &record
             && record.config == config.hex()
@@ -288,7 +303,7 @@ impl Registry {
             tracing::warn!(
                 "pipeline `{pipeline}`, stage `{stage}`: the config names another plugin ({name} {}) than when version {} was deployed: the config's plugin serves",
                 config.short(),
-                &record.serving[..8.min(record.serving.len())]
+                record.serving.get(..8).unwrap_or_default()
             );
         }
         let mut record = record.unwrap_or(StageRecord {
@@ -308,21 +323,28 @@ impl Registry {
         })
     }
 
-    /// A deployed version was swapped in: on probation, or serving at once.
+    /// A deployed version (`bytes`, stored here) was swapped in: on probation, or serving at
+    /// once; its digest.
     pub fn swapped(
         &self,
         pipeline: &str,
         stage: &str,
-        digest: &Digest,
+        bytes: &[u8],
         name: &str,
         on_probation: bool,
         now_ms: i64,
-    ) -> Result<(), RegistryError> {
-        self.update(pipeline, stage, |record| {
+    ) -> Result<Digest, RegistryError> {
+        let mut digest = None;
+        self.update(pipeline, stage, |registry, state, key| {
+            let stored = registry.store(state, bytes)?;
+            digest = Some(stored);
+            let Some(record) = state.stages.get_mut(key) else {
+                return Ok(());
+            };
             if on_probation {
-                record.versions.retain(|v| v.digest != digest.hex());
+                record.versions.retain(|v| v.digest != stored.hex());
                 record.versions.push(VersionRecord {
-                    digest: digest.hex(),
+                    digest: stored.hex(),
                     name: name.to_owned(),
                     deployed_at_ms: now_ms,
                     origin: "deploy".into(),
@@ -330,8 +352,37 @@ impl Registry {
                     error: None,
                 });
             } else {
-                serve(record, &digest.hex(), name, "deploy", now_ms);
+                serve(record, &stored.hex(), name, "deploy", now_ms);
             }
+            Ok(())
+        })?;
+        Ok(digest.unwrap_or_else(|| Digest::of(bytes)))
+    }
+
+    /// The version deployed to a stage did not start at a restart (`error`): the config's
+    /// plugin (`config`) serves instead, and the registry says so.
+    pub fn fell_back(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        config: &Digest,
+        name: &str,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), RegistryError> {
+        self.record(pipeline, stage, |record| {
+            let deployed = record.serving.clone();
+            serve(record, &config.hex(), name, "config", now_ms);
+            if let Some(v) = record.version_mut(&deployed) {
+                v.error = Some(format!("did not start at a restart: {error}"));
+            }
+            record.last_error = Some(ErrorRecord {
+                at_ms: now_ms,
+                message: format!(
+                    "version {} did not start at a restart, so the config's plugin serves: {error}",
+                    deployed.get(..8).unwrap_or_default()
+                ),
+            });
         })
     }
 
@@ -342,7 +393,7 @@ impl Registry {
         stage: &str,
         digest: &Digest,
     ) -> Result<(), RegistryError> {
-        self.update(pipeline, stage, |record| {
+        self.record(pipeline, stage, |record| {
             let (name, at) = record
                 .version(&digest.hex())
                 .map(|v| (v.name.clone(), v.deployed_at_ms))
@@ -360,7 +411,7 @@ impl Registry {
         error: &str,
         now_ms: i64,
     ) -> Result<(), RegistryError> {
-        self.update(pipeline, stage, |record| {
+        self.record(pipeline, stage, |record| {
             if let Some(v) = record.version_mut(&digest.hex()) {
                 v.status = Status::RolledBack;
                 v.error = Some(error.to_owned());
@@ -380,7 +431,7 @@ impl Registry {
         error: &str,
         now_ms: i64,
     ) -> Result<(), RegistryError> {
-        self.update(pipeline, stage, |record| {
+        self.record(pipeline, stage, |record| {
             record.last_error = Some(ErrorRecord {
                 at_ms: now_ms,
                 message: error.to_owned(),
@@ -398,20 +449,38 @@ impl Registry {
         lock(&self.state).stages.get(&key(pipeline, stage)).cloned()
     }
 
-    fn update(
+    /// Changes the record of `pipeline/stage` with `f`, then saves.
+    fn record(
         &self,
         pipeline: &str,
         stage: &str,
         f: impl FnOnce(&mut StageRecord),
     ) -> Result<(), RegistryError> {
+        self.update(pipeline, stage, |_, state, key| {
+            if let Some(record) = state.stages.get_mut(key) {
+                f(record);
+            }
+            Ok(())
+        })
+    }
+
+    /// Changes the state with `f` (given the record's key, which exists), then saves; all
+    /// under the lock.
+    fn update(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        f: impl FnOnce(&Registry, &mut Stored, &str) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
         let mut state = lock(&self.state);
-        let Some(record) = state.stages.get_mut(&key(pipeline, stage)) else {
+        let key = key(pipeline, stage);
+        if !state.stages.contains_key(&key) {
             return Err(RegistryError {
                 path: self.dir.join("stages.json").display().to_string(),
                 message: format!("no stage `{pipeline}/{stage}`"),
             });
-        };
-        f(record);
+        }
+        f(self, &mut state, &key)?;
         self.save(&mut state)
     }
 
@@ -496,9 +565,8 @@ mod tests {
         let v3: &[u8] = b"\0asm v3";
         let first = registry.resolve("p", "s", "geo", v1, 1).expect("resolve");
         assert!(!first.deployed);
-        let d2 = registry.store(v2).expect("store");
-        registry
-            .swapped("p", "s", &d2, "geo", true, 2)
+        let d2 = registry
+            .swapped("p", "s", v2, "geo", true, 2)
             .expect("swapped");
 
         // On probation at a restart: the config's version serves, v2 is interrupted.
@@ -513,7 +581,7 @@ mod tests {
 
         // Deployed and passed: a restart serves v2, not the config's v1.
         registry
-            .swapped("p", "s", &d2, "geo", true, 4)
+            .swapped("p", "s", v2, "geo", true, 4)
             .expect("swapped");
         registry.passed("p", "s", &d2).expect("passed");
         let registry = Registry::open(dir.path()).expect("reopen");
@@ -542,9 +610,8 @@ mod tests {
         registry
             .resolve("p", "s", "geo", b"\0asm v1", 1)
             .expect("resolve");
-        let d2 = registry.store(b"\0asm v2").expect("store");
-        registry
-            .swapped("p", "s", &d2, "geo", true, 2)
+        let d2 = registry
+            .swapped("p", "s", b"\0asm v2", "geo", true, 2)
             .expect("swapped");
         registry
             .rolled_back("p", "s", &d2, "event 3: trap", 3)
@@ -585,6 +652,44 @@ mod tests {
     }
 
     #[test]
+    fn a_fallback_at_a_restart_is_recorded_and_bad_digests_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::open(dir.path()).expect("open");
+        let (v1, v2): (&[u8], &[u8]) = (b"\0asm v1", b"\0asm v2");
+        registry.resolve("p", "s", "geo", v1, 1).expect("resolve");
+        let d2 = registry
+            .swapped("p", "s", v2, "geo", false, 2)
+            .expect("swapped");
+        let resolved = registry.resolve("p", "s", "geo", v1, 3).expect("resolve");
+        assert!(resolved.deployed);
+        registry
+            .fell_back("p", "s", &Digest::of(v1), "geo", "init: no table", 4)
+            .expect("fell back");
+        let record = registry.stage("p", "s").expect("a record");
+        assert_eq!(record.serving, Digest::of(v1).hex());
+        assert_eq!(
+            record.version(&d2.hex()).and_then(|v| v.error.clone()),
+            Some("did not start at a restart: init: no table".into())
+        );
+        assert!(
+            !registry
+                .resolve("p", "s", "geo", v1, 5)
+                .expect("resolve")
+                .deployed
+        );
+
+        let file = dir.path().join("plugins/stages.json");
+        let text = std::fs::read_to_string(&file).expect("the file");
+        std::fs::write(&file, text.replace(&d2.hex(), "abc")).expect("edit");
+        let e = Registry::open(dir.path()).expect_err("a bad digest");
+        assert!(
+            e.to_string()
+                .contains("stage `p/s` holds `abc`, which is not a digest (64 hex digits)"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn only_the_last_versions_are_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         let registry = Registry::open(dir.path()).expect("open");
@@ -592,9 +697,8 @@ mod tests {
             .resolve("p", "s", "geo", b"v0", 0)
             .expect("resolve");
         for i in 1..=(KEPT as i64 + 3) {
-            let d = registry.store(format!("v{i}").as_bytes()).expect("store");
             registry
-                .swapped("p", "s", &d, "geo", false, i)
+                .swapped("p", "s", format!("v{i}").as_bytes(), "geo", false, i)
                 .expect("swapped");
         }
         let record = registry.stage("p", "s").expect("a record");

@@ -242,8 +242,8 @@ impl Chain {
     ///
     /// An aggregate's new version that declares another state layout than the open windows'
     /// accumulators is refused, or, with [`StateChange::Drain`], swapped in beside the previous
-    /// one, which finishes the windows it opened (no probation then: the previous version is
-    /// busy with its windows).
+    /// one, which finishes the windows it opened. Either way a version with another layout is
+    /// not on probation: the previous version could not take over windows it cannot read.
     pub fn swap(
         &mut self,
         index: usize,
@@ -318,6 +318,14 @@ impl Chain {
             *draining = Some(std::mem::replace(current, replacement));
             return Ok(None);
         }
+        // Another layout with no window open: the new version starts the state afresh, and the
+        // previous one could never read what it writes, so no probation (nothing to fall back
+        // on).
+        let probation = if current.layout() == replacement.layout() {
+            probation
+        } else {
+            0
+        };
         if let Some(state) = current.take_window_state() {
             replacement.set_window_state(state);
         }
@@ -426,11 +434,20 @@ impl Chain {
                     &mut stage[0],
                     &mut probation[0],
                     i,
+                    0,
                     &mut output,
                     Stage::flush_strict,
                     Stage::flush,
                 ),
             };
+            if flushed.is_ok()
+                && let Some(old) = draining[0].take()
+            {
+                output.verdicts.push(Verdict::Drained {
+                    stage: i,
+                    version: old.plugin().version().to_owned(),
+                });
+            }
             let failure = match flushed {
                 Ok(flushed) => {
                     let version = stage[0].plugin().version().to_owned();
@@ -567,6 +584,7 @@ fn run(
                 stage,
                 probation,
                 index,
+                input.len(),
                 output,
                 |s| s.process_batch_strict(&input),
                 |s| s.process_batch(&input),
@@ -662,14 +680,17 @@ fn joined(first: StageOutput, second: StageOutput) -> StageOutput {
     }
 }
 
-/// Runs one call of stage `index`: as it is, or, when its version is on probation, under the
-/// probation rule (the module docs). `strict` makes the call without isolating events (an
-/// event failure is an `Err`), `isolating` with. Ends the probation when it passes or fails
-/// (the verdict goes to `output`).
+/// Runs one call of stage `index` on `events` events (0 for a flush): as it is, or, when its
+/// version is on probation, under the probation rule (the module docs). `strict` makes the
+/// call without isolating events (an event failure is an `Err`), `isolating` with. Ends the
+/// probation when it passes (only calls with events count) or fails (the verdict goes to
+/// `output`).
+#[allow(clippy::too_many_arguments)]
 fn call(
     stage: &mut Stage,
     probation: &mut Option<Probation>,
     index: usize,
+    events: usize,
     output: &mut ChainOutput,
     strict: impl Fn(&mut Stage) -> Result<StageOutput, PluginError>,
     isolating: impl Fn(&mut Stage) -> Result<StageOutput, PluginError>,
@@ -741,7 +762,8 @@ fn call(
                 });
             }
         }
-        None if result.is_ok() => {
+        // A batch counts when it gave the new version events to fail on.
+        None if result.is_ok() && events > 0 => {
             p.passed += 1;
             if p.passed >= p.batches {
                 let batches = p.passed;
@@ -858,6 +880,31 @@ mod tests {
         assert_eq!(chain.probation(0), None);
         assert_eq!(chain.stages()[0].plugin().version(), version);
         assert_eq!(second.runs[0].version, version);
+    }
+
+    #[test]
+    fn only_batches_with_events_count_for_a_probation() {
+        let runtime = runtime();
+        let mut chain = Chain::new(vec![stage(&runtime, plugins::IDENTITY)]);
+        assert!(
+            chain
+                .swap(
+                    0,
+                    stage(&runtime, plugins::DROP_BOTS),
+                    1,
+                    StateChange::Refuse
+                )
+                .expect("swapped")
+                .is_none()
+        );
+        chain.process(&encode(&[])).expect("an empty batch");
+        chain.flush().expect("a flush");
+        assert_eq!(chain.probation(0), Some((0, 1)), "nothing to fail on yet");
+        let out = chain.process(&batch(&["a"])).expect("a batch");
+        assert!(matches!(
+            &out.verdicts[..],
+            [Verdict::Passed { batches: 1, .. }]
+        ));
     }
 
     #[test]
@@ -1099,13 +1146,14 @@ mod tests {
             "{}",
             refused.message
         );
-        // With no window open, any layout goes.
+        // With no window open, any layout goes, with no probation: the previous version could
+        // never read what the new one writes.
         let mut fresh = Chain::new(vec![stage(&runtime, plugins::TALLY_A)]);
-        assert!(
-            fresh
-                .swap(0, refused.replacement, 0, StateChange::Refuse)
-                .is_ok()
-        );
+        let previous = fresh
+            .swap(0, refused.replacement, 5, StateChange::Refuse)
+            .expect("swapped");
+        assert!(previous.is_some(), "the previous version is not kept");
+        assert_eq!(fresh.probation(0), None);
     }
 
     #[test]

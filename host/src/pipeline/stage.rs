@@ -436,6 +436,22 @@ impl Stage {
         let Some(mut state) = self.windows.take() else {
             return Ok(StageOutput::new(self.builder.finish()));
         };
+        if state.open_windows() > 0 && state.layout() != self.layout.as_deref() {
+            // Never reached through `Chain`, which keeps layouts apart: a stage that cannot
+            // run rather than one that misreads accumulators.
+            let error = PluginError::Config {
+                plugin: self.plugin().name().to_owned(),
+                version: self.plugin().version().to_owned(),
+                message: format!(
+                    "stage `{}`: its windows hold accumulators of state layout `{}`, and this version reads `{}`",
+                    self.name(),
+                    state.layout().unwrap_or_default(),
+                    self.layout.as_deref().unwrap_or_default()
+                ),
+            };
+            self.windows = Some(state);
+            return Err(error);
+        }
         let mut journal = state.journal();
         let result = self.aggregate(&mut state, &mut journal, batch, input, scope);
         if result.is_err() {

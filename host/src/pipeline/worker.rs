@@ -46,6 +46,8 @@ use weir_format::{Batch, BatchBuilder, Event};
 
 /// Most batches one round takes before it is sealed.
 pub const MAX_ROUND: usize = 256;
+/// How long a stopping worker waits for a ticket's callback that another thread is running.
+const CALLBACK_WAIT: Duration = Duration::from_secs(1);
 
 /// How a worker retries and stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -827,6 +829,9 @@ impl Worker {
                     "a sink did not accept the last batches in {:?}",
                     self.config.stop_wait
                 ));
+                // A sink's task may be running the ticket's callback right now: its problem
+                // belongs in this report (the callback never blocks).
+                ticket.wait_until(Instant::now() + CALLBACK_WAIT);
             }
         }
         std::mem::take(&mut *lock(&self.problems))

@@ -441,13 +441,23 @@ impl PipelineBuilder<'_> {
                 .and_then(|plugin| Ok(Stage::new(&plugin, config.clone(), spec.window)?));
             match started {
                 Ok(stage) => return Ok((stage, true)),
-                Err(e) => tracing::error!(
-                    "pipeline `{}`, stage `{}`: the version deployed to it, {} {}, does not start ({e:#}); the config's plugin serves instead",
-                    self.pipeline.name,
-                    spec.name,
-                    resolved.name,
-                    Digest::of(&resolved.bytes).short()
-                ),
+                Err(e) => {
+                    tracing::error!(
+                        "pipeline `{}`, stage `{}`: the version deployed to it, {} {}, does not start ({e:#}); the config's plugin serves instead",
+                        self.pipeline.name,
+                        spec.name,
+                        resolved.name,
+                        Digest::of(&resolved.bytes).short()
+                    );
+                    self.registry.fell_back(
+                        &self.pipeline.name,
+                        &spec.name,
+                        &Digest::of(&bytes),
+                        &name,
+                        &format!("{e:#}"),
+                        now_ms(),
+                    )?;
+                }
             }
         }
         let plugin = self.load(&name, &bytes, path)?;
