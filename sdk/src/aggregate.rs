@@ -63,10 +63,33 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned {
     /// field names and primitive types (`auto:` and a hash). Override it to say yourself when
     /// the encoding changes, e.g. to keep the id across a rename:
     ///
-    /// ```ignore
-    /// fn state_layout() -> String {
-    ///     "count-sum/2".into()
+    /// ```
+    /// use weir_sdk::{Aggregate, Emitter, Event, NoConfig, Result, Window};
+    ///
+    /// #[derive(Default, serde::Serialize, serde::Deserialize)]
+    /// struct Totals {
+    ///     count: u64,
+    ///     sum: i64,
     /// }
+    ///
+    /// impl Aggregate for Totals {
+    ///     type Config = NoConfig;
+    ///
+    ///     fn fold(&mut self, _: &Event, _: &NoConfig) -> Result<()> {
+    ///         self.count += 1;
+    ///         Ok(())
+    ///     }
+    ///
+    ///     fn finish(self, _: &Window, _: &mut Emitter, _: &NoConfig) -> Result<()> {
+    ///         Ok(())
+    ///     }
+    ///
+    ///     fn state_layout() -> String {
+    ///         "count-sum/2".into()
+    ///     }
+    /// }
+    ///
+    /// assert_eq!(Totals::state_layout(), "count-sum/2");
     /// ```
     fn state_layout() -> String {
         format!(
