@@ -22,14 +22,15 @@
 
 #[path = "common/postgres.rs"]
 mod postgres;
+#[path = "common/serve.rs"]
+mod serve;
 
 use bytes::Bytes;
+use serve::WeirServe;
 use std::future::Future;
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weir::config::Config;
@@ -1031,106 +1032,6 @@ async fn block_stops_acking_until_the_receiver_is_back() {
 
 // ---------------------------------------------------------------------------------------------
 // kill -9 with a spill sink's destination down
-
-/// `weir serve` as a child process, killed if the test ends while it runs.
-struct WeirServe {
-    child: Child,
-    addr: SocketAddr,
-    fingerprint: String,
-    /// Its standard output after the banner, line by line.
-    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
-}
-
-impl WeirServe {
-    /// Runs `weir serve --config CONFIG` and reads its banner for the address and fingerprint.
-    async fn start(config: &Path) -> WeirServe {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("WEIR_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("weir serve runs");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
-        // Keeps reading, so that weir never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        // Owned before the banner is read: a failure from here on kills it.
-        let mut server = WeirServe {
-            child,
-            addr: local(),
-            fingerprint: String::new(),
-            lines,
-        };
-        let mut banner = Vec::new();
-        while banner.last().map(String::as_str) != Some("Ctrl-C or SIGTERM stops gracefully.") {
-            match within("weir serve's banner", server.lines.recv()).await {
-                Some(line) => banner.push(line),
-                None => panic!("weir serve exited after printing {banner:?}"),
-            }
-        }
-        let word = |prefix: &str| -> String {
-            banner
-                .iter()
-                .find_map(|line| line.strip_prefix(prefix))
-                .and_then(|rest| rest.split_whitespace().next())
-                .unwrap_or_else(|| panic!("no line `{prefix}…` in the banner {banner:?}"))
-                .to_owned()
-        };
-        server.addr = word("weir serve: listening on ")
-            .parse()
-            .expect("the banner's address");
-        server.fingerprint = word("certificate fingerprint (SHA-256): ");
-        server
-    }
-
-    /// SIGKILL, and reaps it.
-    fn kill(&mut self) {
-        self.child.kill().expect("kill -9 weir serve");
-        self.child.wait().expect("reap weir serve");
-    }
-
-    /// SIGTERM; waits for it to exit and returns the line it printed last.
-    async fn stop(mut self) -> String {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -TERM: {status}");
-        let mut last = String::new();
-        while let Some(line) = within("weir serve's output to end", self.lines.recv()).await {
-            last = line;
-        }
-        let status = within("weir serve to exit", async {
-            loop {
-                if let Some(status) = self.child.try_wait().expect("wait for weir serve") {
-                    return status;
-                }
-                tokio::time::sleep(POLL).await;
-            }
-        })
-        .await;
-        assert!(status.success(), "weir serve exited with {status}");
-        last
-    }
-}
-
-impl Drop for WeirServe {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// A loopback TCP address nothing listens on now.
 fn free_tcp_addr() -> SocketAddr {

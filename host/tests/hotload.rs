@@ -10,34 +10,26 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
+use stream::{BATCH, Streaming, WAIT, batch, batch_of, connect, within};
 use weir::admin::client::{AdminClient, AdminError, DeployRequest};
 use weir::admin::registry::Status;
 use weir::admin::{DeployReport, Outcome};
 use weir::config::Config;
 use weir::server::Server;
-use weir_client::{ConnectOptions, EncodedBatch, Producer};
+use weir_client::{EncodedBatch, Producer};
 use weir_format::{BatchBuilder, Event};
+
+#[path = "common/stream.rs"]
+mod stream;
 
 mod plugins {
     include!(concat!(env!("OUT_DIR"), "/plugin_paths.rs"));
 }
 
-/// The bound of every wait.
-const WAIT: Duration = Duration::from_secs(60);
-/// Events per batch.
-const BATCH: u64 = 20;
 /// The admin token of the test routers.
 const TOKEN: &str = "hot-load-test-token";
-
-async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, future).await {
-        Ok(value) => value,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
-    }
-}
 
 fn wasm(path: &str) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
@@ -148,99 +140,6 @@ fn router() -> &'static Router {
     })
 }
 
-async fn connect(addr: SocketAddr, fingerprint: &str, id: &str, pipeline: &str) -> Producer {
-    let options = ConnectOptions::new(addr, id, [pipeline])
-        .pin(fingerprint)
-        .expect("a fingerprint");
-    within("the producer to connect", Producer::connect(options))
-        .await
-        .expect("the producer connects")
-}
-
-/// Batch `n`: [`BATCH`] events `"bN-eI"` (JSON strings), keyed `k0`..`k3`, event time
-/// `start_ms + n * BATCH + i`.
-fn batch(n: u64, start_ms: i64) -> EncodedBatch {
-    let mut b = BatchBuilder::new();
-    for i in 0..BATCH {
-        let t = start_ms + (n * BATCH + i) as i64;
-        b.push(&Event::new(format!("\"b{n}-e{i}\""), t).with_key(format!("k{}", i % 4)));
-    }
-    EncodedBatch::new(Bytes::from(b.finish())).expect("a batch")
-}
-
-/// Batches a stream keeps unacked: enough to keep the pipeline busy, few enough that it stops
-/// soon after it is told to.
-const IN_FLIGHT: usize = 32;
-
-/// Streams batches 0, 1, 2, … into pipeline 0, [`IN_FLIGHT`] unacked at a time, until `stop`
-/// is set and at least `min` were sent, at most `max`; `sent` counts them.
-async fn stream(producer: &Producer, stop: &AtomicBool, sent: &AtomicU64, min: u64, max: u64) {
-    let mut acks = std::collections::VecDeque::new();
-    for n in 0..max {
-        if n >= min && stop.load(Ordering::Acquire) {
-            break;
-        }
-        let ack = producer
-            .send_batch(0, &batch(n, 0))
-            .await
-            .expect("the producer takes the batch");
-        acks.push_back(ack);
-        sent.store(n + 1, Ordering::Release);
-        if acks.len() > IN_FLIGHT
-            && let Some(oldest) = acks.pop_front()
-        {
-            oldest.await.expect("acked");
-        }
-    }
-}
-
-/// A producer streaming into one pipeline of the shared router in the background.
-struct Streaming {
-    producer: Arc<Producer>,
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Streaming {
-    /// Connects as producer `pipeline` to `pipeline` and streams (see [`stream`]) at least
-    /// `min` batches; returns once 10 are sent.
-    async fn start(r: &Router, pipeline: &str, min: u64) -> Streaming {
-        let producer = Arc::new(connect(r.addr, &r.fingerprint, pipeline, pipeline).await);
-        let (stop, sent) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicU64::new(0)),
-        );
-        let task = {
-            let (producer, stop, sent) = (producer.clone(), stop.clone(), sent.clone());
-            tokio::spawn(async move { stream(&producer, &stop, &sent, min, 20_000).await })
-        };
-        within("batches sent", async {
-            while sent.load(Ordering::Acquire) < 10 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-        Streaming {
-            producer,
-            stop,
-            sent,
-            task,
-        }
-    }
-
-    /// Stops the stream once `min` batches are sent and waits for their acks; the producer and
-    /// the batches sent.
-    async fn finish(self) -> (Arc<Producer>, u64) {
-        self.stop.store(true, Ordering::Release);
-        within("the stream", self.task).await.expect("streamed");
-        within("every ack", self.producer.flush())
-            .await
-            .expect("acked");
-        (self.producer, self.sent.load(Ordering::Acquire))
-    }
-}
-
 fn request(pipeline: &str, path: &str, probation: u64) -> DeployRequest {
     DeployRequest {
         pipeline: pipeline.into(),
@@ -260,21 +159,10 @@ fn header(event: &Event, name: &str) -> String {
     String::from_utf8_lossy(event.header(name).unwrap_or_default()).into_owned()
 }
 
-/// `bN` of an event `"bN-eI"`.
-fn batch_of(event: &Event) -> u64 {
-    let text = String::from_utf8_lossy(&event.value);
-    let digits: String = text
-        .trim_start_matches("\"b")
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().expect("a batch number")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_deploys_under_load_lose_nothing_duplicate_nothing_and_never_split_a_batch() {
     let r = router();
-    let streaming = Streaming::start(r, "tags", 100).await;
+    let streaming = Streaming::start(r.addr, &r.fingerprint, "tags", 100).await;
     let admin = r.admin();
     let mut pauses = Vec::new();
     for i in 0..20 {
@@ -321,7 +209,7 @@ async fn twenty_deploys_under_load_lose_nothing_duplicate_nothing_and_never_spli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploys_under_load_keep_aggregate_windows_exactly() {
     let r = router();
-    let streaming = Streaming::start(r, "counts", 100).await;
+    let streaming = Streaming::start(r.addr, &r.fingerprint, "counts", 100).await;
     let admin = r.admin();
     for i in 0..20 {
         let plugin = if i % 2 == 0 {
@@ -380,7 +268,7 @@ async fn deploys_under_load_keep_aggregate_windows_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_deploys_under_load_leave_the_old_version_serving_and_dead_letter_nothing() {
     let r = router();
-    let streaming = Streaming::start(r, "guarded", 50).await;
+    let streaming = Streaming::start(r.addr, &r.fingerprint, "guarded", 50).await;
     let admin = r.admin();
     let refused = |e: AdminError| match e {
         AdminError::Refused { status, message } => (status, message),

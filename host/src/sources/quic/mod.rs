@@ -27,6 +27,10 @@
 //!   exactly once while the process lives, at least once across a crash). A batch's sequence
 //!   is taken when it enters the pipeline; the acked mark moves as the pipeline accepts
 //!   batches, in sequence order (`sequence.rs`).
+//! - **Restarts.** The endpoint's keys (stateless resets, connection IDs) are kept in the data
+//!   directory (`reset.rs`), so a restarted server's resets end its producers' old
+//!   connections at once and they reconnect within their first backoff, instead of waiting
+//!   out the idle timeout.
 //! - **Over `max_connections`**, a new connection is refused at the QUIC level before TLS
 //!   (transport error `CONNECTION_REFUSED`): a flood costs no handshake and leaves the others
 //!   alone.
@@ -34,6 +38,7 @@
 pub mod config;
 mod connection;
 mod pipeline;
+mod reset;
 mod sequence;
 mod tls;
 
@@ -43,7 +48,7 @@ use anyhow::{Context, Result};
 use config::{ListenerConfig, ServerLimits};
 use connection::ConnState;
 use pipeline::{QuicPipeline, lock};
-use quinn::{Connection, Endpoint, VarInt};
+use quinn::{Connection, Endpoint, TokioRuntime, VarInt};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -283,8 +288,16 @@ impl QuicSource {
     ) -> Result<QuicSource> {
         let tls = tls::setup(listener, data_dir)?;
         let server_config = server_config(listener.limits.protocol, pipelines.len(), tls.config)?;
-        let endpoint = Endpoint::server(server_config, listener.listen)
+        let endpoint_config = reset::endpoint_config(data_dir)?;
+        let socket = std::net::UdpSocket::bind(listener.listen)
             .with_context(|| format!("cannot listen on {}", listener.listen))?;
+        let endpoint = Endpoint::new(
+            endpoint_config,
+            Some(server_config),
+            socket,
+            Arc::new(TokioRuntime),
+        )
+        .with_context(|| format!("cannot listen on {}", listener.listen))?;
         let local_addr = endpoint.local_addr().context("listener address")?;
         let pipelines = pipelines
             .into_iter()
