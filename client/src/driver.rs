@@ -27,6 +27,9 @@ const STOP_EXPLANATION_WAIT: Duration = Duration::from_secs(2);
 enum Failure {
     /// Reconnect (after backoff); the text says why, for logs and the give-up error.
     Retry(String),
+    /// The server refused the `hello` with a code that says to come back later (its
+    /// producer limit, a shutdown): retried with backoff, even on the first connection.
+    Busy(String),
     /// Stop: every pending operation fails with this error.
     Fatal(ClientError),
 }
@@ -99,23 +102,43 @@ impl Driver {
             message: format!("cannot open a UDP socket on {bind}: {e}"),
         })?;
         let server_name = options.tls_server_name();
-        let session = match open_session(
-            &shared,
-            &endpoint,
-            &tls,
-            options.addr,
-            &server_name,
-            options.handshake_timeout,
-        )
-        .await
-        {
-            Ok(session) => session,
-            Err(Failure::Fatal(error)) => return Err(error),
-            Err(Failure::Retry(message)) => {
-                return Err(ClientError::Connect {
-                    server: shared.server.clone(),
-                    message,
-                });
+        let started = Instant::now();
+        let mut delay = options.reconnect.initial_backoff;
+        let session = loop {
+            match open_session(
+                &shared,
+                &endpoint,
+                &tls,
+                options.addr,
+                &server_name,
+                options.handshake_timeout,
+            )
+            .await
+            {
+                Ok(session) => break session,
+                Err(Failure::Fatal(error)) => return Err(error),
+                // No server there, or no answer: said at once.
+                Err(Failure::Retry(message)) => {
+                    return Err(ClientError::Connect {
+                        server: shared.server.clone(),
+                        message,
+                    });
+                }
+                // A server that says "later" is asked again, as a reconnect would.
+                Err(Failure::Busy(last)) => {
+                    if let Some(limit) = options.reconnect.give_up_after
+                        && started.elapsed() + delay >= limit
+                    {
+                        return Err(ClientError::GaveUp {
+                            server: shared.server.clone(),
+                            seconds: started.elapsed().as_secs(),
+                            last,
+                        });
+                    }
+                    tracing::warn!(server = %shared.server, "{last}; trying again in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = delay.saturating_mul(2).min(options.reconnect.max_backoff);
+                }
             }
         };
         Ok(Driver {
@@ -157,7 +180,7 @@ impl Driver {
                     self.endpoint.wait_idle().await;
                     return;
                 }
-                Failure::Retry(reason) => reason,
+                Failure::Retry(reason) | Failure::Busy(reason) => reason,
             };
             tracing::info!(server = %self.shared.server, %reason, "connection lost, reconnecting");
             self.session
@@ -234,7 +257,7 @@ impl Driver {
             {
                 Ok(session) => return Ok(session),
                 Err(Failure::Fatal(error)) => return Err(error),
-                Err(Failure::Retry(reason)) => {
+                Err(Failure::Retry(reason) | Failure::Busy(reason)) => {
                     tracing::debug!(server = %self.shared.server, %reason, "reconnect failed");
                     last = reason;
                 }
@@ -391,7 +414,7 @@ async fn handshake(
 /// A refusal: fatal unless its code says to retry.
 fn refusal(server: &str, code: ErrorCode, message: String) -> Failure {
     if code.is_retryable() {
-        Failure::Retry(format!("refused: {}: {message}", code_label(code)))
+        Failure::Busy(format!("refused: {}: {message}", code_label(code)))
     } else {
         Failure::Fatal(ClientError::Refused {
             server: server.to_string(),
@@ -411,7 +434,9 @@ fn classify(server: &str, error: &ConnectionError, handshake: bool) -> Failure {
                 u16::try_from(close.error_code.into_inner()).unwrap_or(u16::MAX),
             );
             let message = String::from_utf8_lossy(&close.reason).into_owned();
-            if code.is_retryable() {
+            if code.is_retryable() && handshake {
+                refusal(server, code, message)
+            } else if code.is_retryable() {
                 Failure::Retry(format!(
                     "closed by the server: {}: {message}",
                     code_label(code)

@@ -42,7 +42,11 @@
 //! on the current tokio runtime. The driver writes each pipeline's batches on its own QUIC
 //! stream, applies acks, and after a lost connection (timeout, reset, a retryable close,
 //! `goaway`) reconnects with backoff under the same producer id and resends what is unacked:
-//! the server drops what it already accepted, so nothing is lost or duplicated. A refusal or
+//! the server drops what it already accepted, so nothing is lost or duplicated. A `refuse`
+//! that says to come back later (`TOO_MANY_PRODUCERS`, `SHUTTING_DOWN`) is retried the same
+//! way, on the first connection too. [`ReconnectPolicy`] sets the backoff and when to give up
+//! (default: 100 ms doubling up to 5 s, giving up after 300 s with [`ClientError::GaveUp`],
+//! failing every pending ack); a first connection the network cannot make fails at once. A refusal or
 //! error the protocol says not to retry (`UNAUTHENTICATED`, `UNKNOWN_PIPELINE`,
 //! `INVALID_BATCH`, `SUPERSEDED`, …) stops the producer: every pending ack and later call
 //! fails with a [`ClientError`] naming the code and the server's message.

@@ -1,7 +1,7 @@
 //! `weir send` against an in-process server (`weir::server::Server`) with a file sink: exact
 //! file contents for a JSON-lines file and for generated events, and the failures a user meets
 //! first (a bad line, no pin, a wrong pin, a wrong token), each with exit status 1 and a message
-//! naming the problem.
+//! naming the problem; a full pipeline (`TOO_MANY_PRODUCERS`) is waited for, not an error.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -25,12 +25,19 @@ impl Setup {
 listen = "127.0.0.1:0"
 data_dir = "data"
 
+[limits]
+max_producers_per_pipeline = 1
+
 [auth]
 anonymous = false
 
 [[producers]]
 id = "sender"
 token = "s3cret"
+
+[[producers]]
+id = "holder"
+token = "holder-token"
 
 [pipelines.clicks]
 sinks = ["out"]
@@ -220,6 +227,39 @@ async fn the_server_must_be_verified_with_the_right_pin_and_token() {
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(setup.out(), "{\"value\":1,\"timestamp_ms\":1}\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pipeline_is_waited_for_with_backoff() {
+    let setup = Setup::start().await;
+    let file = write(
+        &setup.path("one.jsonl"),
+        "{\"value\":1,\"timestamp_ms\":1}\n",
+    );
+    let pin = setup.server.fingerprint();
+    let options = weir_client::ConnectOptions::new(setup.server.local_addr(), "holder", ["clicks"])
+        .pin(&pin)
+        .expect("a fingerprint")
+        .token("holder-token");
+    let holder = weir_client::Producer::connect(options)
+        .await
+        .expect("the holder connects");
+    let args = ["--file", &file, "--pin", &pin, "--token", "s3cret"];
+    let send = setup.send(&args);
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        holder.close().await.expect("the holder leaves");
+    };
+    let (output, ()) = tokio::join!(send, release);
+    let stderr = stderr(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "refused: TOO_MANY_PRODUCERS (0x0a): pipeline `clicks`: 1 producers connected, the limit is 1 (max_producers_per_pipeline); trying again in 100ms"
+        ),
+        "{stderr}"
     );
     assert_eq!(setup.out(), "{\"value\":1,\"timestamp_ms\":1}\n");
 }

@@ -1451,3 +1451,128 @@ fn weir_serve_prints_its_setup_and_stops_on_sigterm() {
     };
     assert!(status.success(), "exit status {status}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Producers that vanish
+
+/// A UDP relay between one client and the server that can go silent: a producer that
+/// vanishes (no close, no answer to anything) without killing a process.
+struct Relay {
+    addr: std::net::SocketAddr,
+    silent: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(server: std::net::SocketAddr) -> Relay {
+        use std::sync::atomic::Ordering;
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("the relay's front");
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("the relay's back");
+        back.connect(server).await.expect("the relay's server");
+        let addr = front.local_addr().expect("the relay's address");
+        let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = {
+            let silent = silent.clone();
+            tokio::spawn(async move {
+                let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+                let mut client = None;
+                loop {
+                    tokio::select! {
+                        Ok((n, from)) = front.recv_from(&mut up) => {
+                            client = Some(from);
+                            if !silent.load(Ordering::Acquire) {
+                                let _ = back.send(&up[..n]).await;
+                            }
+                        }
+                        Ok(n) = back.recv(&mut down) => {
+                            if let (Some(client), false) = (client, silent.load(Ordering::Acquire)) {
+                                let _ = front.send_to(&down[..n], client).await;
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        Relay { addr, silent, task }
+    }
+
+    /// From now on nothing passes either way.
+    fn vanish(&self) {
+        self.silent
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn welcomed(p: &mut Producer, id: &str, token: &str) {
+    let answer = p.hello(id, token, &["clicks"]).await;
+    assert!(matches!(answer, Frame::Welcome(_)), "{id}: {answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vanished_producer_gives_its_slot_up_and_a_live_idle_one_keeps_it() {
+    let t = TestServer::start(
+        "max_producers_per_pipeline = 2",
+        "[auth]\nanonymous = true\n",
+    )
+    .await;
+    let (addr, fingerprint) = (t.server.local_addr(), t.server.fingerprint());
+    let r1 = Relay::start(addr).await;
+    let mut old = Producer::connect_with_addr(r1.addr, &fingerprint).await;
+    welcomed(&mut old, "sensor-7", "s3cret").await;
+    let r2 = Relay::start(addr).await;
+    let mut vanishing = Producer::connect_with_addr(r2.addr, &fingerprint).await;
+    welcomed(&mut vanishing, "other", "other-token").await;
+
+    // The pipeline is full, but a producer id reconnecting takes over its own slot.
+    let mut live = Producer::connect_with_addr(addr, &fingerprint).await;
+    welcomed(&mut live, "sensor-7", "s3cret").await;
+    drop(old);
+
+    // `other` vanishes: no close, no answer to pings. Until it has been quiet for a few keep-alive
+    // intervals its slot is taken; then it goes to the next producer.
+    r2.vanish();
+    assert_eq!(
+        refused(&t, "third", "", &["clicks"]).await.0,
+        ErrorCode::TooManyProducers
+    );
+    let started = std::time::Instant::now();
+    let mut third = loop {
+        let mut p = Producer::connect(&t.server).await;
+        match p.hello("third", "", &["clicks"]).await {
+            Frame::Welcome(_) => break p,
+            Frame::Refuse(r) if r.code == ErrorCode::TooManyProducers => {
+                assert!(
+                    started.elapsed() < WAIT,
+                    "the slot was never reclaimed: {}",
+                    r.message
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => panic!("expected welcome or TOO_MANY_PRODUCERS, got {other:?}"),
+        }
+    };
+    println!(
+        "a vanished producer's slot went to another after {} ms",
+        started.elapsed().as_millis()
+    );
+
+    // `sensor-7` was idle all along and answered the pings: it kept its slot and still works.
+    let mut s = live.stream().await;
+    let lines = send_clicks(&mut s, 0).await;
+    live.ack_reaching(0, 1).await;
+    let mut s = third.stream().await;
+    let more = send_clicks(&mut s, 1).await;
+    third.ack_reaching(0, 2).await;
+    assert_eq!(t.clicks(), format!("{lines}{more}"));
+    drop(vanishing);
+}

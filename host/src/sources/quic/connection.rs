@@ -30,6 +30,8 @@ use weir_format::frame::{
 const READ_CHUNKS: usize = 64;
 /// How long a closing connection waits for the producer to receive its last control frames.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How often a connection looks whether the producer was heard from.
+const HEARD_TICK: Duration = Duration::from_secs(1);
 /// Most `error` frames queued and not sent: more means the producer fails streams faster than
 /// it reads its control stream, and its connection is closed (the queue stays bounded).
 const MAX_QUEUED_ERRORS: usize = 64;
@@ -66,9 +68,24 @@ pub(crate) struct ConnState {
     first_frames: Semaphore,
     outbox: Mutex<OutboxState>,
     wake: Notify,
+    /// When a datagram from the producer was last seen (checked every [`HEARD_TICK`]; a live
+    /// producer answers the server's keep-alive pings).
+    heard: Mutex<Instant>,
 }
 
 impl ConnState {
+    /// How long the producer has not been heard from.
+    pub fn quiet_for(&self) -> Duration {
+        lock(&self.heard).elapsed()
+    }
+
+    /// Closes the connection of a producer that stopped answering, at once: its slot goes to
+    /// another producer.
+    pub fn evict(&self, reason: &str) {
+        self.conn
+            .close(code(ErrorCode::TooManyProducers), reason.as_bytes());
+    }
+
     fn push(&self, f: impl FnOnce(&mut OutboxState)) {
         f(&mut lock(&self.outbox));
         self.wake.notify_one();
@@ -346,6 +363,7 @@ fn admit(
         pipelines,
         outbox: Mutex::new(OutboxState::default()),
         wake: Notify::new(),
+        heard: Mutex::new(Instant::now()),
     });
     shared.register(conn, state.clone())?;
     // Before `welcome` reads the sequence state: acks of batches accepted on an earlier
@@ -391,8 +409,17 @@ async fn serve(
     let writer = tokio::spawn(write_control(conn.clone(), state.clone(), send));
     let reader = tokio::spawn(read_control(conn.clone(), state.clone(), recv, decoder));
     let mut stop = shared.stop_reading.subscribe();
+    let mut tick = tokio::time::interval(HEARD_TICK);
+    let mut datagrams = conn.stats().udp_rx.datagrams;
     loop {
         tokio::select! {
+            _ = tick.tick() => {
+                let now = conn.stats().udp_rx.datagrams;
+                if now != datagrams {
+                    datagrams = now;
+                    *lock(&state.heard) = Instant::now();
+                }
+            }
             stream = conn.accept_uni() => match stream {
                 Ok(recv) => {
                     let guard = shared.streams.guard();

@@ -58,8 +58,12 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use weir_format::frame::{ErrorCode, LENGTH_BYTES, MAX_PIPELINES};
 
-/// How often the server pings an idle connection (quinn's idle timeout is 30 s).
-const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// How often the server pings an idle connection (quinn's idle timeout is 30 s): a live
+/// producer's answer is how a connection knows it is not dead (`connection.rs`).
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// A producer not heard from for this long (several keep-alive pings unanswered) gives its
+/// slot on a full pipeline to a producer that connects.
+const DEAD_AFTER: Duration = Duration::from_secs(4);
 /// How long closing waits for the connections to close after their last ack.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// The source's name in the metrics.
@@ -173,7 +177,8 @@ impl Shared {
         }
     }
 
-    /// Registers an admitted connection: the producer limits, then shutdown, then the
+    /// Registers an admitted connection: the producer limits (on a full pipeline, producers
+    /// not heard from for [`DEAD_AFTER`] are evicted first), then shutdown, then the
     /// newest-wins rule (PROTOCOL §6).
     fn register(
         &self,
@@ -182,15 +187,38 @@ impl Shared {
     ) -> Result<(), (ErrorCode, String)> {
         let mut registry = lock(&self.registry);
         let id = state.producer.clone();
+        let limit = self.limits.max_producers_per_pipeline as usize;
         for pipeline in &state.pipelines {
-            let connected = registry
-                .iter()
-                .filter(|(other, r)| {
-                    other.as_str() != &*id
-                        && r.state.pipelines.iter().any(|p| Arc::ptr_eq(p, pipeline))
-                })
-                .count();
-            let limit = self.limits.max_producers_per_pipeline as usize;
+            let holders = |registry: &HashMap<String, Registered>| -> Vec<String> {
+                registry
+                    .iter()
+                    .filter(|(other, r)| {
+                        other.as_str() != &*id
+                            && r.state.pipelines.iter().any(|p| Arc::ptr_eq(p, pipeline))
+                    })
+                    .map(|(other, _)| other.clone())
+                    .collect()
+            };
+            let mut connected = holders(&registry);
+            if connected.len() >= limit {
+                // A producer that vanished (no close, no answer to pings) gives its slot up.
+                for other in &connected {
+                    if let Some(r) = registry.get(other)
+                        && r.state.quiet_for() >= DEAD_AFTER
+                    {
+                        let reason = format!(
+                            "producer `{other}`: not heard from for {} s; its slot on pipeline `{}` went to producer `{id}`",
+                            r.state.quiet_for().as_secs(),
+                            pipeline.name
+                        );
+                        tracing::info!("{reason}");
+                        r.state.evict(&reason);
+                        registry.remove(other);
+                    }
+                }
+                connected = holders(&registry);
+            }
+            let connected = connected.len();
             if connected >= limit {
                 return Err((
                     ErrorCode::TooManyProducers,
