@@ -35,7 +35,7 @@ use weir_format::frame::{BATCH_HEADER_BYTES, MAX_NAME_BYTES};
 
 use crate::admin::AdminConfig;
 use crate::pipeline::WindowConfig;
-use crate::pipeline::config::{PipelineConfig, PluginSource, StageSpec};
+use crate::pipeline::config::{PipelineConfig, PluginSource, StageSpec, dead_letter_file};
 use crate::pipeline::route::{Condition, Route, Unmatched};
 use crate::sinks::{
     BufferConfig, FileConfig, Fsync, HttpConfig, PostgresConfig, QuicConfig, RetryConfig,
@@ -384,7 +384,9 @@ impl Config {
             .map(|(name, p)| pipeline(&source, name, p, &sink_names, &resolve))
             .collect::<Result<Vec<_>, _>>()?;
 
+        let data_dir = resolve(&raw.listener.data_dir);
         check_sinks_in_use(&source, &raw.sinks, &sinks, &pipelines, listen)?;
+        check_files(&source, &raw.sinks, &sinks, &pipelines, &data_dir)?;
         let metrics = match &raw.metrics {
             None => None,
             Some(m) => Some(m.listen.get_ref().parse::<SocketAddr>().map_err(|_| {
@@ -404,7 +406,7 @@ impl Config {
         };
         Ok(Config {
             path: path.to_path_buf(),
-            data_dir: resolve(&raw.listener.data_dir),
+            data_dir,
             listener: ListenerConfig {
                 listen,
                 tls,
@@ -695,6 +697,51 @@ fn check_sinks_in_use(
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// File sinks each write a file of their own: two sinks appending to one file would interleave
+/// their lines and rotate each other's files, and a sink writing a pipeline's default
+/// dead-letter file would mix events and dead letters. Refused at the later sink, naming both.
+fn check_files(
+    source: &Source<'_>,
+    raw: &BTreeMap<Spanned<String>, Spanned<toml::Table>>,
+    sinks: &[SinkConfig],
+    pipelines: &[PipelineConfig],
+    data_dir: &Path,
+) -> Result<(), ConfigError> {
+    let mut files: Vec<(PathBuf, String)> = pipelines
+        .iter()
+        .filter(|p| p.dead_letters.is_none())
+        .map(|p| {
+            (
+                dead_letter_file(data_dir, &p.name),
+                format!("pipeline `{}`'s dead-letter file", p.name),
+            )
+        })
+        .collect();
+    let mut raw: Vec<_> = raw.iter().collect();
+    raw.sort_by_key(|(name, _)| name.span().start);
+    for (name, table) in raw {
+        let Some(SinkKind::File(file)) = sinks
+            .iter()
+            .find(|s| &s.name == name.get_ref())
+            .map(|s| &s.kind)
+        else {
+            continue;
+        };
+        if let Some((_, owner)) = files.iter().find(|(path, _)| *path == file.path) {
+            return Err(source.at(
+                table,
+                format!(
+                    "sink `{}` writes to {}, which is {owner}: lines of both would interleave in one file; give the sink a path of its own",
+                    name.get_ref(),
+                    file.path.display()
+                ),
+            ));
+        }
+        files.push((file.path.clone(), format!("sink `{}`'s file", name.get_ref())));
     }
     Ok(())
 }
@@ -1509,6 +1556,30 @@ path = "out.jsonl"
             e.ends_with("sink `out`: buffer_events must be above 0"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn two_sinks_writing_one_file_are_refused_naming_both() {
+        let twin = "\n[sinks.twin]\ntype = \"file\"\npath = \"./sub/../out.jsonl\"\n";
+        assert_eq!(
+            error(&routed("sinks = [\"out\", \"twin\"]", twin)),
+            "conf/weir.toml:16:1: sink `twin` writes to conf/out.jsonl, which is sink `out`'s file: lines of both would interleave in one file; give the sink a path of its own"
+        );
+        let into_dead_letters =
+            "\n[sinks.twin]\ntype = \"file\"\npath = \"data/dead-letters/clicks.jsonl\"\n";
+        assert_eq!(
+            error(&routed("sinks = [\"out\", \"twin\"]", into_dead_letters)),
+            "conf/weir.toml:16:1: sink `twin` writes to conf/data/dead-letters/clicks.jsonl, which is pipeline `clicks`'s dead-letter file: lines of both would interleave in one file; give the sink a path of its own"
+        );
+        // A pipeline with a dead-letter sink of its own writes no dead-letter file.
+        Config::parse(
+            &routed(
+                "sinks = [\"out\"]\ndead_letters = \"twin\"",
+                &into_dead_letters.replace("clicks.jsonl", "other.jsonl"),
+            ),
+            "conf/weir.toml",
+        )
+        .expect("a file of its own");
     }
 
     #[test]

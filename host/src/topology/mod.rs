@@ -26,7 +26,7 @@ use crate::admin::deploy::{PipelineTarget, StageTarget};
 use crate::admin::registry::Registry;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::pipeline::config::{PipelineConfig, PluginSource, StageSpec};
+use crate::pipeline::config::{PipelineConfig, PluginSource, StageSpec, dead_letter_file};
 use crate::pipeline::fanout::{Fanout, UnmatchedOut};
 use crate::pipeline::route::{Condition, Unmatched};
 use crate::pipeline::{Chain, Pipeline, PipelineInput, Stage, WorkerConfig, WorkerSetup};
@@ -499,11 +499,7 @@ impl PipelineBuilder<'_> {
     /// The pipeline's default dead-letter sink: `DATA_DIR/dead-letters/PIPELINE.jsonl`.
     fn dead_letter_file(&mut self) -> Result<Arc<Sink>> {
         let name = &self.pipeline.name;
-        let path = self
-            .config
-            .data_dir
-            .join("dead-letters")
-            .join(format!("{name}.jsonl"));
+        let path = dead_letter_file(&self.config.data_dir, name);
         let sink_name = format!("{name}/dead-letters");
         let destination = FileDestination::open(
             &sink_name,
