@@ -1693,10 +1693,24 @@ mod tests {
             panic!("one batch expected")
         };
         let err = b.verify().expect_err("garbage");
-        assert!(
-            err.to_string()
-                .starts_with("batch 3: payload is not a valid weir batch: malformed batch: "),
-            "{err}"
+        // One line in the house style, not the verifier's capitalised multi-line text.
+        assert_eq!(
+            err.to_string(),
+            "batch 3: payload is not a valid weir batch: malformed batch: signed offset at position 8 has value 1651663207 which points out of bounds"
+        );
+        // A length pointing past the end, deep in the batch: the trace, one level per clause.
+        let mut payload = crate::encode(&example_events());
+        let n = payload.len();
+        payload[n - 8] = 0xff;
+        let deep = BatchFrame {
+            pipeline: 0,
+            sequence: 4,
+            event_count: 1,
+            payload,
+        };
+        assert_eq!(
+            deep.verify().map(|_| ()).map_err(|e| e.to_string()),
+            Err("batch 4: payload is not a valid weir batch: malformed batch: range [84, 339) is out of bounds, while verifying table field `key` at position 48, while verifying vector element 0 at position 28, while verifying table field `events` at position 20".into())
         );
         let lying = BatchFrame {
             pipeline: 0,

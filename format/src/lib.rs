@@ -54,7 +54,7 @@ pub enum FormatError {
         len: usize,
     },
     /// The FlatBuffers verifier rejected the buffer.
-    #[error("malformed batch: {0}")]
+    #[error("malformed batch: {}", one_line(.0))]
     Malformed(#[from] flatbuffers::InvalidFlatbuffer),
     /// A keep-bitmap whose length does not match the batch it answers.
     #[error(
@@ -68,6 +68,24 @@ pub enum FormatError {
         /// Bytes expected: ceil(events / 8).
         expected: usize,
     },
+}
+
+/// The verifier's message (capitalised sentences, a trace line per level, tabs) as one line
+/// in the house style, as it goes into logs and `error` frames: `range [12, 300) is out of
+/// bounds, while verifying table field `events` at position 4`.
+fn one_line(error: &flatbuffers::InvalidFlatbuffer) -> String {
+    let text = error.to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(|line| line.trim().trim_end_matches('.'))
+        .filter(|line| !line.is_empty())
+        .collect();
+    let joined = parts.join(", ");
+    let mut chars = joined.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => joined,
+    }
 }
 
 /// An owned event: what a producer sends and a sink receives, independent of any buffer.
