@@ -490,10 +490,11 @@ impl Sink {
         Ok(())
     }
 
-    /// Waits while `full`: a pipeline held back by this sink. Warns once a wait passes
-    /// [`SLOW_WAIT`] (a sink that sets the pace is normal backpressure, not news); once the
-    /// router is stopping, gives up [`SHUTDOWN_WAIT`] after it began (one deadline for every
-    /// wait, not one per offer: a worker's queue may hold a thousand batches).
+    /// Waits while `full`: a pipeline held back by this sink. Warns once the destination has
+    /// delivered nothing for [`SLOW_WAIT`] of the wait (a sink that sets the pace, delivering
+    /// as fast as it can, is normal backpressure, not news); once the router is stopping,
+    /// gives up [`SHUTDOWN_WAIT`] after it began (one deadline for every wait, not one per
+    /// offer: a worker's queue may hold a thousand batches).
     fn wait_for_room<'s>(
         &self,
         mut state: MutexGuard<'s, State>,
@@ -503,9 +504,15 @@ impl Sink {
     ) -> Result<MutexGuard<'s, State>, String> {
         let started = Instant::now();
         let mut warned = false;
+        // Since when the destination has delivered nothing.
+        let mut stalled = (started, self.metrics.events_out.get());
         while full(&state) {
+            let delivered = self.metrics.events_out.get();
+            if delivered != stalled.1 {
+                stalled = (Instant::now(), delivered);
+            }
             let waited = started.elapsed();
-            if !warned && waited >= SLOW_WAIT {
+            if !warned && stalled.0.elapsed() >= SLOW_WAIT {
                 warned = true;
                 tracing::warn!(
                     "sink `{}`: {}: its pipelines have waited {waited:?} for {} (when_full = {})",
@@ -991,3 +998,6 @@ fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
     let factor = 1u32 << attempt.saturating_sub(1).min(20);
     retry.initial.saturating_mul(factor).min(retry.max)
 }
+
+#[cfg(test)]
+mod tests;
