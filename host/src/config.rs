@@ -47,12 +47,12 @@ use crate::sources::quic::config::{ListenerConfig, ProducerConfig, ServerLimits,
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file cannot be read.
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}: {error}")]
     Read {
         /// The file.
         path: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not a source: error chains would print it twice).
+        error: std::io::Error,
     },
     /// The file is read but invalid.
     #[error("{path}:{line}:{column}: {message}")]
@@ -319,9 +319,9 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Config::parse(&text, path)
     }
@@ -741,7 +741,10 @@ fn check_files(
                 ),
             ));
         }
-        files.push((file.path.clone(), format!("sink `{}`'s file", name.get_ref())));
+        files.push((
+            file.path.clone(),
+            format!("sink `{}`'s file", name.get_ref()),
+        ));
     }
     Ok(())
 }

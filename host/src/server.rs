@@ -123,7 +123,7 @@ impl Server {
     /// and returns: producers can connect at once.
     pub async fn start(config: Config) -> Result<Server> {
         let metrics = Metrics::new();
-        std::fs::create_dir_all(&config.data_dir)
+        crate::files::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
         let registry = Arc::new(Registry::open(&config.data_dir)?);
         let built = Topology::build(&config, &metrics, &registry)?;

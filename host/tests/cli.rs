@@ -704,3 +704,25 @@ fn new_build_test_an_aggregate() {
     ));
     assert!(bench.contains("wasm / native: "), "{bench}");
 }
+
+#[test]
+fn serve_names_a_missing_config_and_a_file_in_a_sinks_way_once() {
+    let dir = scratch();
+    assert_eq!(
+        error_line(weir(dir.path(), &["serve", "--config", "nope.toml"])),
+        format!(
+            "error: cannot read config nope.toml: {}",
+            std::io::Error::from_raw_os_error(2)
+        )
+    );
+    std::fs::write(dir.path().join("afile"), "x").expect("write");
+    std::fs::write(
+        dir.path().join("weir.toml"),
+        "[listener]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[pipelines.p]\nsinks = [\"out\"]\n\n[sinks.out]\ntype = \"file\"\npath = \"afile/out.jsonl\"\n",
+    )
+    .expect("write the config");
+    assert_eq!(
+        error_line(weir(dir.path(), &["serve", "--config", "weir.toml"])),
+        "error: sink `out`: cannot open file afile/out.jsonl: creating its directory afile: afile is a file, not a directory"
+    );
+}

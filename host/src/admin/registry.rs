@@ -166,7 +166,7 @@ impl Registry {
             path: path.display().to_string(),
             message,
         };
-        std::fs::create_dir_all(dir.join("blobs"))
+        crate::files::create_dir_all(&dir.join("blobs"))
             .map_err(|e| error(&dir, format!("cannot create it: {e}")))?;
         let file = dir.join("stages.json");
         let mut stored = match std::fs::read(&file) {

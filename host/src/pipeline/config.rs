@@ -9,7 +9,9 @@ use std::time::Duration;
 
 /// The file a pipeline's dead letters go to when it names no `dead_letters` sink.
 pub fn dead_letter_file(data_dir: &Path, pipeline: &str) -> PathBuf {
-    data_dir.join("dead-letters").join(format!("{pipeline}.jsonl"))
+    data_dir
+        .join("dead-letters")
+        .join(format!("{pipeline}.jsonl"))
 }
 
 /// A pipeline: stages run in order, outputs written to sinks.

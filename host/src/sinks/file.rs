@@ -259,7 +259,7 @@ fn open_current(path: &Path, fsync: Fsync) -> Result<Current, String> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
+    crate::files::create_dir_all(dir)
         .map_err(|e| format!("creating its directory {}: {e}", dir.display()))?;
     let mut file = OpenOptions::new()
         .read(true)
@@ -624,10 +624,10 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "sink `out`: cannot open file {}: creating its directory {}: {}",
+                "sink `out`: cannot open file {}: creating its directory {}: {} is a file, not a directory",
                 path.display(),
                 blocker.display(),
-                io::Error::from_raw_os_error(17)
+                blocker.display()
             )
         );
     }

@@ -932,7 +932,7 @@ fn create_dir_durably(dir: &Path) -> Result<(), SpillError> {
     if missing.is_empty() {
         return Ok(());
     }
-    fs::create_dir_all(dir).map_err(io_error(dir, "create the directory"))?;
+    crate::files::create_dir_all(dir).map_err(io_error(dir, "create the directory"))?;
     for path in missing.iter().rev() {
         match path.parent().filter(|p| !p.as_os_str().is_empty()) {
             Some(parent) => sync_dir(parent)?,

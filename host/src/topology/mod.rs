@@ -111,7 +111,7 @@ impl Topology {
     /// Compiles every plugin, instantiates every stage, opens every sink (see the module
     /// docs); starts nothing.
     pub fn build(config: &Config, metrics: &Arc<Metrics>, registry: &Registry) -> Result<Built> {
-        std::fs::create_dir_all(&config.data_dir)
+        crate::files::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
         let stage_count: usize = config.pipelines.iter().map(|p| p.stages.len()).sum();
         let max_memory = config
