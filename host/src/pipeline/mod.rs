@@ -26,4 +26,6 @@ pub use stage::{DeadLetter, LateEvent, Scope, Stage, StageOutput};
 pub use window::{
     MAX_WINDOWS_PER_EVENT, WindowConfig, WindowError, WindowId, WindowKind, WindowState, Windows,
 };
-pub use worker::{MAX_ROUND, Pipeline, PipelineControl, Swap, Swapped, WorkerConfig, WorkerSetup};
+pub use worker::{
+    MAX_ROUND, Outputs, Pipeline, PipelineControl, Swap, Swapped, WorkerConfig, WorkerSetup,
+};

@@ -15,7 +15,12 @@
 //! - **Control.** Between two batches the worker takes [`Control`] messages, ahead of any
 //!   queued batch: swap a stage's plugin version ([`Swap`]: the new version is instantiated
 //!   and initialized off the worker, so the swap itself moves a few pointers and the window
-//!   state), and stop. A version on probation is the chain's business (`chain.rs`); the
+//!   state), send the output elsewhere from the next round on ([`Outputs`]: a reload's new
+//!   routes or sinks), retire (a reload removes or restarts the pipeline: the queue is
+//!   processed and the windows flushed, and the rounds resolve whenever the sinks accept
+//!   them), and stop. A pipeline that replaces another is started with
+//!   [`Pipeline::spawn_after`]: it takes the sources' queue at once and its first batch once
+//!   the one it replaces retired. A version on probation is the chain's business (`chain.rs`); the
 //!   worker tells the deployer the verdict and counts swaps, pauses and rollbacks.
 //! - **A stage that cannot run** (its instance pool exhausted, its plugin's `init` refusing on
 //!   a recycle) leaves no half-applied batch: the chain hands back what the earlier stages
@@ -115,10 +120,33 @@ pub struct Swapped {
     pub pause: Duration,
 }
 
+/// Where a pipeline's output goes, as a reload changes it: its fan-out (routes, `unmatched`,
+/// dead-letter sink) and its version header.
+pub struct Outputs {
+    /// The sinks and their conditions.
+    pub(crate) fanout: Fanout,
+    /// A header naming the plugin versions that made each output event.
+    pub version_header: Option<String>,
+}
+
 /// What a running pipeline's worker is told between two batches.
 pub(crate) enum Control {
     /// Swap a stage's plugin version; window state carries over.
     Swap(Box<Swap>),
+    /// From the next round on, the output goes to these sinks; told once it does.
+    Outputs {
+        /// The new outputs.
+        outputs: Box<Outputs>,
+        /// Told once the next round will use them.
+        done: oneshot::Sender<()>,
+    },
+    /// Stop taking batches, process what is queued (and what sources hold room for), flush
+    /// windows, and end without waiting for the sinks: the rounds resolve whenever the sinks
+    /// accept them. For a pipeline a reload removes or restarts.
+    Retire {
+        /// Told once the worker ended.
+        reply: oneshot::Sender<()>,
+    },
     /// Stop taking batches, process what is queued, flush windows, wait for the sinks, end.
     /// Replies with the problems met (empty when everything was accepted).
     Stop {
@@ -188,6 +216,24 @@ impl Pipeline {
     /// Starts the worker thread. Must be called within a tokio runtime (the worker waits for
     /// its queues on it, from its own thread).
     pub fn spawn(setup: WorkerSetup) -> std::io::Result<Pipeline> {
+        Pipeline::start(setup, None)
+    }
+
+    /// Starts the worker thread, which takes its first batch once `after` completes (or is
+    /// dropped): a pipeline that replaces another takes over its sources' queue at once, and
+    /// processes it only once the one it replaces has retired, so each producer's batches stay
+    /// in order.
+    pub fn spawn_after(
+        setup: WorkerSetup,
+        after: oneshot::Receiver<()>,
+    ) -> std::io::Result<Pipeline> {
+        Pipeline::start(setup, Some(after))
+    }
+
+    fn start(
+        setup: WorkerSetup,
+        after: Option<oneshot::Receiver<()>>,
+    ) -> std::io::Result<Pipeline> {
         let name: Arc<str> = Arc::from(setup.name.as_str());
         let (tx, rx) = mpsc::channel(setup.queue.max(1));
         let (control, control_rx) = mpsc::unbounded_channel();
@@ -215,7 +261,12 @@ impl Pipeline {
         };
         let thread = std::thread::Builder::new()
             .name(format!("weir-{name}"))
-            .spawn(move || worker.run())?;
+            .spawn(move || {
+                if let Some(after) = after {
+                    let _ = worker.runtime.block_on(after);
+                }
+                worker.run();
+            })?;
         Ok(Pipeline {
             input: PipelineInput::new(name.clone(), tx),
             name,
@@ -270,6 +321,19 @@ impl Pipeline {
         }
     }
 
+    /// Tells the worker to retire (see [`Control::Retire`]); the future completes once it
+    /// processed what was queued and ended. Its rounds resolve whenever the sinks accept them.
+    pub fn retire(&self) -> impl std::future::Future<Output = ()> + use<> {
+        let (reply, done) = oneshot::channel();
+        let sent = self.control(Control::Retire { reply });
+        async move {
+            if sent.is_ok() {
+                // Dropped unanswered: the worker ended some other way; nothing to wait for.
+                let _ = done.await;
+            }
+        }
+    }
+
     /// Waits for the worker thread to end (after [`Pipeline::stop`]); blocks.
     pub fn join(mut self) -> Result<(), String> {
         match self.thread.take().map(JoinHandle::join) {
@@ -290,8 +354,31 @@ impl PipelineControl {
     /// Hands the worker a new version of a stage (see [`Swap`]); `Err` when the worker has
     /// ended. The outcome comes on the swap's own channels.
     pub fn swap(&self, swap: Swap) -> Result<(), String> {
+        self.send(Control::Swap(Box::new(swap)))
+    }
+
+    /// From the next round on, the output goes to `outputs`; completes once it does (`Err`
+    /// when the worker has ended).
+    pub fn outputs(
+        &self,
+        outputs: Outputs,
+    ) -> impl std::future::Future<Output = Result<(), String>> + use<> {
+        let (done, told) = oneshot::channel();
+        let sent = self.send(Control::Outputs {
+            outputs: Box::new(outputs),
+            done,
+        });
+        let name = self.name.clone();
+        async move {
+            sent?;
+            told.await
+                .map_err(|_| format!("pipeline `{name}`: its worker has stopped"))
+        }
+    }
+
+    fn send(&self, message: Control) -> Result<(), String> {
         self.control
-            .send(Control::Swap(Box::new(swap)))
+            .send(message)
             .map_err(|_| format!("pipeline `{}`: its worker has stopped", self.name))
     }
 }
@@ -377,6 +464,21 @@ impl Worker {
                 Next::Control(Control::Swap(swap)) => {
                     self.swap(*swap);
                     continue;
+                }
+                Next::Control(Control::Outputs { outputs, done }) => {
+                    let Outputs {
+                        fanout,
+                        version_header,
+                    } = *outputs;
+                    self.fanout = fanout;
+                    self.version_header = version_header;
+                    let _ = done.send(());
+                    continue;
+                }
+                Next::Control(Control::Retire { reply }) => {
+                    self.drain();
+                    let _ = reply.send(());
+                    return;
                 }
                 Next::Abandoned => {
                     let problems = self.stop();
@@ -798,23 +900,7 @@ impl Worker {
     /// Processes what is queued, flushes windows, waits (bounded) for the sinks; the problems.
     fn stop(&mut self) -> Vec<String> {
         self.stopping.begin();
-        self.input.close();
-        loop {
-            let mut round = Round::new();
-            while round.completions.len() < MAX_ROUND {
-                match self.input.try_recv() {
-                    Ok(input) => self.process(input, &mut round),
-                    Err(_) => break,
-                }
-            }
-            if round.completions.is_empty() {
-                break;
-            }
-            self.finish_round(round);
-        }
-        let mut round = Round::new();
-        self.flush_windows(&mut round);
-        self.finish_round(round);
+        self.drain();
 
         let since = self
             .stopping
@@ -835,6 +921,40 @@ impl Worker {
             }
         }
         std::mem::take(&mut *lock(&self.problems))
+    }
+
+    /// Takes no more batches, processes what is queued (waiting for batches a source holds
+    /// room for: they are its to hand over), and flushes the windows.
+    fn drain(&mut self) {
+        self.input.close();
+        loop {
+            let mut round = Round::new();
+            while round.completions.len() < MAX_ROUND {
+                match self.input.try_recv() {
+                    Ok(input) => self.process(input, &mut round),
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    Err(mpsc::error::TryRecvError::Empty) if !round.completions.is_empty() => {
+                        break;
+                    }
+                    // Empty, but a source may hold room it is about to use: wait for it (the
+                    // queue ends once no room is held).
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        let input = &mut self.input;
+                        match self.runtime.block_on(input.recv()) {
+                            Some(input) => self.process(input, &mut round),
+                            None => break,
+                        }
+                    }
+                }
+            }
+            if round.completions.is_empty() {
+                break;
+            }
+            self.finish_round(round);
+        }
+        let mut round = Round::new();
+        self.flush_windows(&mut round);
+        self.finish_round(round);
     }
 
     /// End of input: aggregates finish their open windows; the results are fanned out.

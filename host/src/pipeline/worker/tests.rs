@@ -459,3 +459,124 @@ async fn swaps_happen_between_batches_and_verdicts_reach_the_deployer() {
     let batches = |v: &str| h.metrics.stage_version("p", "s", v).batches.get();
     assert_eq!((batches(&old_version), batches(&bad_version)), (2, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_outputs_take_effect_between_two_rounds_and_never_split_a_batch() {
+    let h = Harness::start(Vec::new(), fast(), true);
+    let other = TestSink::start("other", true, &h.metrics, h._dir.path());
+    let first = h.send(&[Event::new("a", 1), Event::new("b", 2)]).await;
+    assert_eq!(outcome(first).await, Ok(()));
+    within(
+        "the new outputs",
+        h.pipeline.controller().outputs(Outputs {
+            fanout: Fanout::new(
+                Arc::from("p"),
+                vec![(other.sink.clone(), Condition::All)],
+                UnmatchedOut::Impossible,
+                h.dead.sink.clone(),
+            ),
+            version_header: None,
+        }),
+    )
+    .await
+    .expect("taken");
+    let second = h.send(&[Event::new("c", 3), Event::new("d", 4)]).await;
+    assert_eq!(outcome(second).await, Ok(()));
+    assert_eq!(values(&h.out.delivered()), ["a", "b"]);
+    assert_eq!(values(&other.delivered()), ["c", "d"]);
+    assert_eq!(h.pipeline.stop().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_worker_processes_its_queue_flushes_its_windows_and_never_fails_a_round() {
+    let runtime = runtime();
+    let sums = stage(&runtime, plugins::COUNT_SUM, "sums", minute());
+    // The sink holds its deliveries: retiring must not wait for it, nor give up on it.
+    let h = Harness::start(vec![sums], fast(), false);
+    let mut outcomes = Vec::new();
+    for i in 0..5 {
+        outcomes.push(
+            h.send(&[Event::new(format!(r#"{{"amount":{i}}}"#), 1_000 + i).with_key("k")])
+                .await,
+        );
+    }
+    within("the worker to retire", h.pipeline.retire()).await;
+    assert_eq!(
+        h.metrics.pipeline("p").batches_in.get(),
+        5,
+        "the whole queue"
+    );
+    assert!(h.pipeline.input().is_closed(), "no more batches taken");
+    // Folded batches are accepted at once (an aggregate's results come with its windows).
+    for o in outcomes {
+        assert_eq!(outcome(o).await, Ok(()));
+    }
+    // Long after any stop deadline, the sink lets the flushed window through.
+    tokio::time::sleep(fast().stop_wait * 2).await;
+    h.out.gate.send_replace(true);
+    let delivered = within("the flushed window", async {
+        loop {
+            let delivered = h.out.delivered();
+            if !delivered.is_empty() {
+                return delivered;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    let window: serde_json::Value = serde_json::from_str(&delivered[0].value).expect("JSON");
+    assert_eq!(window["count"], 5.0, "the open window flushed: {window}");
+
+    // Batches whose events wait in a sink resolve when it takes them, after the worker ended.
+    let plain = Harness::start(Vec::new(), fast(), false);
+    let waiting = plain.send(&[Event::new("a", 1)]).await;
+    within("the worker to retire", plain.pipeline.retire()).await;
+    tokio::time::sleep(fast().stop_wait * 2).await;
+    plain.out.gate.send_replace(true);
+    assert_eq!(outcome(waiting).await, Ok(()));
+    assert_eq!(values(&plain.out.delivered()), ["a"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_takes_its_first_batch_once_its_predecessor_retired() {
+    let h = Harness::start(Vec::new(), fast(), true);
+    let (gate, after) = oneshot::channel();
+    let successor = Pipeline::spawn_after(
+        WorkerSetup {
+            name: "p".into(),
+            chain: Chain::new(Vec::new()),
+            fanout: Fanout::new(
+                Arc::from("p"),
+                vec![(h.out.sink.clone(), Condition::All)],
+                UnmatchedOut::Impossible,
+                h.dead.sink.clone(),
+            ),
+            metrics: h.metrics.pipeline("p"),
+            stage_metrics: Vec::new(),
+            queue: 16,
+            config: fast(),
+            registry: h.metrics.clone(),
+            version_header: None,
+        },
+        after,
+    )
+    .expect("a worker thread");
+    let old = h.send(&[Event::new("old", 1)]).await;
+    let (tx, new) = oneshot::channel();
+    successor
+        .input()
+        .send(Input {
+            batch: SharedBatch::verify(encode(&[Event::new("new", 2)])).expect("a batch"),
+            completion: Completion::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        })
+        .await
+        .expect("queued");
+    within("the predecessor to retire", h.pipeline.retire()).await;
+    let _ = gate.send(());
+    assert_eq!(outcome(old).await, Ok(()));
+    assert_eq!(outcome(new).await, Ok(()));
+    assert_eq!(values(&h.out.delivered()), ["old", "new"]);
+    assert_eq!(successor.stop().await, Vec::<String>::new());
+}
