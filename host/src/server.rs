@@ -1,22 +1,24 @@
 //! `weir serve` as a library: the composition root. [`Server::start`] opens the plugin
 //! registry, builds the topology from a [`Config`] (plugins, stages, sinks, pipelines), serves
-//! the metrics and the admin endpoint, and starts the QUIC source on the pipelines' inputs; [`Server::shutdown`] stops them in the order that loses
+//! the metrics and the admin endpoint, and starts the QUIC source on the pipelines' inputs;
+//! [`Server::reload`] applies a changed config file to the running router
+//! (`topology/reload.rs`); [`Server::shutdown`] stops everything in the order that loses
 //! nothing. [`Server::stats`] reads the counters back from the metrics, the one place they are
 //! kept.
 
-use crate::admin::AdminServer;
 use crate::admin::deploy::Deployer;
 use crate::admin::registry::Registry;
+use crate::admin::{AdminServer, BoxFuture, ReloadError, ReloadReport, RouterHandle};
 use crate::config::Config;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::sinks::runner::Sink;
-use crate::sources::quic::{self, PipelineEntry, QuicSource};
+use crate::sources::quic::{self, PipelineEntry, QuicControl, QuicSource};
 use crate::topology::Topology;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 pub use crate::topology::PipelineInfo;
 
@@ -97,16 +99,89 @@ pub struct ShutdownReport {
     pub problems: Vec<String>,
 }
 
+/// The running config and topology, which reloads change.
+struct Running {
+    config: Config,
+    topology: Topology,
+}
+
+/// What the counters are read from: the pipelines and sinks as they run now.
+#[derive(Clone, Default)]
+struct View {
+    pipelines: Vec<PipelineInfo>,
+    sinks: BTreeMap<String, Arc<Sink>>,
+}
+
+impl View {
+    fn of(topology: &Topology) -> View {
+        View {
+            pipelines: topology
+                .pipelines()
+                .iter()
+                .map(|p| p.info.clone())
+                .collect(),
+            sinks: topology.sinks().clone(),
+        }
+    }
+}
+
+/// What the server shares with reloads and the admin endpoint.
+struct Core {
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    deployer: Arc<Deployer>,
+    quic: QuicControl,
+    /// `None` once the server is stopping. One reload at a time holds it.
+    running: tokio::sync::Mutex<Option<Running>>,
+    view: Mutex<View>,
+}
+
+impl Core {
+    fn view(&self) -> View {
+        self.view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    async fn reload(&self, path: Option<&Path>) -> Result<ReloadReport, ReloadError> {
+        let mut running = self.running.lock().await;
+        let Some(Running { config, topology }) = running.as_mut() else {
+            return Err(ReloadError::Stopping);
+        };
+        let path = path.map_or_else(|| config.path.clone(), Path::to_path_buf);
+        let new = Config::load(&path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        let plan = topology
+            .prepare(config, &new, &self.registry, &self.metrics, &self.deployer)
+            .await
+            .map_err(|e| {
+                if e.contains("is in progress") {
+                    ReloadError::Busy(e)
+                } else {
+                    ReloadError::Refused(e)
+                }
+            })?;
+        let (applied, report) = topology
+            .apply(plan, &self.quic, &self.deployer, &self.metrics)
+            .await;
+        *config = applied;
+        *self.view.lock().unwrap_or_else(PoisonError::into_inner) = View::of(topology);
+        Ok(report)
+    }
+}
+
+impl RouterHandle for Core {
+    fn reload(&self) -> BoxFuture<'_, Result<ReloadReport, ReloadError>> {
+        Box::pin(Core::reload(self, None))
+    }
+}
+
 /// A running `weir serve`.
 pub struct Server {
-    topology: Topology,
+    core: Arc<Core>,
     quic: QuicSource,
-    metrics: Arc<Metrics>,
     metrics_server: Option<MetricsServer>,
     admin: Option<AdminServer>,
-    pipelines: Vec<PipelineInfo>,
-    /// Every sink, by name, for the stats (also after the topology stopped).
-    sinks: BTreeMap<String, Arc<Sink>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -144,27 +219,14 @@ impl Server {
                 allowed: p.allowed.clone(),
             })
             .collect();
-        let admin = match &config.admin {
-            None => Ok(None),
-            Some(admin) => {
-                let deployer = Deployer::new(
-                    topology.runtime().clone(),
-                    registry.clone(),
-                    metrics.clone(),
-                    topology.deploy_targets(),
-                );
-                AdminServer::start(admin, Arc::new(deployer))
-                    .await
-                    .map(Some)
-                    .with_context(|| format!("cannot serve the admin endpoint on {}", admin.listen))
-            }
-        };
-        let started = admin.and_then(|admin| {
-            QuicSource::start(&config.listener, &config.data_dir, entries, &metrics)
-                .map(|quic| (admin, quic))
-        });
-        let (admin, quic) = match started {
-            Ok(started) => started,
+        let deployer = Arc::new(Deployer::new(
+            topology.runtime().clone(),
+            registry.clone(),
+            metrics.clone(),
+            topology.deploy_targets(),
+        ));
+        let quic = match QuicSource::start(&config.listener, &config.data_dir, entries, &metrics) {
+            Ok(quic) => quic,
             Err(e) => {
                 // Nothing was accepted: stop what started, quietly.
                 topology.stop_pipelines().await;
@@ -172,21 +234,63 @@ impl Server {
                 return Err(e);
             }
         };
-        let pipelines = topology
-            .pipelines()
-            .iter()
-            .map(|p| p.info.clone())
-            .collect();
-        let sinks = topology.sinks().clone();
-        Ok(Server {
-            topology,
-            quic,
+        let core = Arc::new(Core {
             metrics,
+            registry,
+            deployer: deployer.clone(),
+            quic: quic.control(),
+            view: Mutex::new(View::of(&topology)),
+            running: tokio::sync::Mutex::new(None),
+        });
+        let admin = match &config.admin {
+            None => None,
+            Some(admin) => {
+                let started = AdminServer::start(admin, deployer, core.clone())
+                    .await
+                    .with_context(|| {
+                        format!("cannot serve the admin endpoint on {}", admin.listen)
+                    });
+                match started {
+                    Ok(admin) => Some(admin),
+                    Err(e) => {
+                        quic.stop_reading().await;
+                        topology.stop_pipelines().await;
+                        topology.stop_sinks().await;
+                        quic.close().await;
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        *core.running.lock().await = Some(Running { config, topology });
+        Ok(Server {
+            core,
+            quic,
             metrics_server,
             admin,
-            pipelines,
-            sinks,
         })
+    }
+
+    /// Reads the config file again and applies what changed to the running router (see
+    /// `topology/reload.rs`); an invalid config, or one whose parts cannot be built, changes
+    /// nothing.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        self.core.reload(None).await
+    }
+
+    /// [`Server::reload`] from another file, which is the config file from then on.
+    pub async fn reload_from(&self, path: &Path) -> Result<ReloadReport, ReloadError> {
+        self.core.reload(Some(path)).await
+    }
+
+    /// The config file the server runs.
+    pub async fn config_path(&self) -> Option<PathBuf> {
+        self.core
+            .running
+            .lock()
+            .await
+            .as_ref()
+            .map(|r| r.config.path.clone())
     }
 
     /// The address the server listens on.
@@ -209,14 +313,14 @@ impl Server {
         self.quic.cert_generated()
     }
 
-    /// The pipelines, in config order.
-    pub fn pipelines(&self) -> &[PipelineInfo] {
-        &self.pipelines
+    /// The pipelines as they run now, in config order.
+    pub fn pipelines(&self) -> Vec<PipelineInfo> {
+        self.core.view().pipelines
     }
 
     /// The metrics (what the Prometheus endpoint serves).
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+        &self.core.metrics
     }
 
     /// The address of the Prometheus endpoint, when `[metrics]` configures one.
@@ -231,7 +335,8 @@ impl Server {
 
     /// The counters now, read from the metrics.
     pub fn stats(&self) -> Stats {
-        stats(&self.metrics, &self.pipelines, &self.sinks)
+        let view = self.core.view();
+        stats(&self.core.metrics, &view.pipelines, &view.sinks)
     }
 
     /// Stops gracefully (PROTOCOL §12): `goaway` to every producer, new connections refused
@@ -243,16 +348,22 @@ impl Server {
         if let Some(admin) = self.admin {
             admin.stop().await;
         }
+        // A reload under way finishes first; none starts after.
+        let running = self.core.running.lock().await.take();
+        let view = self.core.view();
         self.quic.stop_reading().await;
-        let mut problems = self.topology.stop_pipelines().await;
-        problems.extend(self.quic.withheld());
-        problems.extend(self.topology.stop_sinks().await);
+        let mut problems = Vec::new();
+        if let Some(Running { topology, .. }) = running {
+            problems.extend(topology.stop_pipelines().await);
+            problems.extend(self.quic.withheld());
+            problems.extend(topology.stop_sinks().await);
+        }
         if let Some(server) = self.metrics_server {
             server.stop().await;
         }
         self.quic.close().await;
         Ok(ShutdownReport {
-            stats: stats(&self.metrics, &self.pipelines, &self.sinks),
+            stats: stats(&self.core.metrics, &view.pipelines, &view.sinks),
             problems,
         })
     }

@@ -1423,6 +1423,10 @@ fn weir_serve_prints_its_setup_and_stops_on_sigterm() {
                     .expect("the address in the first line"),
                 weir_client::tls::fingerprint(&der)
             ),
+            format!(
+                "config: {} (reloaded on change, on SIGHUP and on `weir reload`)",
+                dir.path().join("weir.toml").display()
+            ),
             "Ctrl-C or SIGTERM stops gracefully.".into(),
         ]
     );

@@ -1,6 +1,6 @@
 //! The admin endpoint's client: what `weir deploy`, `weir plugins` and `weir rollback` use.
 
-use super::{DeployReport, ErrorView, PluginsView};
+use super::{DeployReport, ErrorView, PluginsView, ReloadReport};
 use reqwest::{StatusCode, Url};
 use std::time::Duration;
 
@@ -183,6 +183,15 @@ impl AdminClient {
             .http
             .post(self.url("/v1/rollback", &query))
             .timeout(SLACK);
+        self.send(request).await
+    }
+
+    /// Has the router read its config file again and apply what changed.
+    pub async fn reload(&self) -> Result<ReloadReport, AdminError> {
+        let request = self
+            .http
+            .post(self.url("/v1/reload", &[]))
+            .timeout(crate::topology::DRAIN + SLACK);
         self.send(request).await
     }
 

@@ -24,7 +24,7 @@ use crate::runtime::{Digest, PluginKind, Runtime, StageConfig};
 use crate::utc::now_ms;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -128,6 +128,53 @@ pub struct DeployReport {
     pub error: Option<String>,
 }
 
+/// What a deploy or rollback did, in a few lines (as `weir deploy` and `weir reload` print it).
+impl std::fmt::Display for DeployReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self;
+        let target = format!("{}/{}", r.pipeline, r.stage);
+        let prepared = format!(
+            "{} in {:.0} ms, initialized in {:.1} ms, swapped in {:.0} ms after the request (batches waited {:.2} ms)",
+            if r.from_cache {
+                "loaded from the compile cache"
+            } else {
+                "compiled"
+            },
+            r.compile_ms,
+            r.init_ms,
+            r.serving_ms,
+            r.pause_us / 1e3
+        );
+        let text = match r.outcome {
+            Outcome::Unchanged => format!(
+                "{target}: already serving `{}` {}; nothing to do",
+                r.name, r.version
+            ),
+            Outcome::Serving if r.draining_windows > 0 => format!(
+                "{target}: `{}` {} serves (was {}): {prepared}\n  the state layout changed: {} finishes the {} windows it opened, {} takes every other",
+                r.name, r.version, r.previous, r.previous, r.draining_windows, r.version
+            ),
+            Outcome::Serving if r.probation == 0 => format!(
+                "{target}: `{}` {} serves (was {}): {prepared}",
+                r.name, r.version, r.previous
+            ),
+            Outcome::Serving => format!(
+                "{target}: `{}` {} serves (was {}): {prepared}\n  probation passed: {} batches without a failure; {} is kept for `weir rollback`",
+                r.name, r.version, r.previous, r.batches, r.previous
+            ),
+            Outcome::Probation => format!(
+                "{target}: `{}` {} swapped in (was {}): {prepared}\n  on probation: {} of {} batches so far; `weir plugins` shows the verdict",
+                r.name, r.version, r.previous, r.batches, r.probation
+            ),
+            Outcome::RolledBack => format!(
+                "{target}: `{}` {} swapped in (was {}): {prepared}\n  rolled back after {} batches on probation; {} serves again, and it took the batch the new version failed on",
+                r.name, r.version, r.previous, r.batches, r.previous
+            ),
+        };
+        f.write_str(&text)
+    }
+}
+
 /// Why a deploy or rollback did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeployError {
@@ -150,7 +197,8 @@ pub struct Deployer {
     runtime: Runtime,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    pipelines: BTreeMap<String, PipelineTarget>,
+    /// The pipelines as they run now (a reload changes them).
+    pipelines: RwLock<BTreeMap<String, PipelineTarget>>,
     /// Stages with a deploy in progress, and what it is.
     busy: Mutex<HashMap<(String, String), String>>,
 }
@@ -160,8 +208,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A stage claimed for one deploy; released when dropped.
-struct Claim {
+/// A stage claimed for one deploy (or reload); released when dropped.
+pub(crate) struct Claim {
     deployer: Arc<Deployer>,
     key: (String, String),
 }
@@ -180,8 +228,21 @@ impl Drop for Claim {
     }
 }
 
+/// A reload's change of one stage, claimed and prepared, not swapped in yet.
+pub(crate) struct PreparedChange {
+    claim: Claim,
+    index: usize,
+    target: StageTarget,
+    record: StageRecord,
+    prepared: Prepared,
+}
+
 /// A new version, ready to be swapped in.
-struct Prepared {
+pub(crate) struct Prepared {
+    /// Who asked, as the registry records it: `deploy`, `config` (a reload's config names a
+    /// new plugin), or `None` (a reload gave the serving version new `with` values or limits:
+    /// the same version, nothing to record).
+    origin: Option<&'static str>,
     stage: Stage,
     /// Its component, stored in the registry once it is swapped in.
     bytes: Vec<u8>,
@@ -204,9 +265,25 @@ impl Deployer {
             runtime,
             registry,
             metrics,
-            pipelines,
+            pipelines: RwLock::new(pipelines),
             busy: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Pipeline `name` runs as `target` from now on (a reload added or changed it).
+    pub(crate) fn set_pipeline(&self, name: &str, target: PipelineTarget) {
+        self.pipelines
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), target);
+    }
+
+    /// Pipeline `name` is no more (a reload removed it).
+    pub(crate) fn remove_pipeline(&self, name: &str) {
+        self.pipelines
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
     }
 
     /// The registry.
@@ -215,8 +292,11 @@ impl Deployer {
     }
 
     /// The pipelines and their stages, in name order.
-    pub fn pipelines(&self) -> &BTreeMap<String, PipelineTarget> {
-        &self.pipelines
+    pub fn pipelines(&self) -> BTreeMap<String, PipelineTarget> {
+        self.pipelines
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Batches version `version` of stage `pipeline/stage` processed since the router started.
@@ -225,9 +305,10 @@ impl Deployer {
         (m.batches.get(), m.failed_events.get())
     }
 
-    fn find(&self, pipeline: &str, stage: &str) -> Result<(usize, &PipelineTarget), DeployError> {
-        let Some(target) = self.pipelines.get(pipeline) else {
-            let known: Vec<String> = self.pipelines.keys().map(|p| format!("`{p}`")).collect();
+    fn find(&self, pipeline: &str, stage: &str) -> Result<(usize, PipelineTarget), DeployError> {
+        let pipelines = self.pipelines();
+        let Some(target) = pipelines.get(pipeline).cloned() else {
+            let known: Vec<String> = pipelines.keys().map(|p| format!("`{p}`")).collect();
             return Err(DeployError::NotFound(format!(
                 "unknown pipeline `{pipeline}` (pipelines: {})",
                 known.join(", ")
@@ -253,7 +334,7 @@ impl Deployer {
         }
     }
 
-    fn claim(
+    pub(crate) fn claim(
         self: &Arc<Self>,
         pipeline: &str,
         stage: &str,
@@ -284,7 +365,6 @@ impl Deployer {
     ) -> Result<DeployReport, DeployError> {
         let started = Instant::now();
         let (index, target) = self.find(pipeline, stage)?;
-        let target = target.clone();
         let claim = self.claim(pipeline, stage, format!("`{name}` being prepared"))?;
         let record = self.record(pipeline, stage)?;
         let digest = Digest::of(&bytes);
@@ -343,7 +423,6 @@ impl Deployer {
     ) -> Result<DeployReport, DeployError> {
         let started = Instant::now();
         let (index, target) = self.find(pipeline, stage)?;
-        let target = target.clone();
         let claim = self.claim(pipeline, stage, "a rollback".into())?;
         let record = self.record(pipeline, stage)?;
         let chosen = match version {
@@ -421,6 +500,113 @@ impl Deployer {
         .await
     }
 
+    /// Claims every stage of `pipeline` for a reload that removes or restarts it: refused,
+    /// naming the deploy, when one is in progress.
+    pub(crate) fn claim_pipeline(
+        self: &Arc<Self>,
+        pipeline: &str,
+    ) -> Result<Vec<Claim>, DeployError> {
+        let stages = self
+            .pipelines()
+            .get(pipeline)
+            .map(|t| t.stages.iter().map(|s| s.name.clone()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        stages
+            .iter()
+            .map(|stage| self.claim(pipeline, stage, "a config reload".into()))
+            .collect()
+    }
+
+    /// Prepares a reload's change of stage `target.name` of `pipeline` (new `with` values,
+    /// limits, or plugin): claims the stage and instantiates and initializes the new version
+    /// with the new config, off the hot path. `plugin`: the config's new plugin (name, bytes);
+    /// `None`: the version serving now. Refused, naming the stage, when it cannot serve.
+    pub(crate) async fn prepare_change(
+        self: &Arc<Self>,
+        pipeline: &str,
+        target: StageTarget,
+        plugin: Option<(String, Vec<u8>)>,
+    ) -> Result<PreparedChange, DeployError> {
+        let (index, _) = self.find(pipeline, &target.name)?;
+        let stage = target.name.clone();
+        let claim = self.claim(pipeline, &stage, "a config reload".into())?;
+        let record = self.record(pipeline, &stage)?;
+        let (origin, name, bytes) = match plugin {
+            Some((name, bytes)) => (Some("config"), name, bytes),
+            None => {
+                let digest = Digest::parse(&record.serving).ok_or_else(|| {
+                    DeployError::Internal(format!(
+                        "the registry holds a bad digest `{}`",
+                        record.serving
+                    ))
+                })?;
+                let name = record
+                    .version(&record.serving)
+                    .map_or_else(|| stage.clone(), |v| v.name.clone());
+                let bytes = self
+                    .registry
+                    .blob(&digest)
+                    .map_err(|e| DeployError::Internal(e.to_string()))?;
+                (None, name, bytes)
+            }
+        };
+        let mut prepared = self.prepare(&target, &name, bytes).await.map_err(|e| {
+            DeployError::Refused(format!("pipeline `{pipeline}`, stage `{stage}`: {e}"))
+        })?;
+        prepared.origin = origin;
+        Ok(PreparedChange {
+            claim,
+            index,
+            target,
+            record,
+            prepared,
+        })
+    }
+
+    /// Swaps a prepared change in, as a deploy would (on probation; the verdict is recorded
+    /// when it comes, not waited for), and makes the stage's new config the one later deploys
+    /// get.
+    pub(crate) async fn apply_change(
+        self: &Arc<Self>,
+        change: PreparedChange,
+        control: PipelineControl,
+    ) -> Result<DeployReport, DeployError> {
+        let PreparedChange {
+            claim,
+            index,
+            target,
+            record,
+            prepared,
+        } = change;
+        let pipeline = claim.key.0.clone();
+        {
+            let mut pipelines = self
+                .pipelines
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(stage) = pipelines
+                .get_mut(&pipeline)
+                .and_then(|p| p.stages.get_mut(index))
+            {
+                *stage = target;
+            }
+        }
+        let options = DeployOptions {
+            wait: Duration::ZERO,
+            ..DeployOptions::default()
+        };
+        self.detached(
+            claim,
+            control,
+            index,
+            record,
+            prepared,
+            options,
+            Instant::now(),
+        )
+        .await
+    }
+
     /// Runs [`Deployer::swap_in`] on a task of its own and waits for it: once the worker has
     /// the new version, the swap, its record in the registry and the verdict's go on even if
     /// the request is dropped (a client that gave up, the endpoint stopping).
@@ -480,6 +666,7 @@ impl Deployer {
                 .map_err(|e| e.to_string())?;
             let init = started.elapsed();
             Ok(Prepared {
+                origin: Some("deploy"),
                 from_cache: plugin.from_cache(),
                 stage,
                 digest: Digest::of(&bytes),
@@ -507,6 +694,7 @@ impl Deployer {
     ) -> Result<DeployReport, DeployError> {
         let (pipeline, stage) = claim.key.clone();
         let Prepared {
+            origin,
             stage: replacement,
             bytes,
             digest,
@@ -547,9 +735,19 @@ impl Deployer {
             tokio::task::spawn_blocking(move || drop(previous));
         }
         let on_probation = swapped.on_probation;
-        self.registry
-            .swapped(&pipeline, &stage, &bytes, &name, on_probation, now_ms())
-            .map_err(|e| DeployError::Internal(e.to_string()))?;
+        if let Some(origin) = origin {
+            self.registry
+                .swapped(
+                    &pipeline,
+                    &stage,
+                    &bytes,
+                    &name,
+                    origin,
+                    on_probation,
+                    now_ms(),
+                )
+                .map_err(|e| DeployError::Internal(e.to_string()))?;
+        }
         drop(bytes);
         let previous = record.serving.get(..8).unwrap_or_default().to_owned();
         tracing::info!(

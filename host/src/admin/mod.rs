@@ -1,5 +1,6 @@
 //! The admin endpoint: deploy, list and roll back plugin versions of a running router
-//! (`weir deploy`, `weir plugins`, `weir rollback`), and the plugin registry behind them.
+//! (`weir deploy`, `weir plugins`, `weir rollback`) and reload its config (`weir reload`), and
+//! the plugin registry behind them.
 //!
 //! Off unless the config has an `[admin]` section; it then listens on `listen` (default
 //! `127.0.0.1:4434`: loopback) and requires a token on every request. HTTP/1.1, JSON answers:
@@ -9,11 +10,12 @@
 //! | `GET /v1/plugins` | every stage: the version serving, the versions kept (digest, name, when deployed, status, batches and failed events since the router started), the last error |
 //! | `POST /v1/deploy?pipeline=P&stage=S[&name=N][&probation=B][&state=refuse\|drain][&wait_ms=W]`, body: the component | deploys it (`deploy.rs`); answers with a [`DeployReport`] |
 //! | `POST /v1/rollback?pipeline=P&stage=S[&version=V]` | rolls back to version `V` (a digest or 4+ of its hex digits) or to the one before |
+//! | `POST /v1/reload` | reads the config file again and applies what changed (`topology/reload.rs`); answers with a [`ReloadReport`] |
 //!
 //! Every request carries `Authorization: Bearer TOKEN`; a missing or wrong token is `401`,
 //! an unknown pipeline, stage or version `404`, a deploy to a stage that has one in progress
-//! `409`, a version that cannot serve `422`; each with `{"error": "..."}` naming the thing and
-//! the problem.
+//! (or a reload that would change it) `409`, a version that cannot serve or a config that
+//! cannot be applied `422`; each with `{"error": "..."}` naming the thing and the problem.
 //!
 //! Decisions:
 //!
@@ -117,6 +119,71 @@ pub struct PluginsView {
     pub stages: Vec<StageView>,
 }
 
+/// What a reload did: the answer to `POST /v1/reload`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// The config file.
+    pub path: String,
+    /// What changed, a line each; empty: nothing.
+    pub changes: Vec<String>,
+    /// The stages swapped, as `weir deploy` reports them (on probation: the verdict is in
+    /// `weir plugins` and the log).
+    pub swaps: Vec<DeployReport>,
+    /// What became of the sinks no pipeline writes to any more, and anything that did not go
+    /// as planned.
+    pub drained: Vec<String>,
+    /// What the new config changes that needs a restart, and was left as it is.
+    pub restart: Vec<String>,
+    /// How long the reload took, in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+/// What a reload did, in lines (as `weir reload` prints it and `weir serve` logs it).
+impl std::fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.changes.is_empty() {
+            return write!(f, "{}: no changes", self.path);
+        }
+        write!(f, "{}: reloaded in {:.0} ms", self.path, self.elapsed_ms)?;
+        for line in self.changes.iter().chain(&self.drained) {
+            write!(f, "\n  {line}")?;
+        }
+        for swap in &self.swaps {
+            for line in swap.to_string().lines() {
+                write!(f, "\n    {line}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReloadError {
+    /// The config file does not read or validate (its error names the file, line and column).
+    #[error("{0}")]
+    Invalid(String),
+    /// A deploy to a stage the new config changes is in progress, or another reload is.
+    #[error("{0}")]
+    Busy(String),
+    /// The config is valid, but something it needs cannot be built (a destination that does
+    /// not open, a stage whose `init` refuses its new `with` values).
+    #[error("{0}")]
+    Refused(String),
+    /// The router is stopping.
+    #[error("the router is stopping")]
+    Stopping,
+}
+
+/// What the admin endpoint asks of the running router besides deploys.
+pub trait RouterHandle: Send + Sync + 'static {
+    /// Reads the config file again and applies what changed.
+    fn reload(&self) -> BoxFuture<'_, Result<ReloadReport, ReloadError>>;
+}
+
+/// A boxed future, as [`RouterHandle`] returns them.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// An error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorView {
@@ -133,6 +200,7 @@ impl AdminServer {
     pub async fn start(
         config: &AdminConfig,
         deployer: Arc<Deployer>,
+        router: Arc<dyn RouterHandle>,
     ) -> std::io::Result<AdminServer> {
         if !config.listen.ip().is_loopback() {
             tracing::warn!(
@@ -143,8 +211,9 @@ impl AdminServer {
         let token: Arc<[u8]> = Arc::from(config.token.as_slice());
         let handler: Handler = Arc::new(move |request| {
             let deployer = deployer.clone();
+            let router = router.clone();
             let token = token.clone();
-            Box::pin(async move { respond(&deployer, &token, request).await })
+            Box::pin(async move { respond(&deployer, router.as_ref(), &token, request).await })
         });
         HttpServer::start("admin endpoint", config.listen, GRACE, handler)
             .await
@@ -190,6 +259,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn respond(
     deployer: &Arc<Deployer>,
+    router: &dyn RouterHandle,
     token: &[u8],
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -222,12 +292,12 @@ async fn respond(
     let method = request.method().clone();
     let allowed = match path.as_str() {
         "/v1/plugins" => "GET",
-        "/v1/deploy" | "/v1/rollback" => "POST",
+        "/v1/deploy" | "/v1/rollback" | "/v1/reload" => "POST",
         _ => {
             return error(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "admin: no such path {path} (there are /v1/plugins, /v1/deploy and /v1/rollback)"
+                    "admin: no such path {path} (there are /v1/plugins, /v1/deploy, /v1/rollback and /v1/reload)"
                 ),
             );
         }
@@ -260,6 +330,21 @@ async fn respond(
     let bad_request = |message: String| error(StatusCode::BAD_REQUEST, message);
     let answer = match path.as_str() {
         "/v1/plugins" => return json(StatusCode::OK, &plugins(deployer)),
+        "/v1/reload" => {
+            return match router.reload().await {
+                Ok(report) => json(StatusCode::OK, &report),
+                Err(e) => {
+                    let status = match &e {
+                        ReloadError::Invalid(_) | ReloadError::Refused(_) => {
+                            StatusCode::UNPROCESSABLE_ENTITY
+                        }
+                        ReloadError::Busy(_) => StatusCode::CONFLICT,
+                        ReloadError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
+                    };
+                    error(status, e.to_string())
+                }
+            };
+        }
         "/v1/deploy" => {
             let (pipeline, stage) = match (need("pipeline"), need("stage")) {
                 (Ok(p), Ok(s)) => (p, s),
@@ -331,7 +416,7 @@ async fn respond(
 fn plugins(deployer: &Deployer) -> PluginsView {
     let records = deployer.registry().stages();
     let mut stages = Vec::new();
-    for (pipeline, target) in deployer.pipelines() {
+    for (pipeline, target) in &deployer.pipelines() {
         for stage in &target.stages {
             let Some(record) = records.get(&format!("{pipeline}/{}", stage.name)) else {
                 continue;

@@ -323,14 +323,17 @@ impl Registry {
         })
     }
 
-    /// A deployed version (`bytes`, stored here) was swapped in: on probation, or serving at
-    /// once; its digest.
+    /// A version (`bytes`, stored here) was swapped in: on probation, or serving at once; its
+    /// digest. `origin` says who asked: `deploy`, or `config` (a reload's config names it,
+    /// and it is recorded as the config's plugin).
+    #[allow(clippy::too_many_arguments)]
     pub fn swapped(
         &self,
         pipeline: &str,
         stage: &str,
         bytes: &[u8],
         name: &str,
+        origin: &str,
         on_probation: bool,
         now_ms: i64,
     ) -> Result<Digest, RegistryError> {
@@ -341,18 +344,21 @@ impl Registry {
             let Some(record) = state.stages.get_mut(key) else {
                 return Ok(());
             };
+            if origin == "config" {
+                record.config = stored.hex();
+            }
             if on_probation {
                 record.versions.retain(|v| v.digest != stored.hex());
                 record.versions.push(VersionRecord {
                     digest: stored.hex(),
                     name: name.to_owned(),
                     deployed_at_ms: now_ms,
-                    origin: "deploy".into(),
+                    origin: origin.to_owned(),
                     status: Status::Probation,
                     error: None,
                 });
             } else {
-                serve(record, &stored.hex(), name, "deploy", now_ms);
+                serve(record, &stored.hex(), name, origin, now_ms);
             }
             Ok(())
         })?;
@@ -566,7 +572,7 @@ mod tests {
         let first = registry.resolve("p", "s", "geo", v1, 1).expect("resolve");
         assert!(!first.deployed);
         let d2 = registry
-            .swapped("p", "s", v2, "geo", true, 2)
+            .swapped("p", "s", v2, "geo", "deploy", true, 2)
             .expect("swapped");
 
         // On probation at a restart: the config's version serves, v2 is interrupted.
@@ -581,7 +587,7 @@ mod tests {
 
         // Deployed and passed: a restart serves v2, not the config's v1.
         registry
-            .swapped("p", "s", v2, "geo", true, 4)
+            .swapped("p", "s", v2, "geo", "deploy", true, 4)
             .expect("swapped");
         registry.passed("p", "s", &d2).expect("passed");
         let registry = Registry::open(dir.path()).expect("reopen");
@@ -611,7 +617,7 @@ mod tests {
             .resolve("p", "s", "geo", b"\0asm v1", 1)
             .expect("resolve");
         let d2 = registry
-            .swapped("p", "s", b"\0asm v2", "geo", true, 2)
+            .swapped("p", "s", b"\0asm v2", "geo", "deploy", true, 2)
             .expect("swapped");
         registry
             .rolled_back("p", "s", &d2, "event 3: trap", 3)
@@ -658,7 +664,7 @@ mod tests {
         let (v1, v2): (&[u8], &[u8]) = (b"\0asm v1", b"\0asm v2");
         registry.resolve("p", "s", "geo", v1, 1).expect("resolve");
         let d2 = registry
-            .swapped("p", "s", v2, "geo", false, 2)
+            .swapped("p", "s", v2, "geo", "deploy", false, 2)
             .expect("swapped");
         let resolved = registry.resolve("p", "s", "geo", v1, 3).expect("resolve");
         assert!(resolved.deployed);
@@ -698,7 +704,15 @@ mod tests {
             .expect("resolve");
         for i in 1..=(KEPT as i64 + 3) {
             registry
-                .swapped("p", "s", format!("v{i}").as_bytes(), "geo", false, i)
+                .swapped(
+                    "p",
+                    "s",
+                    format!("v{i}").as_bytes(),
+                    "geo",
+                    "deploy",
+                    false,
+                    i,
+                )
                 .expect("swapped");
         }
         let record = registry.stage("p", "s").expect("a record");

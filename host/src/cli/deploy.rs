@@ -8,8 +8,8 @@ use super::AdminArgs;
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use std::time::Duration;
+use weir::admin::Outcome;
 use weir::admin::client::DeployRequest;
-use weir::admin::{DeployReport, Outcome};
 
 /// Arguments of `weir deploy`.
 #[derive(Debug, clap::Args)]
@@ -69,7 +69,7 @@ pub fn run(args: &DeployArgs) -> Result<()> {
         drain: args.state == StateArg::Drain,
         wait: Duration::from_secs(args.wait),
     }))?;
-    println!("{}", describe(&report));
+    println!("{report}");
     if report.outcome == Outcome::RolledBack {
         bail!(
             "`{pipeline}/{stage}`: version {} rolled back to {} on probation: {}",
@@ -79,47 +79,4 @@ pub fn run(args: &DeployArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// What a deploy or rollback did, in a few lines.
-pub fn describe(r: &DeployReport) -> String {
-    let target = format!("{}/{}", r.pipeline, r.stage);
-    let prepared = format!(
-        "{} in {:.0} ms, initialized in {:.1} ms, swapped in {:.0} ms after the request (batches waited {:.2} ms)",
-        if r.from_cache {
-            "loaded from the compile cache"
-        } else {
-            "compiled"
-        },
-        r.compile_ms,
-        r.init_ms,
-        r.serving_ms,
-        r.pause_us / 1e3
-    );
-    match r.outcome {
-        Outcome::Unchanged => format!(
-            "{target}: already serving `{}` {}; nothing to do",
-            r.name, r.version
-        ),
-        Outcome::Serving if r.draining_windows > 0 => format!(
-            "{target}: `{}` {} serves (was {}): {prepared}\n  the state layout changed: {} finishes the {} windows it opened, {} takes every other",
-            r.name, r.version, r.previous, r.previous, r.draining_windows, r.version
-        ),
-        Outcome::Serving if r.probation == 0 => format!(
-            "{target}: `{}` {} serves (was {}): {prepared}",
-            r.name, r.version, r.previous
-        ),
-        Outcome::Serving => format!(
-            "{target}: `{}` {} serves (was {}): {prepared}\n  probation passed: {} batches without a failure; {} is kept for `weir rollback`",
-            r.name, r.version, r.previous, r.batches, r.previous
-        ),
-        Outcome::Probation => format!(
-            "{target}: `{}` {} swapped in (was {}): {prepared}\n  on probation: {} of {} batches so far; `weir plugins` shows the verdict",
-            r.name, r.version, r.previous, r.batches, r.probation
-        ),
-        Outcome::RolledBack => format!(
-            "{target}: `{}` {} swapped in (was {}): {prepared}\n  rolled back after {} batches on probation; {} serves again, and it took the batch the new version failed on",
-            r.name, r.version, r.previous, r.batches, r.previous
-        ),
-    }
 }

@@ -10,6 +10,7 @@ mod fanout_bench;
 mod ingest_bench;
 mod new;
 mod plugins;
+mod reload;
 mod rollback;
 mod send;
 mod serve;
@@ -71,6 +72,8 @@ enum Command {
     Plugins(plugins::PluginsArgs),
     /// Put back a version a stage served before (its admin endpoint).
     Rollback(rollback::RollbackArgs),
+    /// Have a running router read its config file again and apply what changed.
+    Reload(reload::ReloadArgs),
 }
 
 impl Cli {
@@ -107,6 +110,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Deploy(args) => deploy::run(&args),
         Command::Plugins(args) => plugins::run(&args),
         Command::Rollback(args) => rollback::run(&args),
+        Command::Reload(args) => reload::run(&args),
     }
 }
 

@@ -22,6 +22,6 @@ pub fn run(args: &RollbackArgs) -> Result<()> {
     let client = args.admin.client()?;
     let runtime = super::admin_runtime()?;
     let report = runtime.block_on(client.rollback(pipeline, stage, args.version.as_deref()))?;
-    println!("{}", super::deploy::describe(&report));
+    println!("{report}");
     Ok(())
 }

@@ -15,7 +15,7 @@ pub fn dead_letter_file(data_dir: &Path, pipeline: &str) -> PathBuf {
 }
 
 /// A pipeline: stages run in order, outputs written to sinks.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PipelineConfig {
     /// Its name, as producers name it in `hello`.
     pub name: String,
@@ -36,7 +36,7 @@ pub struct PipelineConfig {
 }
 
 /// One stage of a pipeline.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StageSpec {
     /// The stage's name (default: the plugin's name, `NAME#2` for a repeat).
     pub name: String,

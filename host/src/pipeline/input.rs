@@ -119,4 +119,9 @@ impl PipelineInput {
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
+
+    /// Whether `other` feeds the same worker's queue.
+    pub fn same_queue(&self, other: &PipelineInput) -> bool {
+        self.tx.same_channel(&other.tx)
+    }
 }

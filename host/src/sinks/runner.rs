@@ -29,6 +29,7 @@
 use super::spill::{SpillLog, SpillRecord};
 use super::{Destination, Outgoing, Selection, SendError, SharedBatch};
 use crate::metrics::SinkMetrics;
+use arc_swap::ArcSwap;
 use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -265,12 +266,22 @@ struct State {
     closed: bool,
 }
 
+/// What a reload may change of a running sink without replacing it.
+struct Settings {
+    /// What it delivers to.
+    describe: String,
+    /// Its buffer (`when_full` never changes: another policy is another sink).
+    buffer: BufferConfig,
+    /// Its retries.
+    retry: RetryConfig,
+}
+
 /// A sink shared by the pipelines that write to it.
 pub(crate) struct Sink {
     name: String,
-    describe: String,
-    buffer: BufferConfig,
-    retry: RetryConfig,
+    settings: ArcSwap<Settings>,
+    /// A destination to deliver to from the next send on (a reload changed the sink).
+    replacement: Mutex<Option<Box<dyn Destination>>>,
     state: Mutex<State>,
     room: Condvar,
     wake: Notify,
@@ -326,9 +337,12 @@ impl Sink {
         }
         Ok(Arc::new(Sink {
             name: name.to_owned(),
-            describe,
-            buffer,
-            retry,
+            settings: ArcSwap::from_pointee(Settings {
+                describe,
+                buffer,
+                retry,
+            }),
+            replacement: Mutex::new(None),
             state: Mutex::new(State::default()),
             room: Condvar::new(),
             wake: Notify::new(),
@@ -348,13 +362,38 @@ impl Sink {
     }
 
     /// What it delivers to.
-    pub fn describe(&self) -> &str {
-        &self.describe
+    pub fn describe(&self) -> String {
+        self.settings.load().describe.clone()
     }
 
     /// Its buffer config.
-    pub fn buffer(&self) -> &BufferConfig {
-        &self.buffer
+    pub fn buffer(&self) -> BufferConfig {
+        self.settings.load().buffer
+    }
+
+    fn retry(&self) -> RetryConfig {
+        self.settings.load().retry
+    }
+
+    /// From the next send on, delivers to `destination` with these buffer limits and retries
+    /// (a reload changed the sink; its policy is the same). What is buffered stays buffered and
+    /// goes to the new destination; a send under way finishes, and a backoff is cut short.
+    pub fn reconfigure(
+        &self,
+        destination: Box<dyn Destination>,
+        buffer: BufferConfig,
+        retry: RetryConfig,
+    ) {
+        self.settings.store(Arc::new(Settings {
+            describe: destination.describe(),
+            buffer,
+            retry,
+        }));
+        *lock(&self.replacement) = Some(destination);
+        // Larger limits may let a waiting pipeline in; a backoff ends for the new destination.
+        self.room.notify_all();
+        self.halt.notify_waiters();
+        self.wake.notify_one();
     }
 
     /// Its metrics.
@@ -403,7 +442,7 @@ impl Sink {
             return Err(format!(
                 "sink `{}` no longer delivers to {}; {} events of pipeline `{}` not accepted",
                 self.name,
-                self.describe,
+                self.describe(),
                 out.len(),
                 out.pipeline()
             ));
@@ -435,10 +474,10 @@ impl Sink {
         self.refusal(&state, &out)?;
         let fits = |s: &State| {
             s.queue.is_empty()
-                || (s.events + events <= self.buffer.max_events
-                    && s.bytes + bytes <= self.buffer.max_bytes)
+                || (s.events + events <= self.buffer().max_events
+                    && s.bytes + bytes <= self.buffer().max_bytes)
         };
-        match self.buffer.when_full {
+        match self.buffer().when_full {
             WhenFull::Block => {
                 state = self.wait_for_room(
                     state,
@@ -466,8 +505,8 @@ impl Sink {
                     .take(state.in_flight)
                     .fold((0, 0), |(e, b), q| (e + q.out.len(), b + q.bytes));
                 let room = state.in_flight == 0
-                    || (sending_events + events <= self.buffer.max_events
-                        && sending_bytes + bytes <= self.buffer.max_bytes);
+                    || (sending_events + events <= self.buffer().max_events
+                        && sending_bytes + bytes <= self.buffer().max_bytes);
                 while room && !fits(&state) && state.queue.len() > state.in_flight {
                     let index = state.in_flight;
                     if let Some(old) = state.queue.remove(index) {
@@ -518,8 +557,8 @@ impl Sink {
                     "sink `{}`: {}: its pipelines have waited {waited:?} for {} (when_full = {})",
                     self.name,
                     describe(&state),
-                    self.describe,
-                    self.buffer.when_full.as_str()
+                    self.describe(),
+                    self.buffer().when_full.as_str()
                 );
             }
             let past_deadline = self
@@ -531,7 +570,7 @@ impl Sink {
                     "sink `{}`: {} and {} not taking events; {} events of pipeline `{}` not accepted",
                     self.name,
                     describe(&state),
-                    self.describe,
+                    self.describe(),
                     out.len(),
                     out.pipeline()
                 ));
@@ -562,12 +601,12 @@ impl Sink {
     fn offer_spill(&self, spill: &SpillLog, out: Outgoing) -> Result<(), String> {
         // (A disk buffer takes events even once closed or given up: they wait for the next start.)
         let state = lock(&self.state);
-        let full = |_: &State| spill.bytes() >= self.buffer.spill_bytes;
+        let full = |_: &State| spill.bytes() >= self.buffer().spill_bytes;
         let describe = |_: &State| {
             format!(
                 "disk buffer full ({} bytes, spill_bytes = {})",
                 spill.bytes(),
-                self.buffer.spill_bytes
+                self.buffer().spill_bytes
             )
         };
         drop(self.wait_for_room(state, full, describe, &out)?);
@@ -591,7 +630,7 @@ impl Sink {
                         return Err(message);
                     }
                     tracing::error!("{message} (attempt {attempt}; the pipeline waits)");
-                    std::thread::sleep(backoff(&self.retry, attempt));
+                    std::thread::sleep(backoff(&self.retry(), attempt));
                 }
             }
         }
@@ -620,7 +659,7 @@ impl Sink {
             let Some(taken) = self.take().await else {
                 break;
             };
-            let delivered = self.deliver(destination.as_mut(), taken.outs.clone()).await;
+            let delivered = self.deliver(&mut destination, taken.outs.clone()).await;
             if let Err(last) = delivered {
                 // From here on offers are refused (under the state lock), so `left` is final.
                 self.gave_up.store(true, Ordering::Release);
@@ -646,7 +685,8 @@ impl Sink {
                 for ticket in tickets {
                     ticket.fail(format!(
                         "sink `{}` gave up delivering to {}",
-                        self.name, self.describe
+                        self.name,
+                        self.describe()
                     ));
                 }
                 break;
@@ -656,7 +696,8 @@ impl Sink {
         if let Err(e) = destination.close().await {
             problems.push(format!(
                 "sink `{}`: closing {}: {e}",
-                self.name, self.describe
+                self.name,
+                self.describe()
             ));
         }
         problems
@@ -687,7 +728,7 @@ impl Sink {
                 let me = Arc::clone(self);
                 let read = tokio::task::spawn_blocking(move || {
                     me.spill.as_ref().map_or(Ok(Vec::new()), |spill| {
-                        spill.peek(SPILL_READ, me.buffer.batch_events as u64)
+                        spill.peek(SPILL_READ, me.buffer().batch_events as u64)
                     })
                 })
                 .await;
@@ -705,7 +746,7 @@ impl Sink {
                             "sink `{}`: cannot read the disk buffer: {e} (retrying)",
                             self.name
                         );
-                        tokio::time::sleep(backoff(&self.retry, 5)).await;
+                        tokio::time::sleep(backoff(&self.retry(), 5)).await;
                         continue;
                     }
                 }
@@ -723,7 +764,7 @@ impl Sink {
                     };
                     let mut events = 0;
                     for q in &state.queue {
-                        if taken.count > 0 && events + q.out.len() > self.buffer.batch_events {
+                        if taken.count > 0 && events + q.out.len() > self.buffer().batch_events {
                             break;
                         }
                         events += q.out.len();
@@ -754,7 +795,7 @@ impl Sink {
         let mut events = 0;
         let now = Instant::now();
         for record in records {
-            if taken.count > 0 && events + record.events as usize > self.buffer.batch_events {
+            if taken.count > 0 && events + record.events as usize > self.buffer().batch_events {
                 break;
             }
             events += record.events as usize;
@@ -783,7 +824,7 @@ impl Sink {
     /// dead-lettered; `Err` with the last error when it gave up (only while stopping).
     async fn deliver(
         &self,
-        destination: &mut dyn Destination,
+        destination: &mut Box<dyn Destination>,
         outs: Vec<Outgoing>,
     ) -> Result<(), String> {
         let mut work: VecDeque<Vec<Outgoing>> = VecDeque::from([outs]);
@@ -793,6 +834,9 @@ impl Sink {
             if events == 0 {
                 work.pop_front();
                 continue;
+            }
+            if self.switch(destination).await {
+                attempt = 0;
             }
             let started = Instant::now();
             let result = destination.send(part).await;
@@ -806,7 +850,7 @@ impl Sink {
                         tracing::info!(
                             "sink `{}`: {} takes events again (after {attempt} failed attempts)",
                             self.name,
-                            self.describe
+                            self.describe()
                         );
                     }
                     attempt = 0;
@@ -818,7 +862,7 @@ impl Sink {
                     if self.stopping.load(Ordering::Acquire) && attempt >= SHUTDOWN_ATTEMPTS {
                         return Err(message);
                     }
-                    let wait = backoff(&self.retry, attempt);
+                    let wait = backoff(&self.retry(), attempt);
                     if attempt == 1 || attempt.is_power_of_two() {
                         tracing::warn!(
                             "{message} (attempt {attempt}; retrying in {wait:?}; {} events buffered)",
@@ -859,6 +903,28 @@ impl Sink {
             }
         }
         Ok(())
+    }
+
+    /// Takes the destination a reload gave the sink, if any, closing the one it replaces;
+    /// whether it did.
+    async fn switch(&self, destination: &mut Box<dyn Destination>) -> bool {
+        let Some(replacement) = lock(&self.replacement).take() else {
+            return false;
+        };
+        let mut old = std::mem::replace(destination, replacement);
+        if let Err(e) = old.close().await {
+            tracing::warn!(
+                "sink `{}`: closing {} after a reload: {e}",
+                self.name,
+                old.describe()
+            );
+        }
+        tracing::info!(
+            "sink `{}`: delivers to {} from now on",
+            self.name,
+            destination.describe()
+        );
+        true
     }
 
     /// Sends refused events to their pipeline's dead-letter sink.

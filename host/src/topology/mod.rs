@@ -22,6 +22,11 @@
 //!   sinks deliver what they buffer and close, a sink only once every sink that may
 //!   dead-letter into it has closed (the config has no dead-letter loops).
 
+pub mod diff;
+mod reload;
+
+pub use reload::DRAIN;
+
 use crate::admin::deploy::{PipelineTarget, StageTarget};
 use crate::admin::registry::Registry;
 use crate::config::Config;
@@ -75,6 +80,7 @@ pub struct Built {
     pipelines: Vec<BuiltPipeline>,
     sinks: BTreeMap<String, Arc<Sink>>,
     destinations: Vec<(Arc<Sink>, Box<dyn Destination>)>,
+    plugins: HashMap<String, Plugin>,
 }
 
 /// A running pipeline and what the sources need of it.
@@ -91,11 +97,18 @@ pub struct RunningPipeline {
 
 /// The running sinks and pipelines.
 pub struct Topology {
-    /// Kept for the plugins loaded later (deploys); every stage already holds it.
+    /// Kept for the plugins loaded later (deploys, reloads); every stage already holds it.
     runtime: Runtime,
     pipelines: Vec<RunningPipeline>,
+    /// The sinks the pipelines write to, by name.
     sinks: BTreeMap<String, Arc<Sink>>,
+    /// Every sink's task, those a reload removed and that still deliver what they hold
+    /// included.
     runners: Vec<(Arc<Sink>, JoinHandle<Vec<String>>)>,
+    /// Workers a reload retired, joined at the stop.
+    retired: Vec<Pipeline>,
+    /// Plugins by digest: compiled once per version, whatever loads them.
+    plugins: HashMap<String, Plugin>,
 }
 
 impl std::fmt::Debug for Topology {
@@ -175,6 +188,7 @@ impl Topology {
             pipelines,
             sinks,
             destinations,
+            plugins,
         })
     }
 
@@ -250,11 +264,12 @@ impl Topology {
             }
             left = later.into_iter().map(|(runner, _)| runner).collect();
         }
-        let pipelines = self.pipelines;
+        let mut pipelines: Vec<Pipeline> = self.pipelines.into_iter().map(|p| p.pipeline).collect();
+        pipelines.extend(self.retired);
         let joined = tokio::task::spawn_blocking(move || {
             pipelines
                 .into_iter()
-                .filter_map(|p| p.pipeline.join().err())
+                .filter_map(|p| p.join().err())
                 .collect::<Vec<String>>()
         })
         .await;
@@ -298,6 +313,8 @@ impl Built {
             pipelines,
             sinks: self.sinks,
             runners,
+            retired: Vec::new(),
+            plugins: self.plugins,
         })
     }
 }
@@ -323,6 +340,30 @@ struct PipelineBuilder<'a> {
 
 impl PipelineBuilder<'_> {
     fn build(&mut self, queue: usize) -> Result<(WorkerSetup, PipelineInfo, Vec<StageTarget>)> {
+        let (stages, stage_names, targets) = self.stages()?;
+        let (fanout, info) = self.outputs(stage_names)?;
+        let name = &self.pipeline.name;
+        let setup = WorkerSetup {
+            name: name.clone(),
+            chain: Chain::new(stages),
+            fanout,
+            metrics: self.metrics.pipeline(name),
+            stage_metrics: self
+                .pipeline
+                .stages
+                .iter()
+                .map(|s| self.metrics.stage(name, &s.name))
+                .collect(),
+            queue,
+            config: WorkerConfig::default(),
+            registry: self.metrics.clone(),
+            version_header: self.pipeline.version_header.clone(),
+        };
+        Ok((setup, info, targets))
+    }
+
+    /// The pipeline's stages, instantiated; how each is described; as deploys see them.
+    fn stages(&mut self) -> Result<(Vec<Stage>, Vec<String>, Vec<StageTarget>)> {
         let name = &self.pipeline.name;
         let mut stages = Vec::new();
         let mut stage_names = Vec::new();
@@ -368,6 +409,13 @@ impl PipelineBuilder<'_> {
             });
             stages.push(stage);
         }
+        Ok((stages, stage_names, targets))
+    }
+
+    /// Where the pipeline's output goes (its sinks, `unmatched`, dead-letter sink), and the
+    /// pipeline described with its stages `stage_names`.
+    fn outputs(&mut self, stage_names: Vec<String>) -> Result<(Fanout, PipelineInfo)> {
+        let name = &self.pipeline.name;
         let mut routes = Vec::new();
         let mut described = Vec::new();
         for route in &self.pipeline.sinks {
@@ -407,23 +455,10 @@ impl PipelineBuilder<'_> {
             sinks: described,
             dead_letters: describe_route(&dead_letters, None),
         };
-        let setup = WorkerSetup {
-            name: name.clone(),
-            chain: Chain::new(stages),
-            fanout: Fanout::new(pipeline_name, routes, unmatched, dead_letters),
-            metrics: self.metrics.pipeline(name),
-            stage_metrics: self
-                .pipeline
-                .stages
-                .iter()
-                .map(|s| self.metrics.stage(name, &s.name))
-                .collect(),
-            queue,
-            config: WorkerConfig::default(),
-            registry: self.metrics.clone(),
-            version_header: self.pipeline.version_header.clone(),
-        };
-        Ok((setup, info, targets))
+        Ok((
+            Fanout::new(pipeline_name, routes, unmatched, dead_letters),
+            info,
+        ))
     }
 
     /// Stage `spec` as it runs: the version last deployed to it, or the one its config names
@@ -496,9 +531,13 @@ impl PipelineBuilder<'_> {
         }
     }
 
-    /// The pipeline's default dead-letter sink: `DATA_DIR/dead-letters/PIPELINE.jsonl`.
+    /// The pipeline's default dead-letter sink: `DATA_DIR/dead-letters/PIPELINE.jsonl`, the
+    /// running one when there is one (a reload).
     fn dead_letter_file(&mut self) -> Result<Arc<Sink>> {
         let name = &self.pipeline.name;
+        if let Some(sink) = self.sinks.get(&format!("{name}/dead-letters")) {
+            return Ok(sink.clone());
+        }
         let path = dead_letter_file(&self.config.data_dir, name);
         let sink_name = format!("{name}/dead-letters");
         let destination = FileDestination::open(

@@ -61,16 +61,23 @@ pub fn batch_of(event: &Event) -> u64 {
     digits.parse().expect("a batch number")
 }
 
-/// Streams batches 0, 1, 2, … into pipeline 0, [`IN_FLIGHT`] unacked at a time, until `stop`
-/// is set and at least `min` were sent, at most `max`; `sent` counts them.
-async fn stream(producer: &Producer, stop: &AtomicBool, sent: &AtomicU64, min: u64, max: u64) {
+/// Streams batches `make(0)`, `make(1)`, … into pipeline 0, [`IN_FLIGHT`] unacked at a time,
+/// until `stop` is set and at least `min` were sent, at most `max`; `sent` counts them.
+async fn stream(
+    producer: &Producer,
+    make: fn(u64) -> EncodedBatch,
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+    min: u64,
+    max: u64,
+) {
     let mut acks = std::collections::VecDeque::new();
     for n in 0..max {
         if n >= min && stop.load(Ordering::Acquire) {
             break;
         }
         let ack = producer
-            .send_batch(0, &batch(n, 0))
+            .send_batch(0, &make(n))
             .await
             .expect("the producer takes the batch");
         acks.push_back(ack);
@@ -95,6 +102,17 @@ impl Streaming {
     /// Connects as producer `pipeline` to `pipeline` of the router at `addr` and streams (see
     /// [`stream`]) at least `min` batches, at most 20 000; returns once 10 are sent.
     pub async fn start(addr: SocketAddr, fingerprint: &str, pipeline: &str, min: u64) -> Streaming {
+        Streaming::start_with(addr, fingerprint, pipeline, min, |n| batch(n, 0)).await
+    }
+
+    /// [`Streaming::start`] with batches `make(0)`, `make(1)`, ….
+    pub async fn start_with(
+        addr: SocketAddr,
+        fingerprint: &str,
+        pipeline: &str,
+        min: u64,
+        make: fn(u64) -> EncodedBatch,
+    ) -> Streaming {
         let producer = Arc::new(connect(addr, fingerprint, pipeline, pipeline).await);
         let (stop, sent) = (
             Arc::new(AtomicBool::new(false)),
@@ -102,7 +120,7 @@ impl Streaming {
         );
         let task = {
             let (producer, stop, sent) = (producer.clone(), stop.clone(), sent.clone());
-            tokio::spawn(async move { stream(&producer, &stop, &sent, min, 20_000).await })
+            tokio::spawn(async move { stream(&producer, make, &stop, &sent, min, 20_000).await })
         };
         within("batches sent", async {
             while sent.load(Ordering::Acquire) < 10 {

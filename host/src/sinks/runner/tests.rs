@@ -128,3 +128,93 @@ fn a_destination_that_delivers_nothing_for_a_second_is_logged_once_per_wait() {
         "{log}"
     );
 }
+
+/// A destination that is down: every send fails, to be retried.
+struct Down;
+
+impl Destination for Down {
+    fn describe(&self) -> String {
+        "down".into()
+    }
+
+    fn send<'a>(&'a mut self, _: &'a [Outgoing]) -> SendFuture<'a> {
+        Box::pin(async { Err(SendError::Retry("down: connection refused".into())) })
+    }
+}
+
+/// A destination that records the values it delivers.
+struct Recording(Arc<Mutex<Vec<String>>>);
+
+impl Destination for Recording {
+    fn describe(&self) -> String {
+        "recording".into()
+    }
+
+    fn send<'a>(&'a mut self, batch: &'a [Outgoing]) -> SendFuture<'a> {
+        Box::pin(async move {
+            let mut seen = lock(&self.0);
+            for out in batch {
+                seen.extend(
+                    out.events()
+                        .map(|e| String::from_utf8_lossy(e.value()).into_owned()),
+                );
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconfigured_sink_delivers_what_it_holds_to_its_new_destination() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics = Metrics::new();
+    let sink = Sink::new(
+        "s",
+        "down".into(),
+        BufferConfig::default(),
+        RetryConfig {
+            initial: Duration::from_secs(30),
+            max: Duration::from_secs(30),
+        },
+        dir.path(),
+        metrics.sink("s"),
+    )
+    .expect("a sink");
+    let runner = tokio::spawn(sink.clone().run(Box::new(Down)));
+    let ticket = Ticket::new();
+    let (tx, resolved) = tokio::sync::oneshot::channel();
+    let batch = SharedBatch::verify(weir_format::encode(&[
+        weir_format::Event::new("a", 1),
+        weir_format::Event::new("b", 2),
+    ]))
+    .expect("a batch");
+    sink.offer(Outgoing::all(batch, Arc::from("p")), &ticket)
+        .expect("taken");
+    ticket.seal(move |result| {
+        let _ = tx.send(result);
+    });
+    // The first attempt failed; the next one is 30 s away.
+    while sink.metrics().errors.get() == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let bigger = BufferConfig {
+        max_events: 20_000,
+        ..BufferConfig::default()
+    };
+    sink.reconfigure(
+        Box::new(Recording(seen.clone())),
+        bigger,
+        RetryConfig::default(),
+    );
+    assert_eq!(sink.describe(), "recording");
+    assert_eq!(sink.buffer().max_events, 20_000);
+    let result = tokio::time::timeout(Duration::from_secs(10), resolved)
+        .await
+        .expect("delivered long before the backoff ends")
+        .expect("resolved");
+    assert_eq!(result, Ok(()));
+    assert_eq!(*lock(&seen), ["a", "b"]);
+    sink.close();
+    assert_eq!(runner.await.expect("the runner"), Vec::<String>::new());
+}

@@ -341,9 +341,7 @@ fn admit(
                 format!("pipeline `{name}`: unknown"),
             ));
         };
-        if let Some(allowed) = &pipeline.allowed
-            && !allowed.iter().any(|p| p == id)
-        {
+        if !pipeline.allows(id) {
             return Err((
                 ErrorCode::Unauthorized,
                 format!("pipeline `{name}`: producer `{id}` may not write to it"),
@@ -691,7 +689,7 @@ async fn read_loop(
             // The permit went with the batch: its completion gives it back.
             Admitted::Taken => std::mem::forget(permit),
             Admitted::Duplicate => drop(permit),
-            Admitted::Failed => {
+            Admitted::Failed | Admitted::Removed => {
                 drop(permit);
                 return stopped(stream);
             }

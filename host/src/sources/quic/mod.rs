@@ -53,7 +53,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use weir_format::frame::{ErrorCode, LENGTH_BYTES, MAX_PIPELINES};
@@ -71,6 +71,10 @@ pub const SOURCE: &str = "quic";
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Counts live tasks of one kind and lets shutdown wait for them.
@@ -126,14 +130,33 @@ struct Registered {
 pub(crate) struct Shared {
     limits: ServerLimits,
     pipelines: RwLock<HashMap<String, Arc<QuicPipeline>>>,
-    tokens: HashMap<String, Vec<u8>>,
-    allow_anonymous: bool,
+    /// Producer tokens and whether anonymous producers are welcome (a reload may change them).
+    auth: RwLock<Auth>,
     metrics: SourceMetrics,
     shutting_down: AtomicBool,
     registry: Mutex<HashMap<String, Registered>>,
     stop_reading: watch::Sender<bool>,
     streams: WaitGroup,
     connections: WaitGroup,
+}
+
+/// Who may connect.
+struct Auth {
+    tokens: HashMap<String, Vec<u8>>,
+    allow_anonymous: bool,
+}
+
+impl Auth {
+    fn of(listener: &ListenerConfig) -> Auth {
+        Auth {
+            tokens: listener
+                .producers
+                .iter()
+                .map(|p| (p.id.clone(), p.token.clone()))
+                .collect(),
+            allow_anonymous: listener.allow_anonymous,
+        }
+    }
 }
 
 impl Shared {
@@ -146,7 +169,8 @@ impl Shared {
     ) -> Result<(), (ErrorCode, String)> {
         let refuse = |message: String| Err((ErrorCode::Unauthenticated, message));
         let certificate = || tls::certificate_names(conn, id);
-        match self.tokens.get(id) {
+        let auth = read(&self.auth);
+        match auth.tokens.get(id) {
             Some(expected) if !token.is_empty() => {
                 if constant_time_eq(token, expected) {
                     Ok(())
@@ -169,7 +193,7 @@ impl Shared {
                 Some(false) => refuse(format!(
                     "producer `{id}`: the client certificate is not valid for this producer id"
                 )),
-                None if self.allow_anonymous => Ok(()),
+                None if auth.allow_anonymous => Ok(()),
                 None => refuse(format!(
                     "producer `{id}`: no token and no client certificate"
                 )),
@@ -288,6 +312,7 @@ pub struct PipelineEntry {
 pub struct QuicSource {
     shared: Arc<Shared>,
     endpoint: Endpoint,
+    crypto: Arc<quinn::crypto::rustls::QuicServerConfig>,
     local_addr: SocketAddr,
     fingerprint: String,
     cert_path: PathBuf,
@@ -315,7 +340,11 @@ impl QuicSource {
         metrics: &Metrics,
     ) -> Result<QuicSource> {
         let tls = tls::setup(listener, data_dir)?;
-        let server_config = server_config(listener.limits.protocol, pipelines.len(), tls.config)?;
+        let crypto = Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls.config)
+                .context("TLS config unusable for QUIC")?,
+        );
+        let server_config = server_config(listener.limits.protocol, pipelines.len(), &crypto)?;
         let endpoint_config = reset::endpoint_config(data_dir)?;
         let socket = std::net::UdpSocket::bind(listener.listen)
             .with_context(|| format!("cannot listen on {}", listener.listen))?;
@@ -338,12 +367,7 @@ impl QuicSource {
         let shared = Arc::new(Shared {
             limits: listener.limits,
             pipelines: RwLock::new(pipelines),
-            tokens: listener
-                .producers
-                .iter()
-                .map(|p| (p.id.clone(), p.token.clone()))
-                .collect(),
-            allow_anonymous: listener.allow_anonymous,
+            auth: RwLock::new(Auth::of(listener)),
             metrics: metrics.source(SOURCE),
             shutting_down: AtomicBool::new(false),
             registry: Mutex::new(HashMap::new()),
@@ -356,6 +380,7 @@ impl QuicSource {
         Ok(QuicSource {
             shared,
             endpoint,
+            crypto,
             local_addr,
             fingerprint: tls.fingerprint,
             cert_path: tls.cert_path,
@@ -383,6 +408,15 @@ impl QuicSource {
     /// Whether the certificate is the self-signed one generated into the data directory.
     pub fn cert_generated(&self) -> bool {
         self.cert_generated
+    }
+
+    /// A handle through which a reload changes what the source feeds.
+    pub fn control(&self) -> QuicControl {
+        QuicControl {
+            shared: self.shared.clone(),
+            endpoint: self.endpoint.clone(),
+            crypto: self.crypto.clone(),
+        }
     }
 
     /// The first half of a graceful stop (PROTOCOL §12): `goaway` to every producer, new
@@ -452,6 +486,63 @@ impl QuicSource {
     }
 }
 
+/// What a reload changes of a running QUIC source: the pipelines it feeds, who may write to
+/// them, and who may connect. Connections made from then on see the change; a connection
+/// already made keeps its pipelines, except that a removed one refuses its batches.
+#[derive(Clone)]
+pub struct QuicControl {
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    crypto: Arc<quinn::crypto::rustls::QuicServerConfig>,
+}
+
+impl QuicControl {
+    /// Feeds a new pipeline.
+    pub fn add(&self, entry: PipelineEntry, metrics: &Metrics) -> Result<()> {
+        let name = entry.input.name().to_owned();
+        let quic = QuicPipeline::new(entry.input, entry.allowed, metrics.pipeline(&name));
+        write(&self.shared.pipelines).insert(name, Arc::new(quic));
+        self.resize()
+    }
+
+    /// A reload removed pipeline `name`: its batches are refused from now on with
+    /// `UNKNOWN_PIPELINE`, and new connections cannot name it.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        if let Some(pipeline) = write(&self.shared.pipelines).remove(name) {
+            pipeline.remove();
+        }
+        self.resize()
+    }
+
+    /// Pipeline `name` has a new worker: its batches go to `input` from now on.
+    pub fn restart(&self, name: &str, input: PipelineInput) {
+        if let Some(pipeline) = self.shared.pipeline(name) {
+            pipeline.set_input(input);
+        }
+    }
+
+    /// Producers allowed on pipeline `name` from now on; `None`: every authenticated one.
+    pub fn set_allowed(&self, name: &str, allowed: Option<Vec<String>>) {
+        if let Some(pipeline) = self.shared.pipeline(name) {
+            pipeline.set_allowed(allowed);
+        }
+    }
+
+    /// Producer tokens and `anonymous` from now on.
+    pub fn set_auth(&self, listener: &ListenerConfig) {
+        *write(&self.shared.auth) = Auth::of(listener);
+    }
+
+    /// New connections may open a batch stream per pipeline: the transport follows the
+    /// number of pipelines.
+    fn resize(&self) -> Result<()> {
+        let pipelines = read(&self.shared.pipelines).len();
+        let config = server_config(self.shared.limits.protocol, pipelines, &self.crypto)?;
+        self.endpoint.set_server_config(Some(config));
+        Ok(())
+    }
+}
+
 async fn accept_loop(shared: Arc<Shared>, endpoint: Endpoint, mut stop: watch::Receiver<bool>) {
     loop {
         let incoming = tokio::select! {
@@ -478,11 +569,9 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: Endpoint, mut stop: watch::R
 fn server_config(
     limits: weir_format::frame::Limits,
     pipelines: usize,
-    tls: rustls::ServerConfig,
+    crypto: &Arc<quinn::crypto::rustls::QuicServerConfig>,
 ) -> Result<quinn::ServerConfig> {
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .context("TLS config unusable for QUIC")?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut server = quinn::ServerConfig::with_crypto(crypto.clone());
     server.transport_config(Arc::new(transport_config(limits, pipelines)?));
     Ok(server)
 }

@@ -12,11 +12,13 @@
 
 use super::connection::{ConnState, StreamShared};
 use super::sequence::{Sequences, Verdict};
+use super::{read, write};
 use crate::metrics::PipelineMetrics;
 use crate::pipeline::{Completion, Input, PipelineInput};
 use crate::sinks::SharedBatch;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use weir_format::frame::{BatchFrame, ErrorCode};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -41,15 +43,21 @@ pub(crate) enum Admitted {
     Failed,
     /// The pipeline takes no more batches.
     Stopped,
+    /// A reload removed the pipeline.
+    Removed,
 }
 
-/// One pipeline of the router, as producers write to it.
+/// One pipeline of the router, as producers write to it. A reload may give it another
+/// worker (a new input), another producer list, or remove it; the producers' sequence state
+/// stays here through all of it.
 pub(crate) struct QuicPipeline {
     /// The pipeline's name.
     pub name: String,
     /// Producers allowed to write; `None`: every authenticated producer.
-    pub allowed: Option<Vec<String>>,
-    input: PipelineInput,
+    allowed: RwLock<Option<Vec<String>>>,
+    input: RwLock<PipelineInput>,
+    /// A reload removed it: batches are refused with `UNKNOWN_PIPELINE`.
+    removed: AtomicBool,
     producers: Mutex<HashMap<Arc<str>, ProducerState>>,
     /// Per producer id, its newest connection and the pipeline's index in its `hello`: acks
     /// go there too, not only to the streams the batches came on.
@@ -65,12 +73,41 @@ impl QuicPipeline {
     ) -> QuicPipeline {
         QuicPipeline {
             name: input.name().to_owned(),
-            allowed,
-            input,
+            allowed: RwLock::new(allowed),
+            input: RwLock::new(input),
+            removed: AtomicBool::new(false),
             producers: Mutex::new(HashMap::new()),
             current: Mutex::new(HashMap::new()),
             metrics,
         }
+    }
+
+    /// Whether producer `id` may write to the pipeline.
+    pub fn allows(&self, id: &str) -> bool {
+        read(&self.allowed)
+            .as_ref()
+            .is_none_or(|allowed| allowed.iter().any(|p| p == id))
+    }
+
+    /// Producers allowed from now on (connections made later); `None`: every one.
+    pub fn set_allowed(&self, allowed: Option<Vec<String>>) {
+        *write(&self.allowed) = allowed;
+    }
+
+    /// Batches go to `input` from now on: a reload restarted the pipeline. The old input
+    /// closes when its worker retires; a batch that finds it closed takes the new one.
+    pub fn set_input(&self, input: PipelineInput) {
+        *write(&self.input) = input;
+    }
+
+    /// A reload removed the pipeline: batches are refused from now on.
+    pub fn remove(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+
+    /// Whether a reload removed the pipeline.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 
     fn producer(&self, id: &Arc<str>) -> ProducerState {
@@ -106,8 +143,25 @@ impl QuicPipeline {
         frame: BatchFrame,
         stream: &Arc<StreamShared>,
     ) -> Admitted {
-        let Some(slot) = self.input.reserve().await else {
-            return Admitted::Stopped;
+        // The input of the moment; when it closed because a reload restarted the pipeline,
+        // the new one.
+        let mut input = read(&self.input).clone();
+        let slot = loop {
+            if self.is_removed() {
+                stream.fail(
+                    ErrorCode::UnknownPipeline,
+                    format!("pipeline `{}` was removed by a config reload", self.name),
+                );
+                return Admitted::Removed;
+            }
+            if let Some(slot) = input.reserve().await {
+                break slot;
+            }
+            let current = read(&self.input).clone();
+            if current.same_queue(&input) {
+                return Admitted::Stopped;
+            }
+            input = current;
         };
         let producer = stream.producer().clone();
         let state = self.producer(&producer);
