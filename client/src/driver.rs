@@ -23,6 +23,15 @@ use crate::tls::PinnedServerVerifier;
 /// explains it (the server sends it first, but on another stream, so it may arrive later).
 const STOP_EXPLANATION_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a connection may go without a datagram from the server while batches wait for
+/// acks before it is given up for a new one: a live server acks within milliseconds and pings
+/// every second, so this much silence means it is gone (a crash, a restart whose resets are
+/// not reaching us yet because QUIC's probe timeouts have backed off), and reconnecting beats
+/// waiting out the idle timeout.
+const SILENCE: Duration = Duration::from_secs(1);
+/// How often a connection looks for that silence.
+const SILENCE_CHECK: Duration = Duration::from_millis(250);
+
 /// Why a connection ended.
 enum Failure {
     /// Reconnect (after backoff); the text says why, for logs and the give-up error.
@@ -73,6 +82,10 @@ struct Session {
     draining: Option<String>,
     /// A batch stream the server stopped, waiting for its `error` frame until the deadline.
     stopped: Option<(u16, ErrorCode, Instant)>,
+    /// Datagrams received from the server when last counted, and since when that count holds.
+    heard: (u64, Instant),
+    /// When to count them next.
+    silence_check: Instant,
 }
 
 impl Drop for Session {
@@ -322,6 +335,8 @@ async fn open_session(
         written_below: vec![0; count],
         draining: None,
         stopped: None,
+        heard: (0, Instant::now()),
+        silence_check: Instant::now() + SILENCE_CHECK,
     })
 }
 
@@ -557,8 +572,30 @@ impl Session {
                 error = self.conn.closed() => return Err(classify(&server, &error, false)),
                 () = shared.wake.notified() => {}
                 () = sleep_until(deadline), if deadline.is_some() => {}
+                () = sleep_until(Some(self.silence_check)) => {
+                    self.silence_check = Instant::now() + SILENCE_CHECK;
+                    let waiting = !self.drained(&shared.lock());
+                    self.check_silence(waiting)?;
+                }
             }
         }
+    }
+
+    /// Gives the connection up when the server has sent nothing for [`SILENCE`] while
+    /// batches wait for acks (`waiting`).
+    fn check_silence(&mut self, waiting: bool) -> Result<(), Failure> {
+        let datagrams = self.conn.stats().udp_rx.datagrams;
+        if datagrams != self.heard.0 || !waiting {
+            self.heard = (datagrams, Instant::now());
+            return Ok(());
+        }
+        if self.heard.1.elapsed() >= SILENCE {
+            return Err(Failure::Retry(format!(
+                "no answer from the server for {} ms with batches unacked",
+                self.heard.1.elapsed().as_millis()
+            )));
+        }
+        Ok(())
     }
 
     /// Whether every batch written on this connection is acked.

@@ -41,7 +41,10 @@
 //! ([`Trust`]), authenticates with a token or a client certificate, and starts a driver task
 //! on the current tokio runtime. The driver writes each pipeline's batches on its own QUIC
 //! stream, applies acks, and after a lost connection (timeout, reset, a retryable close,
-//! `goaway`) reconnects with backoff under the same producer id and resends what is unacked:
+//! `goaway`, or a second without a datagram from the server while batches wait for acks: a
+//! live server acks within milliseconds, a restarted one may not hear from us for seconds
+//! while QUIC's probe timeouts back off) reconnects with backoff under the same producer id
+//! and resends what is unacked:
 //! the server drops what it already accepted, so nothing is lost or duplicated. A `refuse`
 //! that says to come back later (`TOO_MANY_PRODUCERS`, `SHUTTING_DOWN`) is retried the same
 //! way, on the first connection too. [`ReconnectPolicy`] sets the backoff and when to give up

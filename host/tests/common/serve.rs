@@ -26,10 +26,14 @@ async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 /// A running `weir serve`.
 pub struct WeirServe {
     child: Child,
+    /// What it logged so far (standard error), line by line; also echoed to the test's.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// Where it listens.
     pub addr: SocketAddr,
     /// Its certificate's fingerprint.
     pub fingerprint: String,
+    /// The banner it printed.
+    pub banner: Vec<String>,
     /// Its standard output after the banner, line by line.
     pub lines: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
@@ -37,14 +41,34 @@ pub struct WeirServe {
 impl WeirServe {
     /// Runs `weir serve --config CONFIG` and reads its banner for the address and fingerprint.
     pub async fn start(config: &Path) -> WeirServe {
+        WeirServe::start_logging(config, "warn").await
+    }
+
+    /// [`WeirServe::start`] with `WEIR_LOG=level`.
+    pub async fn start_logging(config: &Path, level: &str) -> WeirServe {
         let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
             .args(["serve", "--config"])
             .arg(config)
-            .env("WEIR_LOG", "warn")
+            .env("WEIR_LOG", level)
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("weir serve runs");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("{line}");
+                    log.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(line);
+                }
+            });
+        }
         let stdout = child.stdout.take().expect("stdout");
         let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
         // Keeps reading, so that weir never blocks on a full pipe.
@@ -59,8 +83,10 @@ impl WeirServe {
         // Owned before the banner is read: a failure from here on kills it.
         let mut server = WeirServe {
             child,
+            log,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             fingerprint: String::new(),
+            banner: Vec::new(),
             lines,
         };
         let mut banner = Vec::new();
@@ -82,7 +108,28 @@ impl WeirServe {
             .parse()
             .expect("the banner's address");
         server.fingerprint = word("certificate fingerprint (SHA-256): ");
+        server.banner = banner;
         server
+    }
+
+    /// Waits until it logged a line containing `text`; returns that line.
+    pub async fn logged(&self, text: &str) -> String {
+        within(&format!("weir serve to log `{text}`"), async {
+            loop {
+                let found = self
+                    .log
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .iter()
+                    .find(|line| line.contains(text))
+                    .cloned();
+                if let Some(line) = found {
+                    return line;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
     }
 
     /// Its process id.
