@@ -175,6 +175,8 @@ struct RawPipeline {
     unmatched: Option<Spanned<String>>,
     dead_letters: Option<Spanned<String>>,
     version_header: Option<Spanned<String>>,
+    #[serde(default = "default_true")]
+    checkpoint: bool,
 }
 
 #[derive(Deserialize)]
@@ -1178,6 +1180,7 @@ fn pipeline(
         unmatched,
         dead_letters,
         version_header,
+        checkpoint: raw.checkpoint,
     })
 }
 

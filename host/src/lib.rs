@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod baseline;
+pub mod checkpoint;
 pub mod config;
 pub mod files;
 pub mod http;

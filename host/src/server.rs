@@ -9,6 +9,7 @@
 use crate::admin::deploy::Deployer;
 use crate::admin::registry::Registry;
 use crate::admin::{AdminServer, BoxFuture, ReloadError, ReloadReport, RouterHandle};
+use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::sinks::runner::Sink;
@@ -128,6 +129,7 @@ impl View {
 /// What the server shares with reloads and the admin endpoint.
 struct Core {
     metrics: Arc<Metrics>,
+    checkpoints: Arc<Checkpoints>,
     registry: Arc<Registry>,
     deployer: Arc<Deployer>,
     quic: QuicControl,
@@ -201,7 +203,8 @@ impl Server {
         crate::files::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
         let registry = Arc::new(Registry::open(&config.data_dir)?);
-        let built = Topology::build(&config, &metrics, &registry)?;
+        let checkpoints = Checkpoints::open(&config.data_dir)?;
+        let built = Topology::build(&config, &metrics, &registry, &checkpoints)?;
         let metrics_server = match config.metrics {
             Some(addr) => Some(
                 crate::metrics::serve(addr, metrics.clone())
@@ -217,6 +220,7 @@ impl Server {
             .map(|p| PipelineEntry {
                 input: p.input(),
                 allowed: p.allowed.clone(),
+                positions: p.positions.clone(),
             })
             .collect();
         let deployer = Arc::new(Deployer::new(
@@ -236,6 +240,7 @@ impl Server {
         };
         let core = Arc::new(Core {
             metrics,
+            checkpoints,
             registry,
             deployer: deployer.clone(),
             quic: quic.control(),
@@ -341,7 +346,8 @@ impl Server {
 
     /// Stops gracefully (PROTOCOL §12): `goaway` to every producer, new connections refused
     /// with `SHUTTING_DOWN`, no further batch read; every batch already read is processed,
-    /// aggregate windows are flushed, sinks flushed and everything accepted acked; then each
+    /// aggregate windows are checkpointed (or, with `checkpoint = false`, finished), sinks
+    /// flushed and everything accepted acked; then each
     /// connection closes with `NO_ERROR` and the endpoint closes.
     pub async fn shutdown(self) -> Result<ShutdownReport> {
         // No deploy starts from now on; one on probation ends with its pipeline.
@@ -351,10 +357,13 @@ impl Server {
         // A reload under way finishes first; none starts after.
         let running = self.core.running.lock().await.take();
         let view = self.core.view();
+        self.core.checkpoints.stopping();
         self.quic.stop_reading().await;
         let mut problems = Vec::new();
         if let Some(Running { topology, .. }) = running {
             problems.extend(topology.stop_pipelines().await);
+            // The last rounds' checkpoints, then their acks.
+            self.core.checkpoints.sync().await;
             problems.extend(self.quic.withheld());
             problems.extend(topology.stop_sinks().await);
         }
@@ -362,6 +371,9 @@ impl Server {
             server.stop().await;
         }
         self.quic.close().await;
+        // Released for a router started after this one on the same data directory.
+        let checkpoints = self.core.checkpoints.clone();
+        let _ = tokio::task::spawn_blocking(move || checkpoints.close()).await;
         Ok(ShutdownReport {
             stats: stats(&self.core.metrics, &view.pipelines, &view.sinks),
             problems,

@@ -1,5 +1,6 @@
-//! Crashes and restarts that producers barely notice: `weir serve` as a child process, killed
-//! with SIGKILL while a producer streams, started again on the same data directory.
+//! Crashes and restarts that producers barely notice, and that aggregates do not notice at all:
+//! `weir serve` as a child process, killed with SIGKILL while a producer streams, started
+//! again on the same data directory; and its config reloaded the three ways an operator does.
 
 #[path = "common/serve.rs"]
 mod serve;
@@ -31,13 +32,26 @@ anonymous = true
 [pipelines.clicks]
 sinks = ["out"]
 
+[pipelines.sums]
+sinks = ["sums"]
+
+[[pipelines.sums.stages]]
+plugin = "example:count-sum"
+window = "tumbling:1s"
+
 [sinks.out]
 type = "file"
 path = "{out}"
 fsync = "on_ack"
+
+[sinks.sums]
+type = "file"
+path = "{sums}"
+fsync = "on_ack"
 "#,
             data = dir.join("data").display(),
             out = dir.join("out.jsonl").display(),
+            sums = dir.join("sums.jsonl").display(),
         ),
     )
     .expect("write the config");
@@ -174,7 +188,7 @@ async fn weir_serve_reloads_on_a_saved_file_on_sighup_and_on_weir_reload() {
     assert_eq!(
         stderr,
         format!(
-            "error: {}:{line}:17: pipeline `clicks`: unknown sink `nowhere` (configured sinks: `out`, `copy`)\n",
+            "error: {}:{line}:17: pipeline `clicks`: unknown sink `nowhere` (configured sinks: `out`, `sums`, `copy`)\n",
             config.display()
         )
     );
@@ -193,5 +207,103 @@ async fn weir_serve_reloads_on_a_saved_file_on_sighup_and_on_weir_reload() {
         copied,
         (first..sent).collect(),
         "every batch from the reload on"
+    );
+}
+
+/// Batch `n` for `sums`: [`BATCH`] events, keyed `k0`..`k3`, one millisecond apart in event
+/// time, each with an `amount` of 1 to 7.
+fn amounts(n: u64) -> weir_client::EncodedBatch {
+    let mut b = weir_format::BatchBuilder::new();
+    for i in 0..BATCH {
+        let t = n * BATCH + i;
+        b.push(
+            &Event::new(format!("{{\"amount\":{}}}", amount(t)), t as i64)
+                .with_key(format!("k{}", t % 4)),
+        );
+    }
+    weir_client::EncodedBatch::new(bytes::Bytes::from(b.finish())).expect("a batch")
+}
+
+fn amount(t: u64) -> u64 {
+    t % 7 + 1
+}
+
+/// What count-sum writes for batches `0..batches` of [`amounts`] once every window finished:
+/// per (key, one-second window), the count and the sum.
+fn expected_windows(batches: u64) -> BTreeSet<(String, i64, u64, u64)> {
+    let mut windows: std::collections::BTreeMap<(String, i64), (u64, u64)> =
+        std::collections::BTreeMap::new();
+    for t in 0..batches * BATCH {
+        let w = windows
+            .entry((format!("k{}", t % 4), (t / 1000 * 1000) as i64))
+            .or_default();
+        w.0 += 1;
+        w.1 += amount(t);
+    }
+    windows
+        .into_iter()
+        .map(|((key, start), (count, sum))| (key, start, count, sum))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_three_times_during_a_stream_changes_no_window_result() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), free_udp_addr());
+    let mut server = WeirServe::start(&config).await;
+    let streaming =
+        Streaming::start_with(server.addr, &server.fingerprint, "sums", 1500, amounts).await;
+    for at in [200, 600, 1000] {
+        acked(&streaming, at).await;
+        server.kill();
+        server = WeirServe::start(&config).await;
+    }
+    let (producer, sent) = streaming.finish().await;
+    // Event time far ahead finishes every window of the stream.
+    let mut close = weir_format::BatchBuilder::new();
+    close.push(&Event::new("{\"amount\":0}", 10_000_000).with_key("close"));
+    producer
+        .send_batch(
+            0,
+            &weir_client::EncodedBatch::new(bytes::Bytes::from(close.finish())).expect("a batch"),
+        )
+        .await
+        .expect("queued")
+        .await
+        .expect("acked");
+    let expected = expected_windows(sent);
+    let seen = || -> Vec<(String, i64, u64, u64)> {
+        std::fs::read_to_string(dir.path().join("sums.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+                (
+                    v["key"].as_str().expect("a key").to_owned(),
+                    v["value"]["start_ms"].as_i64().expect("a start"),
+                    v["value"]["count"].as_u64().expect("a count"),
+                    v["value"]["sum"].as_f64().expect("a sum") as u64,
+                )
+            })
+            .collect()
+    };
+    within("every window written", async {
+        while seen().iter().collect::<BTreeSet<_>>().len() < expected.len() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    server.stop().await;
+    let seen = seen();
+    let distinct: BTreeSet<(String, i64, u64, u64)> = seen.iter().cloned().collect();
+    // Every window once or, across a crash, twice with the same value: never another value,
+    // never missing.
+    assert_eq!(distinct, expected);
+    let windows: BTreeSet<(&str, i64)> = seen.iter().map(|w| (w.0.as_str(), w.1)).collect();
+    assert_eq!(windows.len(), distinct.len(), "a window with two values");
+    println!(
+        "{} window results for {} windows across three kill -9",
+        seen.len(),
+        expected.len()
     );
 }

@@ -1238,11 +1238,14 @@ with = { table = { FR = "France" } }
     assert_eq!(stats.pipelines["geo"].events_out, 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn shutdown_finishes_open_aggregate_windows_into_the_sinks() {
-    let extra = r#"
+/// A pipeline `sums` (count-sum per key over one-minute windows) into `sums.jsonl`, with
+/// `checkpoint_line` added to it.
+fn sums_pipeline(checkpoint_line: &str) -> String {
+    format!(
+        r#"
 [pipelines.sums]
 sinks = ["sums"]
+{checkpoint_line}
 
 [[pipelines.sums.stages]]
 plugin = "example:count-sum"
@@ -1251,26 +1254,48 @@ window = "tumbling:60s"
 [sinks.sums]
 type = "file"
 path = "sums.jsonl"
-"#;
-    let t = TestServer::start("", extra).await;
-    let mut p = t.connect("sensor-7", "s3cret", &["sums"]).await;
-    let mut s = p.stream().await;
-    let amount = |key: &str, n: u32, ms: i64| {
-        Event::new(format!("{{\"amount\":{n}}}"), ms).with_key(key.to_owned())
-    };
-    let events = [
+"#
+    )
+}
+
+fn amount(key: &str, n: u32, ms: i64) -> Event {
+    Event::new(format!("{{\"amount\":{n}}}"), ms).with_key(key.to_owned())
+}
+
+/// The first minute's results of `first_minute()`, sorted.
+const FIRST_MINUTE: [&str; 2] = [
+    r#"{"key":"a","value":{"count":2,"sum":3.0,"start_ms":0,"end_ms":60000},"timestamp_ms":59999}"#,
+    r#"{"key":"b","value":{"count":1,"sum":5.0,"start_ms":0,"end_ms":60000},"timestamp_ms":59999}"#,
+];
+
+fn first_minute() -> [Event; 3] {
+    [
         amount("a", 1, 1_000),
         amount("b", 5, 2_000),
         amount("a", 2, 3_000),
-    ];
-    s.write_all(&batch_bytes(0, 0, &events))
+    ]
+}
+
+fn sorted_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    lines.sort();
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_checkpoint_shutdown_finishes_open_aggregate_windows() {
+    let t = TestServer::start("", &sums_pipeline("checkpoint = false")).await;
+    let mut p = t.connect("sensor-7", "s3cret", &["sums"]).await;
+    let mut s = p.stream().await;
+    s.write_all(&batch_bytes(0, 0, &first_minute()))
         .await
         .expect("write");
     p.ack_reaching(0, 1).await;
     let sums = t.path("sums.jsonl");
     assert_eq!(
-        std::fs::read_to_string(&sums).expect("sums"),
-        "",
+        sorted_lines(&sums),
+        Vec::<String>::new(),
         "the window is still open"
     );
     let TestServer { server, dir: _dir } = t;
@@ -1278,17 +1303,64 @@ path = "sums.jsonl"
         .await
         .expect("shutdown");
     assert_eq!(report.problems, Vec::<String>::new());
-    let text = std::fs::read_to_string(&sums).expect("sums");
-    let mut lines: Vec<&str> = text.lines().collect();
-    lines.sort();
-    assert_eq!(
-        lines,
-        [
-            r#"{"key":"a","value":{"count":2,"sum":3.0,"start_ms":0,"end_ms":60000},"timestamp_ms":59999}"#,
-            r#"{"key":"b","value":{"count":1,"sum":5.0,"start_ms":0,"end_ms":60000},"timestamp_ms":59999}"#,
-        ]
-    );
+    assert_eq!(sorted_lines(&sums), FIRST_MINUTE);
     assert_eq!(report.stats.pipelines["sums"].events_out, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpointed_aggregate_keeps_its_open_windows_through_a_stop_and_a_restart() {
+    let extra = sums_pipeline("");
+    let t = TestServer::start("", &extra).await;
+    let mut p = t.connect("sensor-7", "s3cret", &["sums"]).await;
+    let mut s = p.stream().await;
+    s.write_all(&batch_bytes(0, 0, &first_minute()))
+        .await
+        .expect("write");
+    p.ack_reaching(0, 1).await;
+    drop(p);
+    let TestServer { server, dir } = t;
+    let report = within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    assert_eq!(report.problems, Vec::<String>::new());
+    let sums = dir.path().join("sums.jsonl");
+    assert_eq!(
+        sorted_lines(&sums),
+        Vec::<String>::new(),
+        "kept open, not finished"
+    );
+
+    // The next start goes on with the windows and the producer's position.
+    let server = start_in(dir.path(), &config_text("", &extra)).await;
+    let t = TestServer { server, dir };
+    let mut p = Producer::connect(&t.server).await;
+    let welcome = p.hello("sensor-7", "s3cret", &["sums"]).await;
+    let Frame::Welcome(welcome) = welcome else {
+        panic!("expected welcome, got {welcome:?}")
+    };
+    assert_eq!(
+        (
+            welcome.pipelines[0].next_sequence,
+            welcome.pipelines[0].acked_below
+        ),
+        (1, 1),
+        "batch 0 is in the checkpoint"
+    );
+    let mut s = p.stream().await;
+    // A resend of batch 0 is a duplicate; batch 1 passes the minute and finishes it.
+    s.write_all(&batch_bytes(0, 0, &first_minute()))
+        .await
+        .expect("write");
+    s.write_all(&batch_bytes(0, 1, &[amount("a", 4, 61_000)]))
+        .await
+        .expect("write");
+    p.ack_reaching(0, 2).await;
+    wait_for_stats(&t.server, "the first minute written", |s| {
+        s.pipelines["sums"].events_out == 2
+    })
+    .await;
+    assert_eq!(sorted_lines(&t.path("sums.jsonl")), FIRST_MINUTE);
+    assert_eq!(t.server.stats().duplicates_dropped, 3);
 }
 
 // ---------------------------------------------------------------------------------------------

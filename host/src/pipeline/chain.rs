@@ -41,7 +41,7 @@
 //!   output.
 
 use super::stage::{DeadLetter, LateEvent, Scope, Stage, StageOutput};
-use super::window::WindowState;
+use super::window::{WindowId, WindowState};
 use crate::runtime::PluginError;
 use std::time::{Duration, Instant};
 use weir_format::{Batch, BatchBuilder, FormatError};
@@ -206,6 +206,33 @@ pub enum Verdict {
     },
 }
 
+/// What changed of one version's window state since the last checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleChanges {
+    /// The version's digest (64 hex digits).
+    pub version: String,
+    /// The layout id of its accumulators.
+    pub layout: Option<String>,
+    /// Its event time.
+    pub max_event_ms: Option<i64>,
+    /// The windows written (with their accumulator) or finished (`None`).
+    pub windows: Vec<(WindowId, Option<Vec<u8>>)>,
+}
+
+/// What changed of one aggregate stage's window state since the last checkpoint
+/// ([`Chain::take_state_changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateChanges {
+    /// The stage's index.
+    pub stage: usize,
+    /// The stage's name.
+    pub name: String,
+    /// The version serving.
+    pub current: RoleChanges,
+    /// The previous version, finishing the windows it opened before a layout change.
+    pub draining: Option<RoleChanges>,
+}
+
 /// Why [`Chain::swap`] refused a replacement, and the replacement back.
 #[derive(Debug)]
 pub struct SwapRefused {
@@ -339,6 +366,50 @@ impl Chain {
             passed: 0,
         });
         Ok(None)
+    }
+
+    /// From now on, every aggregate stage's window state remembers what changes, for
+    /// [`Chain::take_state_changes`] (a checkpointed pipeline).
+    pub fn track_changes(&mut self) {
+        let states = self
+            .stages
+            .iter_mut()
+            .chain(self.draining.iter_mut().flatten())
+            .chain(self.probation.iter_mut().flatten().map(|p| &mut p.previous));
+        for stage in states {
+            stage.track_changes();
+        }
+    }
+
+    /// What changed of each aggregate stage's window state since the last call: the windows
+    /// written and finished, the event time, and which version holds them.
+    pub fn take_state_changes(&mut self) -> Vec<StateChanges> {
+        let mut changes = Vec::new();
+        for (index, (stage, draining)) in self
+            .stages
+            .iter_mut()
+            .zip(self.draining.iter_mut())
+            .enumerate()
+        {
+            let Some(current) = role_changes(stage) else {
+                continue;
+            };
+            changes.push(StateChanges {
+                stage: index,
+                name: stage.name().to_owned(),
+                current,
+                draining: draining.as_mut().and_then(role_changes),
+            });
+        }
+        changes
+    }
+
+    /// Puts back, at a start from a checkpoint, the previous version of stage `index` that was
+    /// finishing the windows it opened before a layout change (its window state restored).
+    pub fn restore_draining(&mut self, index: usize, old: Stage) {
+        if let Some(slot) = self.draining.get_mut(index) {
+            *slot = Some(old);
+        }
     }
 
     /// The windows stage `index`'s previous version still finishes after a state layout change
@@ -621,6 +692,19 @@ struct Slots<'a> {
     stages: &'a mut [Stage],
     probation: &'a mut [Option<Probation>],
     draining: &'a mut [Option<Stage>],
+}
+
+/// What changed of `stage`'s window state since the last call; `None` for a stage that keeps
+/// none.
+fn role_changes(stage: &mut Stage) -> Option<RoleChanges> {
+    let version = stage.plugin().digest().hex();
+    let state = stage.window_state_mut()?;
+    Some(RoleChanges {
+        version,
+        layout: state.layout().map(str::to_owned),
+        max_event_ms: state.max_event_ms(),
+        windows: state.take_changes(),
+    })
 }
 
 /// One batch through a stage whose previous version finishes the windows it opened: it folds

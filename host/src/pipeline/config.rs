@@ -33,6 +33,9 @@ pub struct PipelineConfig {
     /// A header set on every output event naming the plugin version of each stage that made
     /// it (`STAGE=VERSION,…`); `None`: no such header.
     pub version_header: Option<String>,
+    /// Whether an aggregate pipeline checkpoints its window state (`checkpoint.rs`; default
+    /// true). Without, a stop finishes the open windows and a crash loses them.
+    pub checkpoint: bool,
 }
 
 /// One stage of a pipeline.

@@ -65,6 +65,17 @@ impl std::fmt::Debug for Completion {
     }
 }
 
+/// Where a source resumes after a batch: recorded with the window state the batch changed
+/// (a checkpointed pipeline), so that after a restart the source skips what the state already
+/// holds. The QUIC source's key is `quic/PRODUCER`, its `next` the sequence after the batch's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// Which of the source's streams (a producer, a partition).
+    pub key: Arc<str>,
+    /// Where that stream resumes.
+    pub next: u64,
+}
+
 /// One batch for a pipeline.
 #[derive(Debug)]
 pub struct Input {
@@ -72,6 +83,8 @@ pub struct Input {
     pub batch: SharedBatch,
     /// Resolved once the sinks accepted the batch's events.
     pub completion: Completion,
+    /// Where the source resumes after it, if the source can resume (see [`Position`]).
+    pub position: Option<Position>,
 }
 
 /// Where sources put batches for one pipeline: a bounded queue (a full queue is backpressure

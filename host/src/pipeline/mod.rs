@@ -20,8 +20,11 @@ mod stage;
 pub mod window;
 mod worker;
 
-pub use chain::{Chain, ChainError, ChainOutput, StageRun, StateChange, SwapRefused, Verdict};
-pub use input::{Completion, Input, PipelineInput, Slot};
+pub use chain::{
+    Chain, ChainError, ChainOutput, RoleChanges, StageRun, StateChange, StateChanges, SwapRefused,
+    Verdict,
+};
+pub use input::{Completion, Input, PipelineInput, Position, Slot};
 pub use stage::{DeadLetter, LateEvent, Scope, Stage, StageOutput};
 pub use window::{
     MAX_WINDOWS_PER_EVENT, WindowConfig, WindowError, WindowId, WindowKind, WindowState, Windows,

@@ -223,6 +223,18 @@ impl Stage {
         self.windows.as_ref()
     }
 
+    /// The window state of an aggregate stage, mutably.
+    pub(crate) fn window_state_mut(&mut self) -> Option<&mut WindowState> {
+        self.windows.as_mut()
+    }
+
+    /// From now on, an aggregate stage's window state remembers what changes.
+    pub(crate) fn track_changes(&mut self) {
+        if let Some(windows) = self.windows.as_mut() {
+            windows.track_changes();
+        }
+    }
+
     /// Replaces the window state of an aggregate stage (after a hot swap or a restart);
     /// returns the previous one, or `None` for other kinds, which keep no state. The state's
     /// window config must be valid ([`WindowConfig::validate`]).

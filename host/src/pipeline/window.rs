@@ -65,9 +65,9 @@
 //! they are not copied.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -454,6 +454,9 @@ pub struct WindowState {
     /// The layout id of every accumulator here (the plugin version that wrote them declares
     /// it); `None` until a stage sets it.
     layout: Option<String>,
+    /// The windows written or removed since [`WindowState::take_changes`], when changes are
+    /// tracked (a checkpointed pipeline: only what changed is written).
+    changes: Option<BTreeSet<Slot>>,
 }
 
 /// What changed in a [`WindowState`] since [`WindowState::journal`], for
@@ -504,6 +507,54 @@ impl WindowState {
             max_event_ms: None,
             accs: BTreeMap::new(),
             layout: None,
+            changes: None,
+        }
+    }
+
+    /// State restored from a checkpoint: these windows open, event time at `max_event_ms`,
+    /// accumulators of layout `layout`; changes tracked from here on.
+    pub fn restore(
+        config: WindowConfig,
+        layout: Option<String>,
+        max_event_ms: Option<i64>,
+        windows: impl IntoIterator<Item = (WindowId, Vec<u8>)>,
+    ) -> Self {
+        WindowState {
+            config,
+            max_event_ms,
+            accs: windows
+                .into_iter()
+                .map(|(w, acc)| ((w.end_ms, w.start_ms, w.key), acc))
+                .collect(),
+            layout,
+            changes: Some(BTreeSet::new()),
+        }
+    }
+
+    /// From now on, remembers which windows change, for [`WindowState::take_changes`].
+    pub fn track_changes(&mut self) {
+        self.changes.get_or_insert_with(BTreeSet::new);
+    }
+
+    /// The windows written or removed since the last call (when changes are tracked): each
+    /// with its accumulator now, `None` when it is no longer open.
+    pub fn take_changes(&mut self) -> Vec<(WindowId, Option<Vec<u8>>)> {
+        let Some(changes) = self.changes.as_mut() else {
+            return Vec::new();
+        };
+        std::mem::take(changes)
+            .into_iter()
+            .map(|slot| {
+                let acc = self.accs.get(&slot).cloned();
+                let (id, ()) = unslot((slot, ()));
+                (id, acc)
+            })
+            .collect()
+    }
+
+    fn touched(&mut self, slot: &Slot) {
+        if let Some(changes) = self.changes.as_mut() {
+            changes.insert(slot.clone());
         }
     }
 
@@ -515,6 +566,7 @@ impl WindowState {
             max_event_ms: other.max_event_ms,
             accs: BTreeMap::new(),
             layout,
+            changes: other.changes.as_ref().map(|_| BTreeSet::new()),
         }
     }
 
@@ -633,8 +685,9 @@ impl WindowState {
 
     /// Stores a window's accumulator.
     pub fn set_acc(&mut self, window: WindowId, acc: Vec<u8>) {
-        self.accs
-            .insert((window.end_ms, window.start_ms, window.key), acc);
+        let slot = (window.end_ms, window.start_ms, window.key);
+        self.touched(&slot);
+        self.accs.insert(slot, acc);
     }
 
     /// Advances the maximum event time (never moves it back).
@@ -655,15 +708,19 @@ impl WindowState {
             None => BTreeMap::new(),
         };
         let finished = std::mem::replace(&mut self.accs, rest);
+        for slot in finished.keys() {
+            self.touched(slot);
+        }
         finished.into_iter().map(unslot).collect()
     }
 
     /// Takes out every open window (end of input), in (end, start, key) order.
     pub fn take_all(&mut self) -> Vec<(WindowId, Vec<u8>)> {
-        std::mem::take(&mut self.accs)
-            .into_iter()
-            .map(unslot)
-            .collect()
+        let all = std::mem::take(&mut self.accs);
+        for slot in all.keys() {
+            self.touched(slot);
+        }
+        all.into_iter().map(unslot).collect()
     }
 
     /// Opens a journal of the changes to come, so that [`WindowState::rollback`] can undo
@@ -681,6 +738,9 @@ impl WindowState {
     pub(crate) fn take_acc(&mut self, window: WindowId) -> (WindowId, Option<Vec<u8>>) {
         let slot = (window.end_ms, window.start_ms, window.key);
         let acc = self.accs.remove(&slot);
+        if acc.is_some() {
+            self.touched(&slot);
+        }
         let (end_ms, start_ms, key) = slot;
         let window = WindowId {
             key,
@@ -720,8 +780,9 @@ impl WindowState {
             match previous {
                 Some(acc) => self.set_acc(window, acc),
                 None => {
-                    self.accs
-                        .remove(&(window.end_ms, window.start_ms, window.key));
+                    let slot = (window.end_ms, window.start_ms, window.key);
+                    self.touched(&slot);
+                    self.accs.remove(&slot);
                 }
             }
         }
@@ -781,7 +842,7 @@ impl WindowState {
     }
 }
 
-fn unslot(((end_ms, start_ms, key), acc): (Slot, Vec<u8>)) -> (WindowId, Vec<u8>) {
+fn unslot<T>(((end_ms, start_ms, key), acc): (Slot, T)) -> (WindowId, T) {
     (
         WindowId {
             key,
@@ -1230,5 +1291,64 @@ mod tests {
             WindowState::from_bytes(config, &bytes).map_err(|e| e.to_string()),
             Err("bad window state: 1 bytes after the end of the state".to_owned())
         );
+    }
+
+    #[test]
+    fn tracked_changes_are_the_windows_written_or_finished_since_the_last_take() {
+        let mut state = WindowState::new(tumbling(10, 0));
+        state.set_acc(id(Some("untracked"), 0, 10), b"x".to_vec());
+        state.track_changes();
+        assert_eq!(state.take_changes(), []);
+        state.set_acc(id(Some("a"), 0, 10), b"1".to_vec());
+        state.set_acc(id(Some("a"), 0, 10), b"2".to_vec());
+        state.set_acc(id(Some("b"), 10, 20), b"3".to_vec());
+        assert_eq!(
+            state.take_changes(),
+            [
+                (id(Some("a"), 0, 10), Some(b"2".to_vec())),
+                (id(Some("b"), 10, 20), Some(b"3".to_vec())),
+            ]
+        );
+        // The watermark passes 10: both windows ending there finish.
+        state.observe(Some(15));
+        let finished: Vec<WindowId> = state.take_finished().into_iter().map(|(w, _)| w).collect();
+        assert_eq!(
+            finished,
+            [id(Some("a"), 0, 10), id(Some("untracked"), 0, 10)]
+        );
+        // A fold taken out and put back changed nothing, but is written again (harmless).
+        let (w, acc) = state.take_acc(id(Some("b"), 10, 20));
+        state.put_back(w, acc);
+        assert_eq!(
+            state.take_changes(),
+            [
+                (id(Some("a"), 0, 10), None),
+                (id(Some("untracked"), 0, 10), None),
+                (id(Some("b"), 10, 20), Some(b"3".to_vec())),
+            ]
+        );
+        // Restored state tracks from the start, and a rollback's removals count.
+        let mut restored = WindowState::restore(
+            tumbling(10, 0),
+            Some("auto:1".into()),
+            Some(15),
+            [(id(None, 10, 20), b"r".to_vec())],
+        );
+        let journal = restored.journal();
+        let (w, previous) = restored.take_acc(id(None, 20, 30));
+        restored.write_acc(w, b"new".to_vec(), previous, &mut { journal });
+        let mut journal = restored.journal();
+        let (w, previous) = restored.take_acc(id(None, 30, 40));
+        restored.write_acc(w, b"gone".to_vec(), previous, &mut journal);
+        restored.rollback(journal);
+        assert_eq!(
+            restored.take_changes(),
+            [
+                (id(None, 20, 30), Some(b"new".to_vec())),
+                (id(None, 30, 40), None),
+            ]
+        );
+        assert_eq!(restored.layout(), Some("auto:1"));
+        assert_eq!(restored.max_event_ms(), Some(15));
     }
 }

@@ -35,8 +35,9 @@
 
 use super::chain::{Chain, ChainError, ChainOutput, StateChange, SwapRefused, Verdict};
 use super::fanout::Fanout;
-use super::input::{Completion, Input, PipelineInput};
+use super::input::{Completion, Input, PipelineInput, Position};
 use super::stage::{DeadLetter, LateEvent, Stage};
+use crate::checkpoint::PipelineCheckpoint;
 use crate::metrics::{Metrics, PipelineMetrics, StageMetrics, VersionMetrics};
 use crate::runtime::{PluginError, PluginKind};
 use crate::sinks::SharedBatch;
@@ -193,6 +194,9 @@ pub struct WorkerSetup {
     pub registry: Arc<Metrics>,
     /// A header naming the plugin versions that made each output event (`STAGE=VERSION,…`).
     pub version_header: Option<String>,
+    /// Where its window state and its sources' positions are checkpointed (`checkpoint.rs`);
+    /// `None`: nowhere (open windows are finished at a stop instead).
+    pub checkpoint: Option<PipelineCheckpoint>,
 }
 
 /// A running pipeline: its worker thread and the ways to reach it.
@@ -238,9 +242,14 @@ impl Pipeline {
         let (tx, rx) = mpsc::channel(setup.queue.max(1));
         let (control, control_rx) = mpsc::unbounded_channel();
         let stopping = Arc::new(Stopping::default());
+        let mut chain = setup.chain;
+        if setup.checkpoint.is_some() {
+            chain.track_changes();
+        }
         let worker = Worker {
             name: name.clone(),
-            chain: setup.chain,
+            chain,
+            checkpoint: setup.checkpoint,
             fanout: setup.fanout,
             metrics: setup.metrics,
             stage_metrics: setup.stage_metrics,
@@ -387,6 +396,7 @@ impl PipelineControl {
 struct Worker {
     name: Arc<str>,
     chain: Chain,
+    checkpoint: Option<PipelineCheckpoint>,
     fanout: Fanout,
     metrics: PipelineMetrics,
     stage_metrics: Vec<StageMetrics>,
@@ -427,6 +437,8 @@ enum Next {
 struct Round {
     ticket: Arc<Ticket>,
     completions: Vec<Completion>,
+    /// Where each of the round's sources resumes after it.
+    positions: HashMap<Arc<str>, u64>,
     /// Deliveries a sink did not take (only while stopping): the round is not accepted.
     refused: Vec<String>,
     dead: BatchBuilder,
@@ -438,6 +450,7 @@ impl Round {
         Round {
             ticket: Ticket::new(),
             completions: Vec::new(),
+            positions: HashMap::new(),
             refused: Vec::new(),
             dead: BatchBuilder::new(),
             dead_count: 0,
@@ -476,7 +489,7 @@ impl Worker {
                     continue;
                 }
                 Next::Control(Control::Retire { reply }) => {
-                    self.drain();
+                    self.drain(true);
                     let _ = reply.send(());
                     return;
                 }
@@ -565,8 +578,16 @@ impl Worker {
     }
 
     fn process(&mut self, input: Input, round: &mut Round) {
-        let Input { batch, completion } = input;
+        let Input {
+            batch,
+            completion,
+            position,
+        } = input;
         round.completions.push(completion);
+        if let Some(Position { key, next }) = position {
+            let at = round.positions.entry(key).or_insert(next);
+            *at = (*at).max(next);
+        }
         let view = batch.batch();
         self.metrics.batches_in.inc();
         self.metrics.events_in.inc_by(view.len() as u64);
@@ -870,6 +891,7 @@ impl Worker {
             ticket,
             completions,
             refused,
+            positions,
             ..
         } = round;
         if let Some(first) = refused.first() {
@@ -880,8 +902,8 @@ impl Worker {
         }
         let problems = self.problems.clone();
         let name = self.name.clone();
-        ticket.seal(move |result| {
-            if let Err(reason) = &result {
+        let note = move |result: &Result<(), String>| {
+            if let Err(reason) = result {
                 let problem = format!("pipeline `{name}`: {reason}; its batches are not acked");
                 let mut problems = lock(&problems);
                 if !problems.contains(&problem) {
@@ -889,10 +911,29 @@ impl Worker {
                     problems.push(problem);
                 }
             }
-            for completion in completions {
-                completion.resolve(result.clone());
+        };
+        match &self.checkpoint {
+            None => ticket.seal(move |result| {
+                note(&result);
+                for completion in completions {
+                    completion.resolve(result.clone());
+                }
+            }),
+            // Acked once the sinks accepted the round and its changes are committed.
+            Some(checkpoint) => {
+                let number = checkpoint.next_round();
+                let changes = self.chain.take_state_changes();
+                let positions = positions
+                    .into_iter()
+                    .map(|(key, next)| Position { key, next })
+                    .collect();
+                let checkpoint = checkpoint.clone();
+                ticket.seal(move |result| {
+                    note(&result);
+                    checkpoint.round_done(number, changes, positions, result, completions);
+                });
             }
-        });
+        }
         self.outstanding.retain(|t| !t.is_resolved());
         self.outstanding.push(ticket);
     }
@@ -900,7 +941,8 @@ impl Worker {
     /// Processes what is queued, flushes windows, waits (bounded) for the sinks; the problems.
     fn stop(&mut self) -> Vec<String> {
         self.stopping.begin();
-        self.drain();
+        // A checkpointed pipeline keeps its open windows for the next start.
+        self.drain(self.checkpoint.is_none());
 
         let since = self
             .stopping
@@ -924,8 +966,8 @@ impl Worker {
     }
 
     /// Takes no more batches, processes what is queued (waiting for batches a source holds
-    /// room for: they are its to hand over), and flushes the windows.
-    fn drain(&mut self) {
+    /// room for: they are its to hand over), and, with `flush`, finishes the open windows.
+    fn drain(&mut self, flush: bool) {
         self.input.close();
         loop {
             let mut round = Round::new();
@@ -953,7 +995,9 @@ impl Worker {
             self.finish_round(round);
         }
         let mut round = Round::new();
-        self.flush_windows(&mut round);
+        if flush {
+            self.flush_windows(&mut round);
+        }
         self.finish_round(round);
     }
 

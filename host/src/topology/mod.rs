@@ -29,12 +29,15 @@ pub use reload::DRAIN;
 
 use crate::admin::deploy::{PipelineTarget, StageTarget};
 use crate::admin::registry::Registry;
+use crate::checkpoint::{Checkpoints, PipelineCheckpoint, Restored};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::config::{PipelineConfig, PluginSource, StageSpec, dead_letter_file};
 use crate::pipeline::fanout::{Fanout, UnmatchedOut};
 use crate::pipeline::route::{Condition, Unmatched};
-use crate::pipeline::{Chain, Pipeline, PipelineInput, Stage, WorkerConfig, WorkerSetup};
+use crate::pipeline::{
+    Chain, Pipeline, PipelineInput, Position, Stage, WindowState, WorkerConfig, WorkerSetup,
+};
 use crate::runtime::{Digest, Limits, Plugin, Runtime, RuntimeConfig, StageConfig};
 use crate::sinks::runner::Sink;
 use crate::sinks::{
@@ -72,6 +75,17 @@ struct BuiltPipeline {
     info: PipelineInfo,
     allowed: Option<Vec<String>>,
     stages: Vec<StageTarget>,
+    /// Where its sources resume (from the checkpoint).
+    positions: Vec<Position>,
+}
+
+/// Where a pipeline being built takes its window state and its sources' positions from.
+enum Resume {
+    /// From the checkpoint: a start, or a pipeline a reload adds.
+    Checkpoint,
+    /// From nothing: it replaces a running pipeline (a reload restarting it), whose
+    /// checkpoint handle it goes on with, so that its rounds come after the old one's.
+    Replacing(Option<PipelineCheckpoint>),
 }
 
 /// Everything a config needs, built and checked, nothing started yet.
@@ -81,6 +95,7 @@ pub struct Built {
     sinks: BTreeMap<String, Arc<Sink>>,
     destinations: Vec<(Arc<Sink>, Box<dyn Destination>)>,
     plugins: HashMap<String, Plugin>,
+    checkpoints: Arc<Checkpoints>,
 }
 
 /// A running pipeline and what the sources need of it.
@@ -93,6 +108,10 @@ pub struct RunningPipeline {
     pub allowed: Option<Vec<String>>,
     /// Its stages, as deploys see them.
     pub stages: Vec<StageTarget>,
+    /// Where its sources resumed at its start (from the checkpoint).
+    pub positions: Vec<Position>,
+    /// Where it checkpoints its window state, when it does.
+    pub checkpoint: Option<PipelineCheckpoint>,
 }
 
 /// The running sinks and pipelines.
@@ -109,6 +128,8 @@ pub struct Topology {
     retired: Vec<Pipeline>,
     /// Plugins by digest: compiled once per version, whatever loads them.
     plugins: HashMap<String, Plugin>,
+    /// Where checkpointed pipelines keep their window state.
+    checkpoints: Arc<Checkpoints>,
 }
 
 impl std::fmt::Debug for Topology {
@@ -123,7 +144,12 @@ impl std::fmt::Debug for Topology {
 impl Topology {
     /// Compiles every plugin, instantiates every stage, opens every sink (see the module
     /// docs); starts nothing.
-    pub fn build(config: &Config, metrics: &Arc<Metrics>, registry: &Registry) -> Result<Built> {
+    pub fn build(
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        registry: &Registry,
+        checkpoints: &Arc<Checkpoints>,
+    ) -> Result<Built> {
         crate::files::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
         let stage_count: usize = config.pipelines.iter().map(|p| p.stages.len()).sum();
@@ -174,14 +200,9 @@ impl Topology {
                 sinks: &mut sinks,
                 destinations: &mut destinations,
                 metrics,
+                checkpoints,
             };
-            let (setup, info, stages) = builder.build(queue)?;
-            pipelines.push(BuiltPipeline {
-                setup,
-                info,
-                allowed: pipeline.producers.clone(),
-                stages,
-            });
+            pipelines.push(builder.build(queue, Resume::Checkpoint)?);
         }
         Ok(Built {
             runtime,
@@ -189,6 +210,7 @@ impl Topology {
             sinks,
             destinations,
             plugins,
+            checkpoints: checkpoints.clone(),
         })
     }
 
@@ -291,14 +313,18 @@ impl Built {
             info,
             allowed,
             stages,
+            positions,
         } in self.pipelines
         {
+            let checkpoint = setup.checkpoint.clone();
             let pipeline = Pipeline::spawn(setup).context("cannot start a pipeline thread")?;
             pipelines.push(RunningPipeline {
                 pipeline,
                 info,
                 allowed,
                 stages,
+                positions,
+                checkpoint,
             });
         }
         // After everything that can fail: a runner holds its sink (and its disk buffer's lock)
@@ -315,6 +341,7 @@ impl Built {
             runners,
             retired: Vec::new(),
             plugins: self.plugins,
+            checkpoints: self.checkpoints,
         })
     }
 }
@@ -336,16 +363,46 @@ struct PipelineBuilder<'a> {
     sinks: &'a mut BTreeMap<String, Arc<Sink>>,
     destinations: &'a mut Vec<(Arc<Sink>, Box<dyn Destination>)>,
     metrics: &'a Arc<Metrics>,
+    checkpoints: &'a Arc<Checkpoints>,
 }
 
 impl PipelineBuilder<'_> {
-    fn build(&mut self, queue: usize) -> Result<(WorkerSetup, PipelineInfo, Vec<StageTarget>)> {
-        let (stages, stage_names, targets) = self.stages()?;
+    fn build(&mut self, queue: usize, resume: Resume) -> Result<BuiltPipeline> {
+        let (mut stages, stage_names, targets) = self.stages()?;
         let (fanout, info) = self.outputs(stage_names)?;
         let name = &self.pipeline.name;
+        let aggregate = stages.iter().any(|s| s.window_state().is_some());
+        let checkpointed = aggregate && self.pipeline.checkpoint;
+        let (mut draining, mut positions, checkpoint) = (Vec::new(), Vec::new(), None);
+        let checkpoint = match resume {
+            Resume::Replacing(handle) => handle.filter(|_| checkpointed),
+            Resume::Checkpoint if aggregate => {
+                let restored = self.checkpoints.restore(name)?;
+                let empty = restored == Restored::default();
+                positions = restored.positions.clone();
+                draining = self.restore(&mut stages, &targets, restored)?;
+                let handle = self.checkpoints.pipeline(name);
+                if checkpointed {
+                    Some(handle)
+                } else {
+                    if !empty {
+                        // Restored once, then never written: its rows go, or the next start
+                        // would restore them again.
+                        self.checkpoints.forget(&handle);
+                    }
+                    positions.clear();
+                    None
+                }
+            }
+            Resume::Checkpoint => checkpoint,
+        };
+        let mut chain = Chain::new(stages);
+        for (index, old) in draining {
+            chain.restore_draining(index, old);
+        }
         let setup = WorkerSetup {
             name: name.clone(),
-            chain: Chain::new(stages),
+            chain,
             fanout,
             metrics: self.metrics.pipeline(name),
             stage_metrics: self
@@ -358,8 +415,103 @@ impl PipelineBuilder<'_> {
             config: WorkerConfig::default(),
             registry: self.metrics.clone(),
             version_header: self.pipeline.version_header.clone(),
+            checkpoint,
         };
-        Ok((setup, info, targets))
+        Ok(BuiltPipeline {
+            setup,
+            info,
+            allowed: self.pipeline.producers.clone(),
+            stages: targets,
+            positions,
+        })
+    }
+
+    /// Puts the window state a checkpoint holds back into the pipeline's aggregate stages;
+    /// returns the previous versions that were finishing their windows after a layout change,
+    /// to go back beside them. What a stage's serving version cannot read, and windows of a
+    /// stage the config no longer has, are errors saying what to do: never a silent reset.
+    fn restore(
+        &mut self,
+        stages: &mut [Stage],
+        targets: &[StageTarget],
+        mut restored: Restored,
+    ) -> Result<Vec<(usize, Stage)>> {
+        let name = &self.pipeline.name;
+        let path = self.checkpoints.path().display().to_string();
+        let mut draining = Vec::new();
+        let mut windows = 0;
+        for (index, stage) in stages.iter_mut().enumerate() {
+            let Some(config) = stage.window_state().map(|s| *s.config()) else {
+                continue;
+            };
+            let Some(saved) = restored.stages.remove(stage.name()) else {
+                continue;
+            };
+            let current = saved.current;
+            let version = |v: &str| v.get(..8).unwrap_or(v).to_owned();
+            if !current.windows.is_empty() && current.meta.layout.as_deref() != stage.layout() {
+                bail!(
+                    "pipeline `{name}`, stage `{}`: the checkpoint {path} holds {} open windows written by version {} in state layout `{}`, and the version serving now ({} {}) writes layout `{}`, which cannot read them: name a version that writes `{}` in the config, or move {path} away to drop every open window",
+                    stage.name(),
+                    current.windows.len(),
+                    version(&current.meta.version),
+                    current.meta.layout.as_deref().unwrap_or_default(),
+                    stage.plugin().name(),
+                    stage.plugin().version(),
+                    stage.layout().unwrap_or_default(),
+                    current.meta.layout.as_deref().unwrap_or_default(),
+                );
+            }
+            windows += current.windows.len();
+            let layout = stage.layout().map(str::to_owned);
+            stage.replace_window_state(WindowState::restore(
+                config,
+                layout,
+                current.meta.max_event_ms,
+                current.windows,
+            ))?;
+            let Some(old) = saved.draining.filter(|d| !d.windows.is_empty()) else {
+                continue;
+            };
+            let unknown = || {
+                anyhow::anyhow!(
+                    "pipeline `{name}`, stage `{}`: the checkpoint {path} holds {} open windows that version {} was finishing after a state layout change, and the plugin registry no longer has that version: move {path} away to drop every open window",
+                    stage.name(),
+                    old.windows.len(),
+                    version(&old.meta.version)
+                )
+            };
+            let digest = Digest::parse(&old.meta.version).ok_or_else(unknown)?;
+            let bytes = self.registry.blob(&digest).map_err(|_| unknown())?;
+            let plugin = self.load(stage.plugin().name(), &bytes, None)?;
+            let target = &targets[index];
+            let mut previous = Stage::new(&plugin, target.config.clone(), target.window)?;
+            windows += old.windows.len();
+            previous.replace_window_state(WindowState::restore(
+                config,
+                old.meta.layout,
+                old.meta.max_event_ms,
+                old.windows,
+            ))?;
+            draining.push((index, previous));
+        }
+        if let Some((stage, saved)) = restored
+            .stages
+            .iter()
+            .find(|(_, s)| !s.current.windows.is_empty())
+        {
+            bail!(
+                "pipeline `{name}`: the checkpoint {path} holds {} open windows of stage `{stage}`, which the config no longer has: add the stage back to finish them, or move {path} away to drop every open window",
+                saved.current.windows.len()
+            );
+        }
+        if windows > 0 || !restored.positions.is_empty() {
+            tracing::info!(
+                "pipeline `{name}`: {windows} open windows and {} producers' positions restored from the checkpoint",
+                restored.positions.len()
+            );
+        }
+        Ok(draining)
     }
 
     /// The pipeline's stages, instantiated; how each is described; as deploys see them.

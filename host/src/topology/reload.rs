@@ -24,7 +24,7 @@
 //!   it again). The report says which.
 
 use super::diff::{ConfigDiff, PipelineChange, SinkChange};
-use super::{BuiltPipeline, PipelineBuilder, PipelineInfo, RunningPipeline, Topology};
+use super::{BuiltPipeline, PipelineBuilder, PipelineInfo, Resume, RunningPipeline, Topology};
 use crate::admin::ReloadReport;
 use crate::admin::deploy::{Claim, Deployer, PipelineTarget, PreparedChange};
 use crate::admin::registry::Registry;
@@ -173,8 +173,17 @@ impl Topology {
                     let Some(pipeline) = config.pipeline(name) else {
                         continue;
                     };
+                    let resume = match change {
+                        PipelineChange::Restarted { .. } => Resume::Replacing(
+                            self.pipelines
+                                .iter()
+                                .find(|p| p.info.name == name)
+                                .and_then(|p| p.checkpoint.clone()),
+                        ),
+                        _ => Resume::Checkpoint,
+                    };
                     let built = self.build_pipeline(
-                        &config, pipeline, &mut sinks, &mut start, registry, metrics, queue,
+                        &config, pipeline, &mut sinks, &mut start, registry, metrics, queue, resume,
                     )?;
                     match change {
                         PipelineChange::Restarted { .. } => restarted.push((built, claims)),
@@ -206,6 +215,7 @@ impl Topology {
                             sinks: &mut sinks,
                             destinations: &mut start,
                             metrics,
+                            checkpoints: &self.checkpoints,
                         };
                         let (fanout, info) = builder
                             .outputs(running.info.stages.clone())
@@ -269,6 +279,7 @@ impl Topology {
         registry: &Registry,
         metrics: &Arc<Metrics>,
         queue: usize,
+        resume: Resume,
     ) -> Result<BuiltPipeline, String> {
         let mut builder = PipelineBuilder {
             config,
@@ -279,14 +290,9 @@ impl Topology {
             sinks,
             destinations: start,
             metrics,
+            checkpoints: &self.checkpoints,
         };
-        let (setup, info, stages) = builder.build(queue).map_err(|e| format!("{e:#}"))?;
-        Ok(BuiltPipeline {
-            setup,
-            info,
-            allowed: pipeline.producers.clone(),
-            stages,
-        })
+        builder.build(queue, resume).map_err(|e| format!("{e:#}"))
     }
 
     /// Prepares stage `stage` of `pipeline` with its new config; with its config's plugin
@@ -391,8 +397,10 @@ impl Topology {
                 info,
                 allowed,
                 stages: _,
+                positions,
             } = built;
             let name = info.name.clone();
+            let checkpoint = setup.checkpoint.clone();
             match Pipeline::spawn(setup) {
                 Ok(pipeline) => {
                     deployer.set_pipeline(
@@ -406,6 +414,7 @@ impl Topology {
                         PipelineEntry {
                             input: pipeline.input(),
                             allowed: allowed.clone(),
+                            positions: positions.clone(),
                         },
                         metrics,
                     ) {
@@ -416,6 +425,8 @@ impl Topology {
                         info,
                         allowed,
                         stages: targets,
+                        positions,
+                        checkpoint,
                     });
                 }
                 Err(e) => report
@@ -457,11 +468,13 @@ impl Topology {
                 info,
                 allowed,
                 stages,
+                positions,
             } = built;
             let name = info.name.clone();
             let Some(position) = self.pipelines.iter().position(|p| p.info.name == name) else {
                 continue;
             };
+            let checkpoint = setup.checkpoint.clone();
             let (gate, after) = tokio::sync::oneshot::channel();
             let successor = match Pipeline::spawn_after(setup, after) {
                 Ok(successor) => successor,
@@ -481,9 +494,15 @@ impl Topology {
                     info,
                     allowed,
                     stages: stages.clone(),
+                    positions,
+                    checkpoint: checkpoint.clone(),
                 },
             );
             old.pipeline.retire().await;
+            // Its windows are flushed; a successor that checkpoints nothing leaves no row behind.
+            if let (Some(handle), None) = (&old.checkpoint, &checkpoint) {
+                self.checkpoints.forget(handle);
+            }
             let _ = gate.send(());
             self.retired.push(old.pipeline);
             drop(claims);
@@ -503,6 +522,9 @@ impl Topology {
             if let Some(position) = self.pipelines.iter().position(|p| p.info.name == name) {
                 let old = self.pipelines.remove(position);
                 old.pipeline.retire().await;
+                if let Some(handle) = &old.checkpoint {
+                    self.checkpoints.forget(handle);
+                }
                 self.retired.push(old.pipeline);
             }
             drop(claims);

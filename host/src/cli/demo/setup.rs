@@ -151,6 +151,10 @@ with = {{ table = {{ US = "United States", FR = "France", DE = "Germany", JP = "
 # minute of event time; each window's result goes to the console as the window closes.
 [pipelines.totals]
 sinks = ["console"]
+# The demo runs once: its stop finishes the open windows and writes them. (By default an
+# aggregate pipeline keeps its open windows in DATA_DIR/checkpoints.redb instead, through
+# stops and crashes, and goes on with them at the next start.)
+checkpoint = false
 
 [[pipelines.totals.stages]]
 plugin = "example:drop-bots"

@@ -142,6 +142,7 @@ impl Harness {
             config,
             registry: metrics.clone(),
             version_header: version_header.map(str::to_owned),
+            checkpoint: None,
         })
         .expect("a worker thread");
         Harness {
@@ -162,7 +163,11 @@ impl Harness {
         });
         self.pipeline
             .input()
-            .send(Input { batch, completion })
+            .send(Input {
+                batch,
+                completion,
+                position: None,
+            })
             .await
             .expect("the pipeline takes batches");
         rx
@@ -557,6 +562,7 @@ async fn a_successor_takes_its_first_batch_once_its_predecessor_retired() {
             config: fast(),
             registry: h.metrics.clone(),
             version_header: None,
+            checkpoint: None,
         },
         after,
     )
@@ -570,6 +576,7 @@ async fn a_successor_takes_its_first_batch_once_its_predecessor_retired() {
             completion: Completion::new(move |r| {
                 let _ = tx.send(r);
             }),
+            position: None,
         })
         .await
         .expect("queued");

@@ -43,7 +43,7 @@ mod sequence;
 mod tls;
 
 use crate::metrics::{Metrics, SourceMetrics};
-use crate::pipeline::PipelineInput;
+use crate::pipeline::{PipelineInput, Position};
 use anyhow::{Context, Result};
 use config::{ListenerConfig, ServerLimits};
 use connection::ConnState;
@@ -300,12 +300,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A pipeline the source feeds: its queue and who may write to it.
+/// A pipeline the source feeds: its queue, who may write to it, and where its producers
+/// resume.
 pub struct PipelineEntry {
     /// The pipeline's queue.
     pub input: PipelineInput,
     /// Producers allowed to write; `None`: every authenticated producer.
     pub allowed: Option<Vec<String>>,
+    /// Where producers resume (a checkpoint's positions; empty: from their first batch).
+    pub positions: Vec<Position>,
 }
 
 /// The running QUIC source.
@@ -360,7 +363,12 @@ impl QuicSource {
             .into_iter()
             .map(|entry| {
                 let name = entry.input.name().to_owned();
-                let quic = QuicPipeline::new(entry.input, entry.allowed, metrics.pipeline(&name));
+                let quic = QuicPipeline::new(
+                    entry.input,
+                    entry.allowed,
+                    metrics.pipeline(&name),
+                    &entry.positions,
+                );
                 (name, Arc::new(quic))
             })
             .collect();
@@ -500,7 +508,12 @@ impl QuicControl {
     /// Feeds a new pipeline.
     pub fn add(&self, entry: PipelineEntry, metrics: &Metrics) -> Result<()> {
         let name = entry.input.name().to_owned();
-        let quic = QuicPipeline::new(entry.input, entry.allowed, metrics.pipeline(&name));
+        let quic = QuicPipeline::new(
+            entry.input,
+            entry.allowed,
+            metrics.pipeline(&name),
+            &entry.positions,
+        );
         write(&self.shared.pipelines).insert(name, Arc::new(quic));
         self.resize()
     }

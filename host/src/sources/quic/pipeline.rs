@@ -14,7 +14,7 @@ use super::connection::{ConnState, StreamShared};
 use super::sequence::{Sequences, Verdict};
 use super::{read, write};
 use crate::metrics::PipelineMetrics;
-use crate::pipeline::{Completion, Input, PipelineInput};
+use crate::pipeline::{Completion, Input, PipelineInput, Position};
 use crate::sinks::SharedBatch;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +26,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // is still usable.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+/// How the QUIC source's [`Position`] keys begin (then the producer id).
+const KEY_PREFIX: &str = "quic/";
 
 /// A producer's newest connection and the pipeline's index in its `hello`.
 pub(crate) type CurrentConnection = (Weak<ConnState>, u16);
@@ -66,17 +69,28 @@ pub(crate) struct QuicPipeline {
 }
 
 impl QuicPipeline {
+    /// A pipeline fed from `input`; producers resume where `positions` say (a checkpoint's:
+    /// batches below are dropped as duplicates, and `welcome` announces them as acked).
     pub fn new(
         input: PipelineInput,
         allowed: Option<Vec<String>>,
         metrics: PipelineMetrics,
+        positions: &[Position],
     ) -> QuicPipeline {
+        let producers = positions
+            .iter()
+            .filter_map(|p| {
+                let producer = p.key.strip_prefix(KEY_PREFIX)?;
+                let state = Arc::new(Mutex::new(Some(Sequences::starting_at(p.next))));
+                Some((Arc::from(producer), state))
+            })
+            .collect();
         QuicPipeline {
             name: input.name().to_owned(),
             allowed: RwLock::new(allowed),
             input: RwLock::new(input),
             removed: AtomicBool::new(false),
-            producers: Mutex::new(HashMap::new()),
+            producers: Mutex::new(producers),
             current: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -108,6 +122,11 @@ impl QuicPipeline {
     /// Whether a reload removed the pipeline.
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)
+    }
+
+    /// The key of a producer's [`Position`]s.
+    fn position_key(&self, producer: &str) -> Arc<str> {
+        Arc::from(format!("{KEY_PREFIX}{producer}"))
     }
 
     fn producer(&self, id: &Arc<str>) -> ProducerState {
@@ -214,7 +233,15 @@ impl QuicPipeline {
         // SAFETY: verified above.
         let batch = unsafe { SharedBatch::trusted(frame.payload) };
         // Under the producer's lock: the queue holds its batches in sequence order.
-        slot.send(Input { batch, completion });
+        let position = Position {
+            key: self.position_key(&producer),
+            next: sequence + 1,
+        };
+        slot.send(Input {
+            batch,
+            completion,
+            position: Some(position),
+        });
         Admitted::Taken
     }
 

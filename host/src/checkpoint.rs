@@ -1,0 +1,716 @@
+//! Durable aggregate state: each checkpointed pipeline's window state (every open window's
+//! accumulator, event time, the version that wrote them) and its sources' positions (where
+//! each producer resumes), kept in `DATA_DIR/checkpoints.redb` (redb: copy-on-write B-trees,
+//! checksummed, crash-safe commits), so that a crash loses no open window and a restart folds
+//! no event twice.
+//!
+//! Decisions:
+//!
+//! - **Committed before the round is acked, after its sinks accepted it.** A worker hands each
+//!   round's changes (the windows it wrote or finished, the positions it reached) to the
+//!   round's ticket; once the sinks accepted the round (its window results delivered), the
+//!   writer thread commits the changes and only then resolves the round's completions, which
+//!   ack. So what a checkpoint holds is exactly the rounds whose output was delivered: after a
+//!   crash the sources resume from the positions it holds (a resend of what it covers is
+//!   dropped as a duplicate), into the windows it holds, and the results of the rounds after it
+//!   are computed again from the same events — delivered twice at worst, never different, never
+//!   lost.
+//! - **In round order, grouped.** Rounds of one pipeline may be accepted out of order (one
+//!   sink is slower); the writer commits them in order, every round ready at that moment in one
+//!   transaction (one `fsync` for many rounds under load).
+//! - **Only what changed**: the windows a round wrote or finished
+//!   ([`crate::pipeline::WindowState::take_changes`]), not the whole state.
+//! - **A round not accepted** (only while stopping) ends the pipeline's checkpoints: nothing
+//!   after it is committed (the sources resume from before it after a restart).
+//! - **A damaged file** is an error naming it and what to do, never a silent reset; so is a
+//!   checkpoint whose windows the serving plugin version cannot read (`topology`).
+
+use crate::pipeline::{Completion, Position, StateChanges, WindowId};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+/// The file under the data directory.
+pub const FILE: &str = "checkpoints.redb";
+/// The layout of the tables this build writes and reads.
+const FORMAT: u32 = 1;
+/// Commit attempts before a stopping router gives up on a failing disk.
+const STOPPING_ATTEMPTS: u32 = 3;
+
+/// (pipeline, stage, end, start, key) → (layout, accumulator).
+type WindowKey<'a> = (&'a str, &'a str, i64, i64, Option<&'a [u8]>);
+const WINDOWS: TableDefinition<WindowKey<'static>, (&str, &[u8])> = TableDefinition::new("windows");
+/// (pipeline, stage, role: 0 serving, 1 draining) → [`StageMeta`] (postcard).
+const STAGES: TableDefinition<(&str, &str, u8), &[u8]> = TableDefinition::new("stages");
+/// (pipeline, position key) → where that source resumes.
+const POSITIONS: TableDefinition<(&str, &str), u64> = TableDefinition::new("positions");
+/// "format" → [`FORMAT`].
+const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
+
+/// What a checkpoint knows of one version of a stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageMeta {
+    /// The version's digest (64 hex digits).
+    pub version: String,
+    /// The layout id of its accumulators.
+    pub layout: Option<String>,
+    /// Its event time.
+    pub max_event_ms: Option<i64>,
+}
+
+/// One version's windows as a checkpoint holds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredState {
+    /// The version, its layout and event time.
+    pub meta: StageMeta,
+    /// Its open windows and their accumulators.
+    pub windows: Vec<(WindowId, Vec<u8>)>,
+}
+
+/// One aggregate stage as a checkpoint holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredStage {
+    /// The version serving.
+    pub current: RestoredState,
+    /// The previous version finishing the windows it opened before a layout change.
+    pub draining: Option<RestoredState>,
+}
+
+/// A pipeline as a checkpoint holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Restored {
+    /// Its aggregate stages, by name.
+    pub stages: BTreeMap<String, RestoredStage>,
+    /// Where its sources resume.
+    pub positions: Vec<Position>,
+}
+
+/// Why the checkpoint cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file cannot be opened or read.
+    #[error(
+        "checkpoint {path}: {message}; if it is damaged, move it away and start again (open windows then start empty, and the producers' unacked batches are folded into them), or put back a copy"
+    )]
+    Unreadable {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// One round's changes, waiting for its sinks and its turn.
+struct RoundMessage {
+    lineage: u64,
+    pipeline: Arc<str>,
+    round: u64,
+    changes: Vec<StateChanges>,
+    positions: Vec<Position>,
+    result: Result<(), String>,
+    completions: Vec<Completion>,
+}
+
+enum Message {
+    Round(Box<RoundMessage>),
+    /// Delete everything of the pipeline; later rounds of the lineage commit nothing.
+    Forget {
+        lineage: u64,
+        pipeline: Arc<str>,
+    },
+    /// Answer once everything sent before is committed (or given up).
+    Sync(tokio::sync::oneshot::Sender<()>),
+    /// Commit what is ready and end: the file is closed.
+    Close,
+}
+
+/// The router's checkpoints: the file, and the thread that writes it.
+pub struct Checkpoints {
+    path: PathBuf,
+    db: Arc<Database>,
+    tx: mpsc::Sender<Message>,
+    lineages: AtomicU64,
+    stopping: Arc<AtomicBool>,
+    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Checkpoints {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl std::fmt::Debug for Checkpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoints")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A checkpointed pipeline's way to hand its rounds to the writer; a pipeline that replaces
+/// it (a reload restarting it) goes on with the same one, so rounds stay in order.
+#[derive(Clone)]
+pub struct PipelineCheckpoint {
+    pipeline: Arc<str>,
+    lineage: u64,
+    rounds: Arc<AtomicU64>,
+    tx: mpsc::Sender<Message>,
+}
+
+impl std::fmt::Debug for PipelineCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipelineCheckpoint")
+            .field("pipeline", &self.pipeline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PipelineCheckpoint {
+    /// Numbers a round: rounds are committed in this order.
+    pub fn next_round(&self) -> u64 {
+        self.rounds.fetch_add(1, Ordering::AcqRel)
+    }
+
+    /// Round `round` ended with `result` (`Ok`: its sinks accepted it): its changes are
+    /// committed in turn, then `completions` resolved. Never blocks.
+    pub fn round_done(
+        &self,
+        round: u64,
+        changes: Vec<StateChanges>,
+        positions: Vec<Position>,
+        result: Result<(), String>,
+        completions: Vec<Completion>,
+    ) {
+        let message = Message::Round(Box::new(RoundMessage {
+            lineage: self.lineage,
+            pipeline: self.pipeline.clone(),
+            round,
+            changes,
+            positions,
+            result,
+            completions,
+        }));
+        if let Err(mpsc::SendError(Message::Round(m))) = self.tx.send(message) {
+            // The writer is gone (the router is stopping): nothing can be committed.
+            for completion in m.completions {
+                completion.resolve(Err("the checkpoint writer has stopped".into()));
+            }
+        }
+    }
+}
+
+fn unreadable(path: &Path, e: impl std::fmt::Display) -> CheckpointError {
+    CheckpointError::Unreadable {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl Checkpoints {
+    /// Opens (or creates) `DATA_DIR/checkpoints.redb` and starts its writer thread.
+    pub fn open(data_dir: &Path) -> Result<Arc<Checkpoints>, CheckpointError> {
+        let path = data_dir.join(FILE);
+        let db = Database::create(&path).map_err(|e| unreadable(&path, e))?;
+        let txn = db.begin_write().map_err(|e| unreadable(&path, e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| unreadable(&path, e))?;
+            let format = meta
+                .get("format")
+                .map_err(|e| unreadable(&path, e))?
+                .map(|v| v.value());
+            match format {
+                None => {
+                    meta.insert("format", &FORMAT)
+                        .map_err(|e| unreadable(&path, e))?;
+                }
+                Some(FORMAT) => {}
+                Some(other) => {
+                    return Err(unreadable(
+                        &path,
+                        format!("format {other}, and this build reads format {FORMAT}"),
+                    ));
+                }
+            }
+            txn.open_table(WINDOWS).map_err(|e| unreadable(&path, e))?;
+            txn.open_table(STAGES).map_err(|e| unreadable(&path, e))?;
+            txn.open_table(POSITIONS)
+                .map_err(|e| unreadable(&path, e))?;
+        }
+        txn.commit().map_err(|e| unreadable(&path, e))?;
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            path: path.clone(),
+            db: db.clone(),
+            stopping: stopping.clone(),
+            lineages: HashMap::new(),
+        };
+        let writer = std::thread::Builder::new()
+            .name("weir-checkpoints".into())
+            .spawn(move || writer.run(&rx))
+            .map_err(|e| unreadable(&path, format!("cannot start its writer thread: {e}")))?;
+        Ok(Arc::new(Checkpoints {
+            path,
+            db,
+            tx,
+            lineages: AtomicU64::new(0),
+            stopping,
+            writer: std::sync::Mutex::new(Some(writer)),
+        }))
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What the checkpoint holds of `pipeline`.
+    pub fn restore(&self, pipeline: &str) -> Result<Restored, CheckpointError> {
+        let path = &self.path;
+        let txn = self.db.begin_read().map_err(|e| unreadable(path, e))?;
+        let stages = txn.open_table(STAGES).map_err(|e| unreadable(path, e))?;
+        let mut metas: BTreeMap<(String, u8), StageMeta> = BTreeMap::new();
+        for row in stages
+            .range((pipeline, "", 0u8)..)
+            .map_err(|e| unreadable(path, e))?
+        {
+            let (key, value) = row.map_err(|e| unreadable(path, e))?;
+            let (p, stage, role) = key.value();
+            if p != pipeline {
+                break;
+            }
+            let meta: StageMeta = postcard::from_bytes(value.value())
+                .map_err(|e| unreadable(path, format!("pipeline `{p}`, stage `{stage}`: {e}")))?;
+            metas.insert((stage.to_owned(), role), meta);
+        }
+        let mut restored = Restored::default();
+        for ((stage, role), meta) in &metas {
+            let state = RestoredState {
+                meta: meta.clone(),
+                windows: Vec::new(),
+            };
+            let entry = restored
+                .stages
+                .entry(stage.clone())
+                .or_insert_with(|| RestoredStage {
+                    current: state.clone(),
+                    draining: None,
+                });
+            match role {
+                0 => entry.current = state,
+                _ => entry.draining = Some(state),
+            }
+        }
+        let windows = txn.open_table(WINDOWS).map_err(|e| unreadable(path, e))?;
+        let start: WindowKey<'_> = (pipeline, "", i64::MIN, i64::MIN, None);
+        for row in windows.range(start..).map_err(|e| unreadable(path, e))? {
+            let (key, value) = row.map_err(|e| unreadable(path, e))?;
+            let (p, stage, end_ms, start_ms, key) = key.value();
+            if p != pipeline {
+                break;
+            }
+            let (layout, acc) = value.value();
+            let id = WindowId {
+                key: key.map(<[u8]>::to_vec),
+                start_ms,
+                end_ms,
+            };
+            let Some(entry) = restored.stages.get_mut(stage) else {
+                return Err(unreadable(
+                    path,
+                    format!(
+                        "pipeline `{p}`: windows of stage `{stage}`, which it has no record of"
+                    ),
+                ));
+            };
+            let layout = (!layout.is_empty()).then_some(layout);
+            let state = match &mut entry.draining {
+                Some(d)
+                    if d.meta.layout.as_deref() == layout
+                        && entry.current.meta.layout.as_deref() != layout =>
+                {
+                    d
+                }
+                _ => &mut entry.current,
+            };
+            state.windows.push((id, acc.to_vec()));
+        }
+        let positions = txn.open_table(POSITIONS).map_err(|e| unreadable(path, e))?;
+        for row in positions
+            .range((pipeline, "")..)
+            .map_err(|e| unreadable(path, e))?
+        {
+            let (key, value) = row.map_err(|e| unreadable(path, e))?;
+            let (p, source) = key.value();
+            if p != pipeline {
+                break;
+            }
+            restored.positions.push(Position {
+                key: Arc::from(source),
+                next: value.value(),
+            });
+        }
+        Ok(restored)
+    }
+
+    /// A handle for a new pipeline `pipeline` (a reload restarting one passes the old handle
+    /// on instead).
+    pub fn pipeline(&self, pipeline: &str) -> PipelineCheckpoint {
+        PipelineCheckpoint {
+            pipeline: Arc::from(pipeline),
+            lineage: self.lineages.fetch_add(1, Ordering::AcqRel),
+            rounds: Arc::new(AtomicU64::new(0)),
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// Deletes everything of the pipeline `handle` belongs to (a reload removed it): later
+    /// rounds of it resolve without being committed.
+    pub fn forget(&self, handle: &PipelineCheckpoint) {
+        let _ = self.tx.send(Message::Forget {
+            lineage: handle.lineage,
+            pipeline: handle.pipeline.clone(),
+        });
+    }
+
+    /// The router is stopping: a commit that keeps failing is given up after a few attempts
+    /// instead of retried until it works.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Commits what is ready and closes the file (the writer thread ends; rounds handed over
+    /// later resolve as not checkpointed). Blocks until it is closed; idempotent.
+    pub fn close(&self) {
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(writer) = writer {
+            let _ = self.tx.send(Message::Close);
+            if writer.join().is_err() {
+                tracing::error!(
+                    "checkpoint {}: its writer thread panicked",
+                    self.path.display()
+                );
+            }
+        }
+    }
+
+    /// Completes once everything handed over before is committed (or given up).
+    pub async fn sync(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Message::Sync(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Why a lineage commits nothing more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// A round was not accepted: later rounds are not acked either (their folds are not in
+    /// the checkpoint, so their producers must keep them to send them again).
+    Failed,
+    /// The pipeline is gone: its rounds resolve as they ended.
+    Forgotten,
+}
+
+/// One pipeline lineage's rounds, as the writer sees them.
+#[derive(Default)]
+struct Lineage {
+    /// The next round to commit.
+    next: u64,
+    /// Rounds done and waiting for an earlier one.
+    waiting: BTreeMap<u64, Box<RoundMessage>>,
+    /// Set once it commits nothing more.
+    ended: Option<Ended>,
+}
+
+/// The writer thread's state.
+struct Writer {
+    path: PathBuf,
+    db: Arc<Database>,
+    stopping: Arc<AtomicBool>,
+    lineages: HashMap<u64, Lineage>,
+}
+
+/// What one transaction does.
+#[derive(Default)]
+struct Batch {
+    /// Rounds in the order they are resolved: each to commit, or ended (not committed).
+    rounds: Vec<(RoundMessage, Option<Ended>)>,
+    forget: Vec<Arc<str>>,
+    syncs: Vec<tokio::sync::oneshot::Sender<()>>,
+    close: bool,
+}
+
+impl Writer {
+    fn run(mut self, rx: &mpsc::Receiver<Message>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = Batch::default();
+            self.take(first, &mut batch);
+            while !batch.close
+                && let Ok(more) = rx.try_recv()
+            {
+                self.take(more, &mut batch);
+            }
+            let Batch {
+                rounds,
+                forget,
+                syncs,
+                close,
+            } = batch;
+            let committing: Vec<&RoundMessage> = rounds
+                .iter()
+                .filter(|(_, ended)| ended.is_none())
+                .map(|(round, _)| round)
+                .collect();
+            let result = if committing.is_empty() && forget.is_empty() {
+                Ok(())
+            } else {
+                self.commit(&committing, &forget)
+            };
+            for (round, ended) in rounds {
+                match ended {
+                    Some(ended) => uncommitted(round, ended),
+                    None => {
+                        let outcome = result.clone().and(round.result);
+                        for completion in round.completions {
+                            completion.resolve(outcome.clone());
+                        }
+                    }
+                }
+            }
+            for sync in syncs {
+                let _ = sync.send(());
+            }
+            if close {
+                return;
+            }
+        }
+    }
+
+    /// Files a message: rounds that are next in their lineage (and those waiting behind them)
+    /// join the batch; a round not accepted ends its lineage.
+    fn take(&mut self, message: Message, batch: &mut Batch) {
+        match message {
+            Message::Sync(reply) => batch.syncs.push(reply),
+            Message::Close => batch.close = true,
+            Message::Forget { lineage, pipeline } => {
+                let l = self.lineages.entry(lineage).or_default();
+                l.ended = Some(Ended::Forgotten);
+                for (_, round) in std::mem::take(&mut l.waiting) {
+                    batch.rounds.push((*round, Some(Ended::Forgotten)));
+                }
+                batch.forget.push(pipeline);
+            }
+            Message::Round(round) => {
+                let l = self.lineages.entry(round.lineage).or_default();
+                l.waiting.insert(round.round, round);
+                while let Some(round) = l.waiting.remove(&l.next) {
+                    l.next += 1;
+                    if round.result.is_err() && l.ended.is_none() {
+                        l.ended = Some(Ended::Failed);
+                    }
+                    batch.rounds.push((*round, l.ended));
+                }
+            }
+        }
+    }
+
+    /// Commits the rounds' changes and the forgotten pipelines' deletion in one transaction,
+    /// retrying a failing disk (acks wait meanwhile) until it works, or, once the router is
+    /// stopping, a few times.
+    fn commit(&self, rounds: &[&RoundMessage], forget: &[Arc<str>]) -> Result<(), String> {
+        let mut attempt = 0u32;
+        loop {
+            match self.write(rounds, forget) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    attempt += 1;
+                    let message = format!("checkpoint {}: cannot commit: {e}", self.path.display());
+                    tracing::error!("{message} (attempt {attempt}; acks wait)");
+                    if self.stopping.load(Ordering::Acquire) && attempt >= STOPPING_ATTEMPTS {
+                        return Err(message);
+                    }
+                    std::thread::sleep(Duration::from_millis(100 * u64::from(attempt.min(50))));
+                }
+            }
+        }
+    }
+
+    fn write(&self, rounds: &[&RoundMessage], forget: &[Arc<str>]) -> Result<(), redb::Error> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut windows = txn.open_table(WINDOWS)?;
+            let mut stages = txn.open_table(STAGES)?;
+            let mut positions = txn.open_table(POSITIONS)?;
+            for round in rounds {
+                let p: &str = &round.pipeline;
+                for change in &round.changes {
+                    let stage = change.name.as_str();
+                    put_role(&mut windows, &mut stages, p, stage, 0, &change.current)?;
+                    match &change.draining {
+                        Some(draining) => {
+                            put_role(&mut windows, &mut stages, p, stage, 1, draining)?;
+                        }
+                        None => end_draining(&mut windows, &mut stages, p, stage)?,
+                    }
+                }
+                for position in &round.positions {
+                    positions.insert((p, &*position.key), &position.next)?;
+                }
+            }
+            for pipeline in forget {
+                delete_pipeline(&mut windows, &mut stages, &mut positions, pipeline)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// A round that is not committed. Of a forgotten pipeline: resolved as it ended. After a
+/// round that was not accepted: not acked, so that its producers send it again after a
+/// restart (its folds are not in the checkpoint).
+fn uncommitted(round: RoundMessage, ended: Ended) {
+    let result = match ended {
+        Ended::Forgotten => round.result,
+        Ended::Failed => round.result.and(Err(
+            "not checkpointed: an earlier round of the pipeline was not accepted".to_owned(),
+        )),
+    };
+    for completion in round.completions {
+        completion.resolve(result.clone());
+    }
+}
+
+type Windows<'t> = redb::Table<'t, WindowKey<'static>, (&'static str, &'static [u8])>;
+type Stages<'t> = redb::Table<'t, (&'static str, &'static str, u8), &'static [u8]>;
+
+/// Writes one version's meta and changed windows.
+fn put_role(
+    windows: &mut Windows<'_>,
+    stages: &mut Stages<'_>,
+    pipeline: &str,
+    stage: &str,
+    role: u8,
+    changes: &crate::pipeline::RoleChanges,
+) -> Result<(), redb::Error> {
+    let meta = StageMeta {
+        version: changes.version.clone(),
+        layout: changes.layout.clone(),
+        max_event_ms: changes.max_event_ms,
+    };
+    // Serializing plain owned data into a Vec cannot fail.
+    let bytes = postcard::to_allocvec(&meta).unwrap_or_default();
+    stages.insert((pipeline, stage, role), bytes.as_slice())?;
+    let layout = changes.layout.as_deref().unwrap_or("");
+    for (window, acc) in &changes.windows {
+        let key = (
+            pipeline,
+            stage,
+            window.end_ms,
+            window.start_ms,
+            window.key.as_deref(),
+        );
+        match acc {
+            Some(acc) => {
+                windows.insert(key, (layout, acc.as_slice()))?;
+            }
+            None => {
+                windows.remove(key)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A stage's previous version finished its windows (or never was): its record and any window
+/// of its layout go.
+fn end_draining(
+    windows: &mut Windows<'_>,
+    stages: &mut Stages<'_>,
+    pipeline: &str,
+    stage: &str,
+) -> Result<(), redb::Error> {
+    let Some(meta) = stages.remove((pipeline, stage, 1u8))? else {
+        return Ok(());
+    };
+    let meta: Option<StageMeta> = postcard::from_bytes(meta.value()).ok();
+    let layout = meta.and_then(|m| m.layout).unwrap_or_default();
+    let start: WindowKey<'_> = (pipeline, stage, i64::MIN, i64::MIN, None);
+    let mut stale: Vec<(i64, i64, Option<Vec<u8>>)> = Vec::new();
+    for row in windows.range(start..)? {
+        let (key, value) = row?;
+        let (p, s, end_ms, start_ms, k) = key.value();
+        if p != pipeline || s != stage {
+            break;
+        }
+        if value.value().0 == layout {
+            stale.push((end_ms, start_ms, k.map(<[u8]>::to_vec)));
+        }
+    }
+    for (end_ms, start_ms, k) in stale {
+        windows.remove((pipeline, stage, end_ms, start_ms, k.as_deref()))?;
+    }
+    Ok(())
+}
+
+/// Everything of `pipeline` goes.
+fn delete_pipeline(
+    windows: &mut Windows<'_>,
+    stages: &mut Stages<'_>,
+    positions: &mut redb::Table<'_, (&'static str, &'static str), u64>,
+    pipeline: &str,
+) -> Result<(), redb::Error> {
+    let start: WindowKey<'_> = (pipeline, "", i64::MIN, i64::MIN, None);
+    let mut keys: Vec<(String, i64, i64, Option<Vec<u8>>)> = Vec::new();
+    for row in windows.range(start..)? {
+        let (key, _) = row?;
+        let (p, s, end_ms, start_ms, k) = key.value();
+        if p != pipeline {
+            break;
+        }
+        keys.push((s.to_owned(), end_ms, start_ms, k.map(<[u8]>::to_vec)));
+    }
+    for (s, end_ms, start_ms, k) in keys {
+        windows.remove((pipeline, s.as_str(), end_ms, start_ms, k.as_deref()))?;
+    }
+    let mut metas: Vec<(String, u8)> = Vec::new();
+    for row in stages.range((pipeline, "", 0u8)..)? {
+        let (key, _) = row?;
+        let (p, s, role) = key.value();
+        if p != pipeline {
+            break;
+        }
+        metas.push((s.to_owned(), role));
+    }
+    for (s, role) in metas {
+        stages.remove((pipeline, s.as_str(), role))?;
+    }
+    let mut sources: Vec<String> = Vec::new();
+    for row in positions.range((pipeline, "")..)? {
+        let (key, _) = row?;
+        let (p, source) = key.value();
+        if p != pipeline {
+            break;
+        }
+        sources.push(source.to_owned());
+    }
+    for source in sources {
+        positions.remove((pipeline, source.as_str()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,256 @@
+//! The writer's decisions, against a real file: rounds committed in order and grouped, the
+//! completions resolved only after, a round not accepted ending the pipeline's checkpoints, a
+//! forgotten pipeline, a drain that ends, and a damaged file refused by name.
+
+use super::*;
+use crate::pipeline::RoleChanges;
+use std::sync::Mutex;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn window(key: &str, start_ms: i64) -> WindowId {
+    WindowId {
+        key: Some(key.as_bytes().to_vec()),
+        start_ms,
+        end_ms: start_ms + 1000,
+    }
+}
+
+fn changes(stage: &str, windows: Vec<(WindowId, Option<&str>)>) -> Vec<StateChanges> {
+    vec![StateChanges {
+        stage: 0,
+        name: stage.into(),
+        current: RoleChanges {
+            version: "a".repeat(64),
+            layout: Some("auto:1".into()),
+            max_event_ms: Some(1500),
+            windows: windows
+                .into_iter()
+                .map(|(w, acc)| (w, acc.map(|a| a.as_bytes().to_vec())))
+                .collect(),
+        },
+        draining: None,
+    }]
+}
+
+fn position(producer: &str, next: u64) -> Vec<Position> {
+    vec![Position {
+        key: Arc::from(format!("quic/{producer}")),
+        next,
+    }]
+}
+
+/// How each completion was resolved, by round.
+type Log = Arc<Mutex<Vec<(u64, Result<(), String>)>>>;
+
+/// A completion that records how it was resolved.
+fn completion(log: &Log, round: u64) -> Completion {
+    let log = log.clone();
+    Completion::new(move |result| log.lock().expect("log").push((round, result)))
+}
+
+fn sync(checkpoints: &Checkpoints) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a runtime")
+        .block_on(async {
+            tokio::time::timeout(WAIT, checkpoints.sync())
+                .await
+                .expect("synced");
+        });
+}
+
+#[test]
+fn rounds_are_committed_in_order_and_acked_only_once_committed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let checkpoints = Checkpoints::open(dir.path()).expect("opened");
+    let p = checkpoints.pipeline("totals");
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let (r0, r1) = (p.next_round(), p.next_round());
+    // Round 1's sinks accept first: it waits for round 0.
+    p.round_done(
+        r1,
+        changes(
+            "sum",
+            vec![(window("b", 0), Some("2")), (window("a", 0), None)],
+        ),
+        position("p1", 2),
+        Ok(()),
+        vec![completion(&log, r1)],
+    );
+    sync(&checkpoints);
+    assert!(
+        log.lock().expect("log").is_empty(),
+        "round 1 waits for round 0"
+    );
+    assert!(
+        checkpoints
+            .restore("totals")
+            .expect("read")
+            .stages
+            .is_empty()
+    );
+    p.round_done(
+        r0,
+        changes("sum", vec![(window("a", 0), Some("1"))]),
+        position("p1", 1),
+        Ok(()),
+        vec![completion(&log, r0)],
+    );
+    sync(&checkpoints);
+    assert_eq!(*log.lock().expect("log"), [(0, Ok(())), (1, Ok(()))]);
+    let restored = checkpoints.restore("totals").expect("read");
+    let sum = &restored.stages["sum"];
+    assert_eq!(sum.current.meta.max_event_ms, Some(1500));
+    assert_eq!(sum.current.meta.layout.as_deref(), Some("auto:1"));
+    assert_eq!(
+        sum.current.windows,
+        [(window("b", 0), b"2".to_vec())],
+        "a finished"
+    );
+    assert_eq!(restored.positions, position("p1", 2));
+
+    // Reopened, it reads the same.
+    drop(checkpoints);
+    let again = Checkpoints::open(dir.path()).expect("reopened");
+    assert_eq!(again.restore("totals").expect("read"), restored);
+    assert_eq!(again.restore("other").expect("read"), Restored::default());
+}
+
+#[test]
+fn a_round_not_accepted_ends_the_pipelines_checkpoints_and_later_rounds_are_not_acked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let checkpoints = Checkpoints::open(dir.path()).expect("opened");
+    let p = checkpoints.pipeline("totals");
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    for (round, result) in [
+        (0, Ok(())),
+        (1, Err("a sink gave up".to_owned())),
+        (2, Ok(())),
+    ] {
+        assert_eq!(p.next_round(), round);
+        p.round_done(
+            round,
+            changes("sum", vec![(window("a", round as i64 * 1000), Some("1"))]),
+            position("p1", round + 1),
+            result,
+            vec![completion(&log, round)],
+        );
+    }
+    sync(&checkpoints);
+    assert_eq!(
+        *log.lock().expect("log"),
+        [
+            (0, Ok(())),
+            (1, Err("a sink gave up".into())),
+            (
+                2,
+                Err("not checkpointed: an earlier round of the pipeline was not accepted".into())
+            )
+        ]
+    );
+    let restored = checkpoints.restore("totals").expect("read");
+    assert_eq!(restored.positions, position("p1", 1), "round 0 only");
+    assert_eq!(restored.stages["sum"].current.windows.len(), 1);
+}
+
+#[test]
+fn a_forgotten_pipeline_leaves_nothing_and_its_name_starts_afresh() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let checkpoints = Checkpoints::open(dir.path()).expect("opened");
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let old = checkpoints.pipeline("totals");
+    let round = old.next_round();
+    old.round_done(
+        round,
+        changes("sum", vec![(window("a", 0), Some("1"))]),
+        position("p1", 5),
+        Ok(()),
+        vec![completion(&log, round)],
+    );
+    checkpoints.forget(&old);
+    // A round of the removed pipeline resolving late: acked, nothing written.
+    let late = old.next_round();
+    old.round_done(
+        late,
+        changes("sum", vec![(window("z", 0), Some("9"))]),
+        position("p1", 6),
+        Ok(()),
+        vec![completion(&log, late)],
+    );
+    sync(&checkpoints);
+    assert_eq!(
+        checkpoints.restore("totals").expect("read"),
+        Restored::default()
+    );
+    let new = checkpoints.pipeline("totals");
+    let round = new.next_round();
+    assert_eq!(round, 0);
+    new.round_done(
+        round,
+        changes("sum", vec![(window("b", 0), Some("2"))]),
+        position("p2", 1),
+        Ok(()),
+        vec![completion(&log, 10)],
+    );
+    sync(&checkpoints);
+    let restored = checkpoints.restore("totals").expect("read");
+    assert_eq!(restored.positions, position("p2", 1));
+    assert_eq!(
+        restored.stages["sum"].current.windows,
+        [(window("b", 0), b"2".to_vec())]
+    );
+    assert_eq!(
+        *log.lock().expect("log"),
+        [(0, Ok(())), (1, Ok(())), (10, Ok(()))]
+    );
+}
+
+#[test]
+fn a_drain_that_ends_takes_its_windows_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let checkpoints = Checkpoints::open(dir.path()).expect("opened");
+    let p = checkpoints.pipeline("totals");
+    let mut draining = changes("sum", vec![(window("new", 1000), Some("n"))]);
+    draining[0].current.layout = Some("auto:2".into());
+    draining[0].draining = Some(RoleChanges {
+        version: "b".repeat(64),
+        layout: Some("auto:1".into()),
+        max_event_ms: Some(1200),
+        windows: vec![(window("old", 0), Some(b"o".to_vec()))],
+    });
+    p.round_done(p.next_round(), draining, Vec::new(), Ok(()), Vec::new());
+    sync(&checkpoints);
+    let restored = checkpoints.restore("totals").expect("read");
+    let sum = &restored.stages["sum"];
+    assert_eq!(sum.current.windows, [(window("new", 1000), b"n".to_vec())]);
+    let old = sum.draining.as_ref().expect("draining");
+    assert_eq!(old.meta.version, "b".repeat(64));
+    assert_eq!(old.windows, [(window("old", 0), b"o".to_vec())]);
+    // The previous version is done: the next round has no draining part.
+    let mut done = changes("sum", Vec::new());
+    done[0].current.layout = Some("auto:2".into());
+    p.round_done(p.next_round(), done, Vec::new(), Ok(()), Vec::new());
+    sync(&checkpoints);
+    let restored = checkpoints.restore("totals").expect("read");
+    let sum = &restored.stages["sum"];
+    assert_eq!(sum.draining, None);
+    assert_eq!(sum.current.windows, [(window("new", 1000), b"n".to_vec())]);
+}
+
+#[test]
+fn a_damaged_file_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(FILE);
+    std::fs::write(&path, vec![0x5a; 8192]).expect("garbage");
+    let error = Checkpoints::open(dir.path()).expect_err("damaged");
+    let text = error.to_string();
+    assert!(
+        text.starts_with(&format!("checkpoint {}: ", path.display()))
+            && text.ends_with(
+                "; if it is damaged, move it away and start again (open windows then start empty, and the producers' unacked batches are folded into them), or put back a copy"
+            ),
+        "{text}"
+    );
+}
