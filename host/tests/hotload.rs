@@ -746,3 +746,41 @@ async fn a_restart_serves_the_deployed_version_from_the_compile_cache() {
         .collect();
     assert_eq!(versions, [(0, "b".to_owned()), (1, "b".to_owned())]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_the_serving_version_cannot_read_stops_the_start_and_says_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let original = solo_config(plugins::TALLY_A, "window = \"tumbling:10s\"");
+    let server = start_solo(dir.path(), &original).await;
+    let producer = connect(server.local_addr(), &server.fingerprint(), "r", "tags").await;
+    producer.send_batch(0, &batch(0, 0)).await.expect("queued");
+    within("the ack", producer.flush()).await.expect("acked");
+    producer.close().await.expect("close");
+    let stopped = server.shutdown().await.expect("stops");
+    assert_eq!(stopped.problems, Vec::<String>::new());
+    // The windows stay open in the checkpoint; the config now names a plugin with another
+    // accumulator layout.
+    let edited = solo_config(plugins::TALLY_WIDE, "window = \"tumbling:10s\"");
+    let config = Config::parse(&edited, dir.path().join("weir.toml")).expect("a config");
+    let error = within("the start", Server::start(config))
+        .await
+        .expect_err("refused");
+    let text = format!("{error:#}");
+    let path = dir.path().join("data/checkpoints.redb");
+    assert!(
+        text.starts_with(&format!(
+            "pipeline `tags`, stage `stage`: the checkpoint {} holds 4 open windows written by version ",
+            path.display()
+        )) && text.contains(" in state layout `auto:")
+            && text.contains("`, and the version serving now (tally_wide ")
+            && text.ends_with(&format!(
+                "which cannot read them: name a version that writes `{}` in the config, or move {} away to drop every open window",
+                text.split("in state layout `").nth(1).and_then(|r| r.split('`').next()).unwrap_or_default(),
+                path.display()
+            )),
+        "{text}"
+    );
+    // Back to the plugin that wrote them: it starts, with its windows.
+    let server = start_solo(dir.path(), &original).await;
+    server.shutdown().await.expect("stops");
+}

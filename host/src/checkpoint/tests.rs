@@ -254,3 +254,35 @@ fn a_damaged_file_is_refused_by_name() {
         "{text}"
     );
 }
+
+#[test]
+fn a_truncated_file_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let checkpoints = Checkpoints::open(dir.path()).expect("opened");
+        let p = checkpoints.pipeline("totals");
+        let windows = (0..2000)
+            .map(|i| (window(&format!("k{i}"), 0), Some("an accumulator")))
+            .collect();
+        p.round_done(
+            p.next_round(),
+            changes("sum", windows),
+            Vec::new(),
+            Ok(()),
+            Vec::new(),
+        );
+        sync(&checkpoints);
+    }
+    let path = dir.path().join(FILE);
+    let bytes = std::fs::read(&path).expect("the file");
+    std::fs::write(&path, &bytes[..bytes.len() / 3]).expect("truncate");
+    let error = Checkpoints::open(dir.path())
+        .and_then(|c| c.restore("totals").map(|_| ()))
+        .expect_err("truncated");
+    assert!(
+        error
+            .to_string()
+            .starts_with(&format!("checkpoint {}: ", path.display())),
+        "{error}"
+    );
+}
