@@ -16,8 +16,9 @@
 //!   are computed again from the same events — delivered twice at worst, never different, never
 //!   lost.
 //! - **In round order, grouped.** Rounds of one pipeline may be accepted out of order (one
-//!   sink is slower); the writer commits them in order, every round ready at that moment in one
-//!   transaction (one `fsync` for many rounds under load).
+//!   sink is slower); the writer commits them in order, at most one commit every 10 ms, every
+//!   round ready by then in one transaction: one `fsync`, and each window written once however
+//!   many of its rounds folded into it. Acks wait up to 10 ms longer for it.
 //! - **Only what changed**: the windows a round wrote or finished
 //!   ([`crate::pipeline::WindowState::take_changes`]), not the whole state.
 //! - **A round not accepted** (only while stopping) ends the pipeline's checkpoints: nothing
@@ -25,19 +26,23 @@
 //! - **A damaged file** is an error naming it and what to do, never a silent reset; so is a
 //!   checkpoint whose windows the serving plugin version cannot read (`topology`).
 
-use crate::pipeline::{Completion, Position, StateChanges, WindowId};
+use crate::pipeline::{Completion, Position, RoleChanges, StateChanges, WindowId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The file under the data directory.
 pub const FILE: &str = "checkpoints.redb";
 /// The layout of the tables this build writes and reads.
 const FORMAT: u32 = 1;
+/// The least time from one commit to the next: the rounds that come meanwhile join the next
+/// one (a window they all wrote is written once, one `fsync` for all), for at most that much
+/// more time before their acks.
+const COMMIT_EVERY: Duration = Duration::from_millis(10);
 /// Commit attempts before a stopping router gives up on a failing disk.
 const STOPPING_ATTEMPTS: u32 = 3;
 
@@ -454,14 +459,23 @@ struct Batch {
 
 impl Writer {
     fn run(mut self, rx: &mpsc::Receiver<Message>) {
+        let mut last_commit = Instant::now();
         while let Ok(first) = rx.recv() {
             let mut batch = Batch::default();
             self.take(first, &mut batch);
-            while !batch.close
-                && let Ok(more) = rx.try_recv()
-            {
-                self.take(more, &mut batch);
+            let due = last_commit + COMMIT_EVERY;
+            while !batch.close {
+                let wait = if batch.syncs.is_empty() {
+                    due.saturating_duration_since(Instant::now())
+                } else {
+                    Duration::ZERO
+                };
+                match rx.recv_timeout(wait) {
+                    Ok(more) => self.take(more, &mut batch),
+                    Err(_) => break,
+                }
             }
+            last_commit = Instant::now();
             let Batch {
                 rounds,
                 forget,
@@ -553,21 +567,24 @@ impl Writer {
             let mut windows = txn.open_table(WINDOWS)?;
             let mut stages = txn.open_table(STAGES)?;
             let mut positions = txn.open_table(POSITIONS)?;
+            let draining = rounds
+                .iter()
+                .any(|r| r.changes.iter().any(|c| c.draining.is_some()));
+            if draining {
+                for round in rounds {
+                    write_round(&mut windows, &mut stages, round)?;
+                }
+            } else {
+                Latest::of(rounds).write(&mut windows, &mut stages)?;
+            }
+            let mut reached: HashMap<(&str, &str), u64> = HashMap::new();
             for round in rounds {
-                let p: &str = &round.pipeline;
-                for change in &round.changes {
-                    let stage = change.name.as_str();
-                    put_role(&mut windows, &mut stages, p, stage, 0, &change.current)?;
-                    match &change.draining {
-                        Some(draining) => {
-                            put_role(&mut windows, &mut stages, p, stage, 1, draining)?;
-                        }
-                        None => end_draining(&mut windows, &mut stages, p, stage)?,
-                    }
-                }
                 for position in &round.positions {
-                    positions.insert((p, &*position.key), &position.next)?;
+                    reached.insert((&round.pipeline, &position.key), position.next);
                 }
+            }
+            for (key, next) in reached {
+                positions.insert(key, &next)?;
             }
             for pipeline in forget {
                 delete_pipeline(&mut windows, &mut stages, &mut positions, pipeline)?;
@@ -576,6 +593,87 @@ impl Writer {
         txn.commit()?;
         Ok(())
     }
+}
+
+/// One round's window changes, as they come (a stage finishing its previous version's windows
+/// needs the order of its rounds).
+fn write_round(
+    windows: &mut Windows<'_>,
+    stages: &mut Stages<'_>,
+    round: &RoundMessage,
+) -> Result<(), redb::Error> {
+    let p: &str = &round.pipeline;
+    for change in &round.changes {
+        let stage = change.name.as_str();
+        put_meta(stages, p, stage, 0, &change.current)?;
+        put_windows(windows, p, stage, &change.current)?;
+        match &change.draining {
+            Some(draining) => {
+                put_meta(stages, p, stage, 1, draining)?;
+                put_windows(windows, p, stage, draining)?;
+            }
+            None => end_draining(windows, stages, p, stage)?,
+        }
+    }
+    Ok(())
+}
+
+/// The last state of each window and stage over the rounds of one commit (none with a
+/// draining version): a window folded in many of them is written once, in the table's order.
+#[derive(Default)]
+struct Latest<'r> {
+    stages: BTreeMap<(&'r str, &'r str), &'r RoleChanges>,
+    windows: BTreeMap<WindowKey<'r>, (&'r str, Option<&'r [u8]>)>,
+}
+
+impl<'r> Latest<'r> {
+    fn of(rounds: &[&'r RoundMessage]) -> Self {
+        let mut latest = Latest::default();
+        for round in rounds {
+            for change in &round.changes {
+                let (p, stage) = (&*round.pipeline, change.name.as_str());
+                let current = &change.current;
+                latest.stages.insert((p, stage), current);
+                let layout = current.layout.as_deref().unwrap_or("");
+                for (window, acc) in &current.windows {
+                    latest
+                        .windows
+                        .insert(window_key(p, stage, window), (layout, acc.as_deref()));
+                }
+            }
+        }
+        latest
+    }
+
+    fn write(self, windows: &mut Windows<'_>, stages: &mut Stages<'_>) -> Result<(), redb::Error> {
+        for ((p, stage), current) in &self.stages {
+            put_meta(stages, p, stage, 0, current)?;
+        }
+        for (key, (layout, acc)) in self.windows {
+            match acc {
+                Some(acc) => {
+                    windows.insert(key, (layout, acc))?;
+                }
+                None => {
+                    windows.remove(key)?;
+                }
+            }
+        }
+        for (p, stage) in self.stages.keys() {
+            end_draining(windows, stages, p, stage)?;
+        }
+        Ok(())
+    }
+}
+
+fn window_key<'a>(pipeline: &'a str, stage: &'a str, window: &'a WindowId) -> WindowKey<'a> {
+    (
+        pipeline,
+        stage,
+        window.end_ms,
+        window.start_ms,
+        window.key.as_deref(),
+    )
 }
 
 /// A round that is not committed. Of a forgotten pipeline: resolved as it ended. After a
@@ -596,14 +694,13 @@ fn uncommitted(round: RoundMessage, ended: Ended) {
 type Windows<'t> = redb::Table<'t, WindowKey<'static>, (&'static str, &'static [u8])>;
 type Stages<'t> = redb::Table<'t, (&'static str, &'static str, u8), &'static [u8]>;
 
-/// Writes one version's meta and changed windows.
-fn put_role(
-    windows: &mut Windows<'_>,
+/// Writes one version's record.
+fn put_meta(
     stages: &mut Stages<'_>,
     pipeline: &str,
     stage: &str,
     role: u8,
-    changes: &crate::pipeline::RoleChanges,
+    changes: &RoleChanges,
 ) -> Result<(), redb::Error> {
     let meta = StageMeta {
         version: changes.version.clone(),
@@ -613,15 +710,19 @@ fn put_role(
     // Serializing plain owned data into a Vec cannot fail.
     let bytes = postcard::to_allocvec(&meta).unwrap_or_default();
     stages.insert((pipeline, stage, role), bytes.as_slice())?;
+    Ok(())
+}
+
+/// Writes one version's changed windows.
+fn put_windows(
+    windows: &mut Windows<'_>,
+    pipeline: &str,
+    stage: &str,
+    changes: &RoleChanges,
+) -> Result<(), redb::Error> {
     let layout = changes.layout.as_deref().unwrap_or("");
     for (window, acc) in &changes.windows {
-        let key = (
-            pipeline,
-            stage,
-            window.end_ms,
-            window.start_ms,
-            window.key.as_deref(),
-        );
+        let key = window_key(pipeline, stage, window);
         match acc {
             Some(acc) => {
                 windows.insert(key, (layout, acc.as_slice()))?;

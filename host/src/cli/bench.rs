@@ -10,7 +10,8 @@
 //!
 //! `weir bench --e2e` measures ingest over QUIC instead: see `ingest_bench.rs`; `weir bench
 //! --fanout` measures fanning out to 1, 2 and 4 sinks: see `fanout_bench.rs`; `weir bench
-//! --deploy` measures hot load: see `deploy_bench.rs`.
+//! --deploy` measures hot load: see `deploy_bench.rs`; `weir bench --checkpoint` measures what
+//! checkpointing aggregate state costs: see `checkpoint_bench.rs`.
 
 use super::StageArgs;
 use super::fanout_bench::KindChoice;
@@ -28,7 +29,7 @@ use weir_format::Batch;
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// The plugin component (.wasm).
-    #[arg(required_unless_present_any = ["e2e", "fanout", "deploy"])]
+    #[arg(required_unless_present_any = ["e2e", "fanout", "deploy", "checkpoint"])]
     plugin: Option<PathBuf>,
     /// Instead of a plugin: ingest over QUIC on loopback, weir (identity plugin, null sink)
     /// against raw quinn sending the same bytes, then weir's ack latency at half its rate.
@@ -43,9 +44,16 @@ pub struct BenchArgs {
     /// without a deploy every second, and the pause each swap causes under load.
     #[arg(long, conflicts_with_all = ["plugin", "e2e", "fanout"])]
     deploy: bool,
-    /// With --deploy: seconds each throughput round lasts.
-    #[arg(long, default_value_t = 10, requires = "deploy")]
+    /// Instead of a plugin: aggregate checkpoints on loopback routers: throughput of count-sum
+    /// with checkpoints against without, and the start time with --windows open windows.
+    #[arg(long, conflicts_with_all = ["plugin", "e2e", "fanout", "deploy"])]
+    checkpoint: bool,
+    /// With --deploy or --checkpoint: seconds each throughput round lasts.
+    #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// With --checkpoint: open windows at the restart.
+    #[arg(long, default_value_t = 1_000_000, requires = "checkpoint")]
+    windows: u64,
     /// With --fanout: the sinks' kind.
     #[arg(long, value_enum, default_value_t = KindChoice::Null, requires = "fanout")]
     kind: KindChoice,
@@ -131,6 +139,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             rounds: super::ingest_bench::ROUNDS,
             size: args.size,
             batch: args.batch,
+        });
+    }
+    if args.checkpoint {
+        return super::checkpoint_bench::run(&super::checkpoint_bench::CheckpointBenchArgs {
+            seconds: args.seconds,
+            rounds: super::ingest_bench::ROUNDS,
+            batch: args.batch,
+            keys: args.keys,
+            windows: args.windows,
         });
     }
     if args.fanout {

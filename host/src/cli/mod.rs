@@ -3,6 +3,7 @@
 
 mod bench;
 mod build;
+mod checkpoint_bench;
 mod demo;
 mod deploy;
 mod deploy_bench;

@@ -553,7 +553,9 @@ impl WindowState {
     }
 
     fn touched(&mut self, slot: &Slot) {
-        if let Some(changes) = self.changes.as_mut() {
+        if let Some(changes) = self.changes.as_mut()
+            && !changes.contains(slot)
+        {
             changes.insert(slot.clone());
         }
     }
@@ -734,13 +736,12 @@ impl WindowState {
     }
 
     /// Takes a window's accumulator out of the state (`None` when it holds none), to hand it
-    /// to a fold; the id is given back. [`WindowState::put_back`] undoes it.
+    /// to a fold; the id is given back. The caller puts an accumulator back for it, the fold's
+    /// ([`WindowState::write_acc`]) or this one ([`WindowState::put_back`]), which notes the
+    /// change: taking it out is not one.
     pub(crate) fn take_acc(&mut self, window: WindowId) -> (WindowId, Option<Vec<u8>>) {
         let slot = (window.end_ms, window.start_ms, window.key);
         let acc = self.accs.remove(&slot);
-        if acc.is_some() {
-            self.touched(&slot);
-        }
         let (end_ms, start_ms, key) = slot;
         let window = WindowId {
             key,
