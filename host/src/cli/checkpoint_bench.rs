@@ -12,14 +12,14 @@
 //!    them), and starts again on that directory, alternating with starts on the same directory
 //!    without its checkpoint, three times each; the difference is the restore.
 
-use anyhow::{Context, Result, bail};
+use super::loopback::{self, stop};
+use anyhow::{Context, Result};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use weir::config::Config;
 use weir::server::Server;
-use weir_client::{ConnectOptions, EncodedBatch, Producer};
+use weir_client::{EncodedBatch, Producer};
 use weir_format::{BatchBuilder, Event};
 
 /// Arguments of `weir bench --checkpoint`.
@@ -67,27 +67,7 @@ type = "null"
 }
 
 async fn start(dir: &Path, window: &str, checkpoint: bool) -> Result<(Server, Duration)> {
-    let config = Config::parse(
-        &config_text(dir, window, checkpoint),
-        dir.join("bench.toml"),
-    )?;
-    let started = Instant::now();
-    let server = Server::start(config).await?;
-    Ok((server, started.elapsed()))
-}
-
-async fn stop(server: Server) -> Result<()> {
-    let report = server.shutdown().await?;
-    if !report.problems.is_empty() {
-        bail!("the router reported problems: {:?}", report.problems);
-    }
-    Ok(())
-}
-
-async fn producer(server: &Server, id: &str) -> Result<Producer> {
-    let options =
-        ConnectOptions::new(server.local_addr(), id, ["sums"]).pin(&server.fingerprint())?;
-    Ok(Producer::connect(options).await?)
+    loopback::start(dir, &config_text(dir, window, checkpoint)).await
 }
 
 /// Batch `n`: `batch` events with keys `k0`.. cycling through `keys`, all at event time `n`
@@ -104,26 +84,20 @@ fn batch(n: u64, batch: usize, keys: u64) -> Result<EncodedBatch> {
     Ok(EncodedBatch::new(bytes::Bytes::from(b.finish()))?)
 }
 
-/// Streams batches `from`, `from + 1`, … into pipeline 0 until `stop`, [`IN_FLIGHT`] unacked;
-/// `next` is the batch after the last one sent.
+/// Streams batches `next`, `next + 1`, … into pipeline 0 until `stop`, [`IN_FLIGHT`] unacked.
 async fn stream(
     producer: &Producer,
-    args: (usize, u64),
+    (size, keys): (usize, u64),
     next: &AtomicU64,
     stop: &AtomicBool,
 ) -> Result<()> {
-    let mut acks = std::collections::VecDeque::new();
-    while !stop.load(Ordering::Acquire) {
-        let n = next.fetch_add(1, Ordering::AcqRel);
-        acks.push_back(producer.send_batch(0, &batch(n, args.0, args.1)?).await?);
-        if acks.len() > IN_FLIGHT
-            && let Some(oldest) = acks.pop_front()
-        {
-            oldest.await?;
+    loopback::stream(producer, IN_FLIGHT, || {
+        if stop.load(Ordering::Acquire) {
+            return Ok(None);
         }
-    }
-    producer.flush().await?;
-    Ok(())
+        batch(next.fetch_add(1, Ordering::AcqRel), size, keys).map(Some)
+    })
+    .await
 }
 
 /// Events acked by `producer` while it streams for `seconds` from batch `next` on.
@@ -168,8 +142,8 @@ async fn throughput(args: &CheckpointBenchArgs) -> Result<()> {
     let (with, _) = start(with_dir.path(), "tumbling:1s", true).await?;
     let (without, _) = start(without_dir.path(), "tumbling:1s", false).await?;
     let producers = [
-        Arc::new(producer(&with, "bench-with").await?),
-        Arc::new(producer(&without, "bench-without").await?),
+        Arc::new(loopback::connect(&with, "bench-with", "sums").await?),
+        Arc::new(loopback::connect(&without, "bench-without", "sums").await?),
     ];
     let next = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
     println!(
@@ -214,27 +188,17 @@ async fn restart(args: &CheckpointBenchArgs) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let window = "tumbling:1h";
     let (server, _) = start(dir.path(), window, true).await?;
-    let producer = producer(&server, "bench-windows").await?;
+    let producer = loopback::connect(&server, "bench-windows", "sums").await?;
     let folding = Instant::now();
     let per_batch = args.batch as u64;
-    let mut acks = std::collections::VecDeque::new();
-    for n in 0..args.windows.div_ceil(per_batch) {
+    let mut batches = (0..args.windows.div_ceil(per_batch)).map(|n| {
         let mut b = BatchBuilder::new();
         for i in n * per_batch..((n + 1) * per_batch).min(args.windows) {
             b.push(&Event::new("{\"amount\":1}", 1000).with_key(format!("key-{i}")));
         }
-        acks.push_back(
-            producer
-                .send_batch(0, &EncodedBatch::new(bytes::Bytes::from(b.finish()))?)
-                .await?,
-        );
-        if acks.len() > IN_FLIGHT
-            && let Some(oldest) = acks.pop_front()
-        {
-            oldest.await?;
-        }
-    }
-    producer.flush().await?;
+        EncodedBatch::new(bytes::Bytes::from(b.finish()))
+    });
+    loopback::stream(&producer, IN_FLIGHT, || Ok(batches.next().transpose()?)).await?;
     producer.close().await?;
     let folded = folding.elapsed();
     stop(server).await?;

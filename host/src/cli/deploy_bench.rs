@@ -16,6 +16,7 @@
 //!    take the first of the new (`pipeline/worker.rs`).
 
 use super::ingest_bench::workload;
+use super::loopback::{self, stop};
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use std::path::Path;
@@ -24,9 +25,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use weir::admin::client::{AdminClient, DeployRequest};
 use weir::admin::{DeployReport, Outcome};
-use weir::config::Config;
 use weir::server::Server;
-use weir_client::{ConnectOptions, EncodedBatch, Producer};
+use weir_client::{EncodedBatch, Producer};
 
 /// Arguments of `weir bench --deploy`.
 pub struct DeployBenchArgs {
@@ -93,18 +93,7 @@ type = "null"
 }
 
 async fn start(dir: &Path) -> Result<(Server, Duration)> {
-    let config = Config::parse(&config_text(dir), dir.join("bench.toml"))?;
-    let started = Instant::now();
-    let server = Server::start(config).await?;
-    Ok((server, started.elapsed()))
-}
-
-async fn stop(server: Server) -> Result<()> {
-    let report = server.shutdown().await?;
-    if !report.problems.is_empty() {
-        bail!("the router reported problems: {:?}", report.problems);
-    }
-    Ok(())
+    loopback::start(dir, &config_text(dir)).await
 }
 
 /// `bytes` with a custom section appended: the same plugin under a new digest.
@@ -256,28 +245,19 @@ async fn deploys_to_serving(server: &Server) -> Result<()> {
 
 /// Streams `batches` round and round into pipeline 0 until `stop`, [`IN_FLIGHT`] unacked.
 async fn stream(producer: &Producer, batches: &[EncodedBatch], stop: &AtomicBool) -> Result<()> {
-    let mut acks = std::collections::VecDeque::new();
-    for batch in batches.iter().cycle() {
-        if stop.load(Ordering::Acquire) {
-            break;
-        }
-        acks.push_back(producer.send_batch(0, batch).await?);
-        if acks.len() > IN_FLIGHT
-            && let Some(oldest) = acks.pop_front()
-        {
-            oldest.await?;
-        }
-    }
-    producer.flush().await?;
-    Ok(())
+    let mut cycle = batches.iter().cycle();
+    loopback::stream(producer, IN_FLIGHT, || {
+        Ok((!stop.load(Ordering::Acquire))
+            .then(|| cycle.next().cloned())
+            .flatten())
+    })
+    .await
 }
 
 /// Throughput with and without a deploy every second, and the swap pauses under load.
 async fn under_load(server: &Server, args: &DeployBenchArgs) -> Result<()> {
     let (_, batches) = workload(PREPARED * args.batch as u64, args.size, 1000, args.batch)?;
-    let options = ConnectOptions::new(server.local_addr(), "bench-load", ["clicks"])
-        .pin(&server.fingerprint())?;
-    let producer = Arc::new(Producer::connect(options).await?);
+    let producer = Arc::new(loopback::connect(server, "bench-load", "clicks").await?);
     let stop = Arc::new(AtomicBool::new(false));
     let streaming = {
         let (producer, stop) = (producer.clone(), stop.clone());

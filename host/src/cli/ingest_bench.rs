@@ -7,6 +7,7 @@
 //! weir-client to a weir server whose pipeline runs the `identity` plugin into a null sink, and
 //! every batch is acked end to end.
 
+use super::loopback;
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -16,10 +17,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-use weir::config::Config;
 use weir::server::Server;
 use weir::workload::WorkloadSpec;
-use weir_client::{ConnectOptions, EncodedBatch, Producer};
+use weir_client::{EncodedBatch, Producer};
 use weir_format::frame::{ALPN, batch_header};
 
 /// Arguments of `weir bench --e2e`.
@@ -156,14 +156,11 @@ type = "null"
 /// A weir server on loopback configured by `text` (relative paths in it are under `dir`); its
 /// producers write to pipeline `bench`.
 pub(super) async fn start_server(dir: &Path, text: &str) -> Result<Server> {
-    let config = Config::parse(text, dir.join("bench.toml"))?;
-    Server::start(config).await
+    Ok(loopback::start(dir, text).await?.0)
 }
 
 async fn connect(server: &Server, producer_id: &str) -> Result<Producer> {
-    let options = ConnectOptions::new(server.local_addr(), producer_id, ["bench"])
-        .pin(&server.fingerprint())?;
-    Ok(Producer::connect(options).await?)
+    loopback::connect(server, producer_id, "bench").await
 }
 
 /// Sends every batch through weir-client as prepared bytes and waits for the last ack.
