@@ -7,7 +7,8 @@
 //! the address is free again. Dropping the server stops it the same way, without waiting.
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -27,8 +28,16 @@ use tokio::task::{JoinHandle, JoinSet};
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A response's body: whole, or streamed (`weir tap`).
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// A whole response body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
 /// A response on its way.
-pub type Responding = Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>;
+pub type Responding = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 
 /// What answers each request.
 pub type Handler = Arc<dyn Fn(Request<Incoming>) -> Responding + Send + Sync>;

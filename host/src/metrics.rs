@@ -67,7 +67,7 @@ use std::time::Duration;
 
 use crate::http::{Handler, HttpServer};
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -689,7 +689,7 @@ impl MetricsServer {
 /// Fails if `addr` cannot be bound; the error names the address.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<MetricsServer> {
     let handler: Handler = Arc::new(move |request| {
-        let response = respond(&metrics, &request);
+        let response = respond(&metrics, &request).map(BodyExt::boxed);
         Box::pin(async move { response })
     });
     HttpServer::start("metrics endpoint", addr, SHUTDOWN_GRACE, handler)

@@ -112,7 +112,7 @@ impl Receiver {
         let handling = state.clone();
         let handler: Handler = Arc::new(move |request| {
             let state = handling.clone();
-            Box::pin(async move { handle(&state, request).await })
+            Box::pin(async move { handle(&state, request).await.map(BodyExt::boxed) })
         });
         // No grace: a stopped receiver is a dead destination, mid-request included.
         let server = HttpServer::start("receiver", addr, Duration::ZERO, handler).await?;

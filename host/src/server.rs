@@ -8,11 +8,13 @@
 
 use crate::admin::deploy::Deployer;
 use crate::admin::registry::Registry;
+use crate::admin::status::{PipelineStatus, ReloadRecord, SinkStatus, StageStatus, StatusView};
 use crate::admin::{AdminServer, BoxFuture, ReloadError, ReloadReport, RouterHandle};
 use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::metrics::{Metrics, MetricsServer};
-use crate::sinks::runner::Sink;
+use crate::pipeline::tap::{TapReader, Taps};
+use crate::sinks::runner::{Sink, WhenFull};
 use crate::sources::quic::{self, PipelineEntry, QuicControl, QuicSource};
 use crate::topology::Topology;
 use anyhow::{Context, Result};
@@ -24,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 pub use crate::topology::PipelineInfo;
 
 /// A snapshot of a pipeline's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PipelineStats {
     /// Batches that entered the pipeline (verified, their sequence taken).
     pub batches_accepted: u64,
@@ -43,7 +45,7 @@ pub struct PipelineStats {
 }
 
 /// A snapshot of a sink's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SinkStats {
     /// Events accepted into its buffer (memory or disk).
     pub events_in: u64,
@@ -136,6 +138,13 @@ struct Core {
     /// `None` once the server is stopping. One reload at a time holds it.
     running: tokio::sync::Mutex<Option<Running>>,
     view: Mutex<View>,
+    /// The `weir tap` readers.
+    taps: Arc<Taps>,
+    /// When the server started, ms since the Unix epoch.
+    started_ms: i64,
+    /// The config file it runs (a reload may name another).
+    config_path: Mutex<PathBuf>,
+    last_reload: Mutex<Option<ReloadRecord>>,
 }
 
 impl Core {
@@ -147,6 +156,29 @@ impl Core {
     }
 
     async fn reload(&self, path: Option<&Path>) -> Result<ReloadReport, ReloadError> {
+        let result = self.apply_reload(path).await;
+        let (applied, summary) = match &result {
+            Ok(report) if report.changes.is_empty() => (true, "no changes".to_owned()),
+            Ok(report) => (
+                true,
+                format!(
+                    "{} change{}: {}",
+                    report.changes.len(),
+                    if report.changes.len() == 1 { "" } else { "s" },
+                    report.changes.join("; ")
+                ),
+            ),
+            Err(e) => (false, e.to_string()),
+        };
+        *lock(&self.last_reload) = Some(ReloadRecord {
+            at_ms: crate::utc::now_ms(),
+            applied,
+            summary,
+        });
+        result
+    }
+
+    async fn apply_reload(&self, path: Option<&Path>) -> Result<ReloadReport, ReloadError> {
         let mut running = self.running.lock().await;
         let Some(Running { config, topology }) = running.as_mut() else {
             return Err(ReloadError::Stopping);
@@ -166,15 +198,123 @@ impl Core {
         let (applied, report) = topology
             .apply(plan, &self.quic, &self.deployer, &self.metrics)
             .await;
+        *lock(&self.config_path) = applied.path.clone();
         *config = applied;
-        *self.view.lock().unwrap_or_else(PoisonError::into_inner) = View::of(topology);
+        *lock(&self.view) = View::of(topology);
         Ok(report)
     }
+
+    /// Every pipeline, stage and sink with its counters, the versions serving, the last
+    /// reload.
+    fn status(&self) -> StatusView {
+        let view = self.view();
+        let stats = stats(&self.metrics, &view.pipelines, &view.sinks);
+        let plugins = crate::admin::plugins(&self.deployer);
+        let pipelines = view
+            .pipelines
+            .iter()
+            .map(|info| PipelineStatus {
+                name: info.name.clone(),
+                counts: stats.pipelines.get(&info.name).cloned().unwrap_or_default(),
+                stages: plugins
+                    .stages
+                    .iter()
+                    .filter(|s| s.pipeline == info.name)
+                    .map(|s| {
+                        let m = self.metrics.stage(&s.pipeline, &s.stage);
+                        let serving = s.versions.iter().find(|v| v.version == s.serving);
+                        StageStatus {
+                            name: s.stage.clone(),
+                            kind: s.kind.clone(),
+                            events_in: m.events_in.get(),
+                            events_out: m.events_out.get(),
+                            dropped: m.dropped.get(),
+                            dead_lettered: m.errors.get(),
+                            plugin: serving.map(|v| v.name.clone()).unwrap_or_default(),
+                            version: s.serving.clone(),
+                            deployed_ms: serving.map_or(0, |v| v.deployed_at_ms),
+                        }
+                    })
+                    .collect(),
+                sinks: info.sinks.clone(),
+            })
+            .collect();
+        let sinks = view
+            .sinks
+            .iter()
+            .map(|(name, sink)| {
+                let buffer = sink.buffer();
+                SinkStatus {
+                    name: name.clone(),
+                    destination: sink.describe(),
+                    counts: stats.sinks.get(name).cloned().unwrap_or_default(),
+                    capacity: match buffer.when_full {
+                        // A disk buffer, bounded in bytes.
+                        WhenFull::Spill => 0,
+                        _ => buffer.max_events as u64,
+                    },
+                    when_full: buffer.when_full.as_str().to_owned(),
+                }
+            })
+            .collect();
+        StatusView {
+            now_ms: crate::utc::now_ms(),
+            started_ms: self.started_ms,
+            config: lock(&self.config_path).display().to_string(),
+            pipelines,
+            sinks,
+            last_reload: lock(&self.last_reload).clone(),
+        }
+    }
+
+    /// A reader of what leaves `pipeline` (or its stage `stage`).
+    fn tap(&self, pipeline: &str, stage: Option<&str>, sample: u64) -> Result<TapReader, String> {
+        let view = self.view();
+        let Some(info) = view.pipelines.iter().find(|p| p.name == pipeline) else {
+            let names: Vec<&str> = view.pipelines.iter().map(|p| p.name.as_str()).collect();
+            return Err(format!(
+                "no pipeline `{pipeline}` (there {}: {})",
+                if names.len() == 1 { "is" } else { "are" },
+                names.join(", ")
+            ));
+        };
+        if let Some(stage) = stage {
+            let stages: Vec<String> = crate::admin::plugins(&self.deployer)
+                .stages
+                .into_iter()
+                .filter(|s| s.pipeline == info.name)
+                .map(|s| s.stage)
+                .collect();
+            if !stages.iter().any(|s| s == stage) {
+                return Err(format!(
+                    "pipeline `{pipeline}` has no stage `{stage}` (its stages: {})",
+                    if stages.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        stages.join(", ")
+                    }
+                ));
+            }
+        }
+        Ok(self.taps.subscribe(pipeline, stage, sample))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl RouterHandle for Core {
     fn reload(&self) -> BoxFuture<'_, Result<ReloadReport, ReloadError>> {
         Box::pin(Core::reload(self, None))
+    }
+
+    fn status(&self) -> StatusView {
+        Core::status(self)
+    }
+
+    fn tap(&self, pipeline: &str, stage: Option<&str>, sample: u64) -> Result<TapReader, String> {
+        Core::tap(self, pipeline, stage, sample)
     }
 }
 
@@ -204,7 +344,8 @@ impl Server {
             .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
         let registry = Arc::new(Registry::open(&config.data_dir)?);
         let checkpoints = Checkpoints::open(&config.data_dir)?;
-        let built = Topology::build(&config, &metrics, &registry, &checkpoints)?;
+        let taps = Arc::new(Taps::default());
+        let built = Topology::build(&config, &metrics, &registry, &checkpoints, &taps)?;
         let metrics_server = match config.metrics {
             Some(addr) => Some(
                 crate::metrics::serve(addr, metrics.clone())
@@ -246,6 +387,10 @@ impl Server {
             quic: quic.control(),
             view: Mutex::new(View::of(&topology)),
             running: tokio::sync::Mutex::new(None),
+            taps,
+            started_ms: crate::utc::now_ms(),
+            config_path: Mutex::new(config.path.clone()),
+            last_reload: Mutex::new(None),
         });
         let admin = match &config.admin {
             None => None,
@@ -350,6 +495,8 @@ impl Server {
     /// flushed and everything accepted acked; then each
     /// connection closes with `NO_ERROR` and the endpoint closes.
     pub async fn shutdown(self) -> Result<ShutdownReport> {
+        // Taps end (their streams would hold the admin endpoint's stop).
+        self.core.taps.close();
         // No deploy starts from now on; one on probation ends with its pipeline.
         if let Some(admin) = self.admin {
             admin.stop().await;

@@ -8,8 +8,7 @@
 
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 use stream::{BATCH, Streaming, WAIT, batch, batch_of, connect, within};
@@ -21,8 +20,12 @@ use weir::server::Server;
 use weir_client::{EncodedBatch, Producer};
 use weir_format::{BatchBuilder, Event};
 
+#[path = "common/shared.rs"]
+mod shared;
 #[path = "common/stream.rs"]
 mod stream;
+
+use shared::Router;
 
 mod plugins {
     include!(concat!(env!("OUT_DIR"), "/plugin_paths.rs"));
@@ -82,14 +85,6 @@ fsync = "never"
     text
 }
 
-/// The shared router: where it listens, and its directory.
-struct Router {
-    addr: SocketAddr,
-    fingerprint: String,
-    admin: SocketAddr,
-    dir: PathBuf,
-}
-
 impl Router {
     fn admin(&self) -> AdminClient {
         AdminClient::new(&self.admin.to_string(), TOKEN).expect("an admin client")
@@ -109,35 +104,7 @@ impl Router {
 /// (it outlives each test's runtime), and stopped with the process.
 fn router() -> &'static Router {
     static ROUTER: OnceLock<Router> = OnceLock::new();
-    ROUTER.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir").keep();
-        let text = config_text(&dir);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("hot-load-router".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("the router's runtime");
-                runtime.block_on(async move {
-                    let config = Config::parse(&text, dir.join("weir.toml")).expect("a config");
-                    let server = Server::start(config).await.expect("the router starts");
-                    tx.send(Router {
-                        addr: server.local_addr(),
-                        fingerprint: server.fingerprint(),
-                        admin: server.admin_addr().expect("an admin endpoint"),
-                        dir,
-                    })
-                    .expect("the test waits");
-                    // Serves until the test process exits.
-                    std::future::pending::<()>().await;
-                });
-            })
-            .expect("the router's thread");
-        rx.recv_timeout(WAIT).expect("the router started")
-    })
+    ROUTER.get_or_init(|| shared::start("hot-load-router", config_text, WAIT))
 }
 
 fn request(pipeline: &str, path: &str, probation: u64) -> DeployRequest {

@@ -1,5 +1,6 @@
 //! The admin endpoint's client: what `weir deploy`, `weir plugins` and `weir rollback` use.
 
+use super::status::StatusView;
 use super::{DeployReport, ErrorView, PluginsView, ReloadReport};
 use reqwest::{StatusCode, Url};
 use std::time::Duration;
@@ -96,6 +97,11 @@ impl AdminClient {
         })
     }
 
+    /// The address it was given.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     fn url(&self, path: &str, query: &[(&str, String)]) -> Url {
         let mut url = self.base.clone();
         url.set_path(path);
@@ -105,20 +111,43 @@ impl AdminClient {
         url
     }
 
+    /// Sends `request` with the token; an answer other than `200` becomes the error it names.
+    async fn execute(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, AdminError> {
+        let unreachable = |e: reqwest::Error| AdminError::Unreachable {
+            addr: self.addr.clone(),
+            message: reason(&e),
+        };
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = response.status();
+        if status == StatusCode::OK {
+            return Ok(response);
+        }
+        let body = response.bytes().await.map_err(unreachable)?;
+        match serde_json::from_slice::<ErrorView>(&body) {
+            Ok(view) => Err(AdminError::Refused {
+                status: status.as_u16(),
+                message: view.error,
+            }),
+            Err(_) => Err(AdminError::Protocol {
+                addr: self.addr.clone(),
+                status: status.as_u16(),
+                message: String::from_utf8_lossy(&body).trim().to_owned(),
+            }),
+        }
+    }
+
     async fn send<T: serde::de::DeserializeOwned>(
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<T, AdminError> {
-        let response =
-            request
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .map_err(|e| AdminError::Unreachable {
-                    addr: self.addr.clone(),
-                    message: reason(&e),
-                })?;
-        let status = response.status();
+        let response = self.execute(request).await?;
         let body = response
             .bytes()
             .await
@@ -126,21 +155,11 @@ impl AdminClient {
                 addr: self.addr.clone(),
                 message: reason(&e),
             })?;
-        let protocol = |message: String| AdminError::Protocol {
+        serde_json::from_slice(&body).map_err(|e| AdminError::Protocol {
             addr: self.addr.clone(),
-            status: status.as_u16(),
-            message,
-        };
-        if status == StatusCode::OK {
-            return serde_json::from_slice(&body).map_err(|e| protocol(e.to_string()));
-        }
-        match serde_json::from_slice::<ErrorView>(&body) {
-            Ok(view) => Err(AdminError::Refused {
-                status: status.as_u16(),
-                message: view.error,
-            }),
-            Err(_) => Err(protocol(String::from_utf8_lossy(&body).trim().to_owned())),
-        }
+            status: StatusCode::OK.as_u16(),
+            message: e.to_string(),
+        })
     }
 
     /// Deploys a component (see `admin::deploy`).
@@ -199,6 +218,56 @@ impl AdminClient {
     pub async fn plugins(&self) -> Result<PluginsView, AdminError> {
         let request = self.http.get(self.url("/v1/plugins", &[])).timeout(SLACK);
         self.send(request).await
+    }
+
+    /// Every pipeline, stage and sink with its counters (what `weir top` shows).
+    pub async fn status(&self, timeout: Duration) -> Result<StatusView, AdminError> {
+        let request = self.http.get(self.url("/v1/status", &[])).timeout(timeout);
+        self.send(request).await
+    }
+
+    /// Opens a tap on `pipeline` (or its stage `stage`), every `sample`th event.
+    pub async fn tap(
+        &self,
+        pipeline: &str,
+        stage: Option<&str>,
+        sample: u64,
+    ) -> Result<TapStream, AdminError> {
+        let mut query = vec![
+            ("pipeline", pipeline.to_owned()),
+            ("sample", sample.to_string()),
+        ];
+        if let Some(stage) = stage {
+            query.push(("stage", stage.to_owned()));
+        }
+        let response = self
+            .execute(self.http.get(self.url("/v1/tap", &query)))
+            .await?;
+        Ok(TapStream {
+            response,
+            addr: self.addr.clone(),
+        })
+    }
+}
+
+/// An open tap: JSON lines as the router sends them.
+#[derive(Debug)]
+pub struct TapStream {
+    response: reqwest::Response,
+    addr: String,
+}
+
+impl TapStream {
+    /// The next bytes of the stream (a line may end in the next piece); `None` once the
+    /// router ended it (it stopped).
+    pub async fn next(&mut self) -> Result<Option<bytes::Bytes>, AdminError> {
+        self.response
+            .chunk()
+            .await
+            .map_err(|e| AdminError::Unreachable {
+                addr: self.addr.clone(),
+                message: reason(&e),
+            })
     }
 }
 

@@ -11,6 +11,8 @@
 //! | `POST /v1/deploy?pipeline=P&stage=S[&name=N][&probation=B][&state=refuse\|drain][&wait_ms=W]`, body: the component | deploys it (`deploy.rs`); answers with a [`DeployReport`] |
 //! | `POST /v1/rollback?pipeline=P&stage=S[&version=V]` | rolls back to version `V` (a digest or 4+ of its hex digits) or to the one before |
 //! | `POST /v1/reload` | reads the config file again and applies what changed (`topology/reload.rs`); answers with a [`ReloadReport`] |
+//! | `GET /v1/status` | every pipeline, stage and sink with its counters, the version each stage runs, the last reload ([`status::StatusView`], what `weir top` shows) |
+//! | `GET /v1/tap?pipeline=P[&stage=S][&sample=N]` | streams the events leaving the pipeline (or its stage `S`) as JSON lines, every `N`th one, until the client goes away; a reader too slow gets `{"tap":{"dropped":N}}` lines instead of what it missed (`pipeline/tap.rs`) |
 //!
 //! Every request carries `Authorization: Bearer TOKEN`; a missing or wrong token is `401`,
 //! an unknown pipeline, stage or version `404`, a deploy to a stage that has one in progress
@@ -28,13 +30,15 @@
 pub mod client;
 pub mod deploy;
 pub mod registry;
+pub mod status;
 
-use crate::http::{Handler, HttpServer};
+use crate::http::{Body, Handler, HttpServer, full};
 use crate::pipeline::StateChange;
+use crate::pipeline::tap::TapReader;
 use bytes::Bytes;
 use deploy::{DeployError, DeployOptions, Deployer};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Frame, Incoming};
 use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use registry::{ErrorRecord, Status};
@@ -179,6 +183,13 @@ pub enum ReloadError {
 pub trait RouterHandle: Send + Sync + 'static {
     /// Reads the config file again and applies what changed.
     fn reload(&self) -> BoxFuture<'_, Result<ReloadReport, ReloadError>>;
+
+    /// Every pipeline, stage and sink with its counters.
+    fn status(&self) -> status::StatusView;
+
+    /// A reader of the events leaving `pipeline` (or its stage `stage`), every `sample`th; an
+    /// error names the unknown pipeline or stage.
+    fn tap(&self, pipeline: &str, stage: Option<&str>, sample: u64) -> Result<TapReader, String>;
 }
 
 /// A boxed future, as [`RouterHandle`] returns them.
@@ -231,11 +242,11 @@ impl AdminServer {
     }
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let body = serde_json::to_vec(value).unwrap_or_else(|e| {
         format!("{{\"error\":\"admin: cannot encode the answer: {e}\"}}").into_bytes()
     });
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -243,7 +254,7 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
     response
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
     json(
         status,
         &ErrorView {
@@ -262,7 +273,7 @@ async fn respond(
     router: &dyn RouterHandle,
     token: &[u8],
     request: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     let presented = request
         .headers()
         .get(AUTHORIZATION)
@@ -291,13 +302,13 @@ async fn respond(
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
     let allowed = match path.as_str() {
-        "/v1/plugins" => "GET",
+        "/v1/plugins" | "/v1/status" | "/v1/tap" => "GET",
         "/v1/deploy" | "/v1/rollback" | "/v1/reload" => "POST",
         _ => {
             return error(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "admin: no such path {path} (there are /v1/plugins, /v1/deploy, /v1/rollback and /v1/reload)"
+                    "admin: no such path {path} (there are /v1/plugins, /v1/status, /v1/tap, /v1/deploy, /v1/rollback and /v1/reload)"
                 ),
             );
         }
@@ -330,6 +341,30 @@ async fn respond(
     let bad_request = |message: String| error(StatusCode::BAD_REQUEST, message);
     let answer = match path.as_str() {
         "/v1/plugins" => return json(StatusCode::OK, &plugins(deployer)),
+        "/v1/status" => return json(StatusCode::OK, &router.status()),
+        "/v1/tap" => {
+            let pipeline = match need("pipeline") {
+                Ok(p) => p,
+                Err(e) => return bad_request(e),
+            };
+            let sample = match number("sample", 1) {
+                Ok(0) => return bad_request("admin: `sample` must be at least 1".to_owned()),
+                Ok(n) => n,
+                Err(e) => return bad_request(e),
+            };
+            let stage = query.get("stage").filter(|s| !s.is_empty());
+            return match router.tap(&pipeline, stage.map(String::as_str), sample) {
+                Ok(reader) => {
+                    let mut response = Response::new(TapBody(reader).boxed());
+                    response.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("application/x-ndjson"),
+                    );
+                    response
+                }
+                Err(e) => error(StatusCode::NOT_FOUND, format!("admin: {e}")),
+            };
+        }
         "/v1/reload" => {
             return match router.reload().await {
                 Ok(report) => json(StatusCode::OK, &report),
@@ -412,8 +447,25 @@ async fn respond(
     }
 }
 
+/// A tap's events as a streamed response body, a batch's lines per frame.
+struct TapBody(TapReader);
+
+impl hyper::body::Body for TapBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_lines(cx)
+            .map(|lines| lines.map(|l| Ok(Frame::data(l))))
+    }
+}
+
 /// Every stage's versions, with their counts since the router started.
-fn plugins(deployer: &Deployer) -> PluginsView {
+pub(crate) fn plugins(deployer: &Deployer) -> PluginsView {
     let records = deployer.registry().stages();
     let mut stages = Vec::new();
     for (pipeline, target) in &deployer.pipelines() {

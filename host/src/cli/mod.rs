@@ -16,7 +16,9 @@ mod reload;
 mod rollback;
 mod send;
 mod serve;
+mod tap;
 mod test;
+mod top;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -76,6 +78,11 @@ enum Command {
     Rollback(rollback::RollbackArgs),
     /// Have a running router read its config file again and apply what changed.
     Reload(reload::ReloadArgs),
+    /// Watch a running router live: every pipeline, stage and sink (its admin endpoint).
+    Top(top::TopArgs),
+    /// Print the events leaving a pipeline or one of its stages, live, as JSON lines (its
+    /// admin endpoint).
+    Tap(tap::TapArgs),
 }
 
 impl Cli {
@@ -113,6 +120,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plugins(args) => plugins::run(&args),
         Command::Rollback(args) => rollback::run(&args),
         Command::Reload(args) => reload::run(&args),
+        Command::Top(args) => top::run(&args),
+        Command::Tap(args) => tap::run(&args),
     }
 }
 

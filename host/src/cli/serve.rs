@@ -84,7 +84,7 @@ async fn serve(config: Config) -> Result<()> {
     if let Some(addr) = server.admin_addr() {
         writeln!(
             banner,
-            "admin: {addr} (weir deploy, weir plugins, weir rollback, weir reload --admin {addr})"
+            "admin: {addr} (weir top, weir tap, weir deploy, weir plugins, weir rollback, weir reload --admin {addr})"
         )?;
     }
     if let Some(first) = server.pipelines().first() {

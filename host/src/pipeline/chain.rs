@@ -41,8 +41,10 @@
 //!   output.
 
 use super::stage::{DeadLetter, LateEvent, Scope, Stage, StageOutput};
+use super::tap::PipelineTap;
 use super::window::{WindowId, WindowState};
 use crate::runtime::PluginError;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weir_format::{Batch, BatchBuilder, FormatError};
 
@@ -146,6 +148,8 @@ pub struct Chain {
     /// Per aggregate stage: the previous version, finishing the windows it opened, when the
     /// new one writes another state layout.
     draining: Vec<Option<Stage>>,
+    /// Where the stages' outputs are offered to `weir tap` readers.
+    tap: Option<Arc<PipelineTap>>,
 }
 
 /// What [`Chain::swap`] does when an aggregate's new version declares another state layout
@@ -258,7 +262,13 @@ impl Chain {
             stages,
             probation,
             draining,
+            tap: None,
         }
+    }
+
+    /// Offers each stage's output to the readers of `tap` (`weir tap PIPELINE/STAGE`).
+    pub fn set_tap(&mut self, tap: Arc<PipelineTap>) {
+        self.tap = Some(tap);
     }
 
     /// Replaces stage `index` with `replacement`, a version of the same kind initialized with
@@ -476,6 +486,7 @@ impl Chain {
             stages: &mut self.stages[first_stage..],
             probation: &mut self.probation[first_stage..],
             draining: &mut self.draining[first_stage..],
+            tap: self.tap.as_deref().filter(|t| t.is_read()),
         };
         match run(slots, first_stage, first, &mut output) {
             Ok(batch) => {
@@ -523,10 +534,14 @@ impl Chain {
                 Ok(flushed) => {
                     let version = stage[0].plugin().version().to_owned();
                     let flushed = output.took(i, &version, 0, flushed, started);
+                    if let Some(tap) = &self.tap {
+                        tap.offer_stage(stage[0].name(), &flushed);
+                    }
                     let rest = Slots {
                         stages: rest,
                         probation: rest_probation,
                         draining: rest_draining,
+                        tap: self.tap.as_deref().filter(|t| t.is_read()),
                     };
                     match run(rest, i + 1, First::Bytes(&flushed), &mut output) {
                         Ok(out) => match append(&mut merged, &out) {
@@ -612,6 +627,7 @@ fn run(
         stages,
         probation,
         draining,
+        tap,
     } = slots;
     let first_bytes = match &first {
         First::Verified(batch) => batch.bytes(),
@@ -673,7 +689,11 @@ fn run(
         match result {
             Ok(out) => {
                 let version = stage.plugin().version().to_owned();
-                current = Some(output.took(index, &version, input.len(), out, started));
+                let out = output.took(index, &version, input.len(), out, started);
+                if let Some(tap) = tap {
+                    tap.offer_stage(stage.name(), &out);
+                }
+                current = Some(out);
             }
             Err(error) => {
                 return Err(Box::new(Failure {
@@ -692,6 +712,8 @@ struct Slots<'a> {
     stages: &'a mut [Stage],
     probation: &'a mut [Option<Probation>],
     draining: &'a mut [Option<Stage>],
+    /// Where each stage's output is offered to `weir tap` readers.
+    tap: Option<&'a PipelineTap>,
 }
 
 /// What changed of `stage`'s window state since the last call; `None` for a stage that keeps

@@ -17,6 +17,7 @@ pub(crate) mod fanout;
 mod input;
 pub mod route;
 mod stage;
+pub mod tap;
 pub mod window;
 mod worker;
 

@@ -37,6 +37,7 @@ use super::chain::{Chain, ChainError, ChainOutput, StateChange, SwapRefused, Ver
 use super::fanout::Fanout;
 use super::input::{Completion, Input, PipelineInput, Position};
 use super::stage::{DeadLetter, LateEvent, Stage};
+use super::tap::PipelineTap;
 use crate::checkpoint::PipelineCheckpoint;
 use crate::metrics::{Metrics, PipelineMetrics, StageMetrics, VersionMetrics};
 use crate::runtime::{PluginError, PluginKind};
@@ -197,6 +198,8 @@ pub struct WorkerSetup {
     /// Where its window state and its sources' positions are checkpointed (`checkpoint.rs`);
     /// `None`: nowhere (open windows are finished at a stop instead).
     pub checkpoint: Option<PipelineCheckpoint>,
+    /// Where its output and its stages' outputs are offered to `weir tap` readers.
+    pub tap: Arc<PipelineTap>,
 }
 
 /// A running pipeline: its worker thread and the ways to reach it.
@@ -246,6 +249,7 @@ impl Pipeline {
         if setup.checkpoint.is_some() {
             chain.track_changes();
         }
+        chain.set_tap(setup.tap.clone());
         let worker = Worker {
             name: name.clone(),
             chain,
@@ -265,6 +269,7 @@ impl Pipeline {
             version_series: HashMap::new(),
             verdicts: HashMap::new(),
             version_header: setup.version_header,
+            tap: setup.tap,
             versions: Vec::new(),
             last_batch_end: None,
         };
@@ -419,6 +424,8 @@ struct Worker {
     verdicts: HashMap<usize, oneshot::Sender<Verdict>>,
     /// The header naming the versions that made each output event, if the pipeline sets one.
     version_header: Option<String>,
+    /// Where its output is offered to `weir tap` readers.
+    tap: Arc<PipelineTap>,
     /// The version of each stage that made the batch under way.
     versions: Vec<(usize, String)>,
     /// When the last batch was done.
@@ -829,6 +836,7 @@ impl Worker {
     }
 
     fn fan_out(&mut self, output: &SharedBatch, round: &mut Round) {
+        self.tap.offer_output(output);
         let n = output.batch().len() as u64;
         self.metrics.events_out.inc_by(n);
         let refused = self.fanout.offer(output, &round.ticket, &self.metrics);

@@ -35,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::config::{PipelineConfig, PluginSource, StageSpec, dead_letter_file};
 use crate::pipeline::fanout::{Fanout, UnmatchedOut};
 use crate::pipeline::route::{Condition, Unmatched};
+use crate::pipeline::tap::Taps;
 use crate::pipeline::{
     Chain, Pipeline, PipelineInput, Position, Stage, WindowState, WorkerConfig, WorkerSetup,
 };
@@ -96,6 +97,7 @@ pub struct Built {
     destinations: Vec<(Arc<Sink>, Box<dyn Destination>)>,
     plugins: HashMap<String, Plugin>,
     checkpoints: Arc<Checkpoints>,
+    taps: Arc<Taps>,
 }
 
 /// A running pipeline and what the sources need of it.
@@ -130,6 +132,8 @@ pub struct Topology {
     plugins: HashMap<String, Plugin>,
     /// Where checkpointed pipelines keep their window state.
     checkpoints: Arc<Checkpoints>,
+    /// The `weir tap` readers, by pipeline.
+    taps: Arc<Taps>,
 }
 
 impl std::fmt::Debug for Topology {
@@ -149,6 +153,7 @@ impl Topology {
         metrics: &Arc<Metrics>,
         registry: &Registry,
         checkpoints: &Arc<Checkpoints>,
+        taps: &Arc<Taps>,
     ) -> Result<Built> {
         crate::files::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
@@ -201,6 +206,7 @@ impl Topology {
                 destinations: &mut destinations,
                 metrics,
                 checkpoints,
+                taps,
             };
             pipelines.push(builder.build(queue, Resume::Checkpoint)?);
         }
@@ -211,6 +217,7 @@ impl Topology {
             destinations,
             plugins,
             checkpoints: checkpoints.clone(),
+            taps: taps.clone(),
         })
     }
 
@@ -342,6 +349,7 @@ impl Built {
             retired: Vec::new(),
             plugins: self.plugins,
             checkpoints: self.checkpoints,
+            taps: self.taps,
         })
     }
 }
@@ -364,6 +372,7 @@ struct PipelineBuilder<'a> {
     destinations: &'a mut Vec<(Arc<Sink>, Box<dyn Destination>)>,
     metrics: &'a Arc<Metrics>,
     checkpoints: &'a Arc<Checkpoints>,
+    taps: &'a Arc<Taps>,
 }
 
 impl PipelineBuilder<'_> {
@@ -416,6 +425,7 @@ impl PipelineBuilder<'_> {
             registry: self.metrics.clone(),
             version_header: self.pipeline.version_header.clone(),
             checkpoint,
+            tap: self.taps.pipeline(name),
         };
         Ok(BuiltPipeline {
             setup,

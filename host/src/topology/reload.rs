@@ -216,6 +216,7 @@ impl Topology {
                             destinations: &mut start,
                             metrics,
                             checkpoints: &self.checkpoints,
+                            taps: &self.taps,
                         };
                         let (fanout, info) = builder
                             .outputs(running.info.stages.clone())
@@ -291,6 +292,7 @@ impl Topology {
             destinations: start,
             metrics,
             checkpoints: &self.checkpoints,
+            taps: &self.taps,
         };
         builder.build(queue, resume).map_err(|e| format!("{e:#}"))
     }

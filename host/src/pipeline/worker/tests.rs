@@ -143,6 +143,7 @@ impl Harness {
             registry: metrics.clone(),
             version_header: version_header.map(str::to_owned),
             checkpoint: None,
+            tap: Default::default(),
         })
         .expect("a worker thread");
         Harness {
@@ -563,6 +564,7 @@ async fn a_successor_takes_its_first_batch_once_its_predecessor_retired() {
             registry: h.metrics.clone(),
             version_header: None,
             checkpoint: None,
+            tap: Default::default(),
         },
         after,
     )
