@@ -200,7 +200,10 @@ impl Core {
             .await;
         *lock(&self.config_path) = applied.path.clone();
         *config = applied;
-        *lock(&self.view) = View::of(topology);
+        let view = View::of(topology);
+        let names: Vec<&str> = view.pipelines.iter().map(|p| p.name.as_str()).collect();
+        self.taps.retain(&names);
+        *lock(&self.view) = view;
         Ok(report)
     }
 

@@ -75,7 +75,7 @@ pub fn run(args: &TapArgs) -> Result<()> {
                 return Ok(());
             }
         }
-        eprintln!("weir tap: the router ended the tap (it is stopping)");
+        eprintln!("weir tap: the router ended the tap (it is stopping, or a reload removed the pipeline)");
         Ok(())
     })
 }

@@ -13,7 +13,8 @@
 //! - **The reader's side does the work**: rendering JSON lines and sampling happen in the
 //!   reader's task, never on the pipeline thread.
 //! - **By name, across restarts.** Taps are kept per pipeline name by the router, so a reload
-//!   that restarts a pipeline keeps its readers; a stage is matched by its name.
+//!   that restarts a pipeline keeps its readers (one that removes it ends them); a stage is
+//!   matched by its name.
 
 use crate::sinks::SharedBatch;
 use bytes::Bytes;
@@ -47,6 +48,21 @@ impl Taps {
     /// its sinks), every `sample`th event (1: all).
     pub fn subscribe(&self, pipeline: &str, stage: Option<&str>, sample: u64) -> TapReader {
         self.pipeline(pipeline).subscribe(stage, sample)
+    }
+
+    /// Ends the readers of every pipeline not in `kept` (a reload removed it).
+    pub fn retain(&self, kept: &[&str]) {
+        let mut pipelines = self
+            .pipelines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        pipelines.retain(|name, tap| {
+            let keep = kept.contains(&name.as_str());
+            if !keep {
+                tap.close();
+            }
+            keep
+        });
     }
 
     /// Ends every reader (the router is stopping).
@@ -251,6 +267,20 @@ mod tests {
         taps.close();
         assert_eq!(reader.lines().await, None);
         assert!(!tap.is_read());
+    }
+
+    #[tokio::test]
+    async fn the_readers_of_a_removed_pipeline_end_and_the_others_go_on() {
+        let taps = Taps::default();
+        let mut gone = taps.subscribe("gone", None, 1);
+        let mut kept = taps.subscribe("kept", None, 1);
+        taps.retain(&["kept"]);
+        assert_eq!(gone.lines().await, None);
+        taps.pipeline("kept").offer_output(&batch(&["1"]));
+        assert_eq!(
+            text(kept.lines().await),
+            "{\"value\":1,\"timestamp_ms\":0}\n"
+        );
     }
 
     #[tokio::test]
