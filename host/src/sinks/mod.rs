@@ -3,7 +3,7 @@
 //! A sink is two halves:
 //!
 //! - a [`Destination`]: the client of one real system (a file, stdout, an HTTP endpoint,
-//!   another weir, PostgreSQL). It is handed a slice of [`Outgoing`] deliveries and either
+//!   another weir, PostgreSQL, Kafka). It is handed a slice of [`Outgoing`] deliveries and either
 //!   delivers all of them or says why not, as a [`SendError`] that is either worth retrying
 //!   (the system is down, overloaded, timed out) or not (the system refused these events).
 //!   A destination does not retry or buffer on its own: that is the runner's job, the same
@@ -23,6 +23,7 @@
 mod file;
 mod http;
 mod io_thread;
+mod kafka;
 mod postgres;
 mod quic;
 pub(crate) mod runner;
@@ -31,6 +32,7 @@ mod stdout;
 
 pub use file::{FileConfig, FileDestination, Fsync};
 pub use http::{HttpConfig, HttpDestination};
+pub use kafka::{KafkaConfig, KafkaDestination, TopicFrom, check_properties};
 pub use postgres::{PostgresConfig, PostgresDestination, check_columns, check_table};
 pub use quic::{QuicConfig, QuicDestination};
 pub use runner::{BufferConfig, RetryConfig, WhenFull};
@@ -68,6 +70,8 @@ pub enum SinkKind {
     Quic(QuicConfig),
     /// Rows inserted into a PostgreSQL table.
     Postgres(PostgresConfig),
+    /// Records produced to a Kafka topic.
+    Kafka(KafkaConfig),
     /// Discards every event (counts them).
     Null,
 }
@@ -341,6 +345,7 @@ pub fn open(config: &SinkConfig) -> Result<Box<dyn Destination>, OpenError> {
         SinkKind::Http(c) => Box::new(HttpDestination::open(&config.name, c)?),
         SinkKind::Quic(c) => Box::new(QuicDestination::open(&config.name, c)?),
         SinkKind::Postgres(c) => Box::new(PostgresDestination::open(&config.name, c)?),
+        SinkKind::Kafka(c) => Box::new(KafkaDestination::open(&config.name, c)?),
         SinkKind::Null => Box::new(NullDestination),
     })
 }

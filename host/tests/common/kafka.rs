@@ -1,0 +1,189 @@
+//! A Kafka broker of a test's own: nisshi (a Kafka-compatible broker from crates.io) on
+//! 127.0.0.1 on a free port, in memory, stopped when dropped; and the rdkafka admin and
+//! consumer calls the tests read the broker with.
+//!
+//! `.ci/run` installs nisshi (`cargo +1.96.0 install nisshi …`, once per machine); without it
+//! [`Broker::start`] fails, naming `.ci/run`, rather than letting a test pass untested.
+
+// Each test binary that includes this file uses a part of it.
+#![allow(dead_code)]
+
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{Offset, TopicPartitionList};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a broker may take to accept connections.
+const READY: Duration = Duration::from_secs(30);
+
+/// A running broker; see the module documentation.
+pub struct Broker {
+    child: Child,
+    port: u16,
+}
+
+/// The nisshi program: on `PATH`, else where `cargo install` puts it.
+fn nisshi() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("nisshi"))
+            .find(|p| p.is_file())
+    });
+    let installed =
+        std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo/bin/nisshi"));
+    on_path
+        .or(installed.filter(|p| p.is_file()))
+        .unwrap_or_else(|| {
+            panic!(
+                "nisshi is not installed: .ci/run installs it (cargo +1.96.0 install nisshi --locked --no-default-features --features dynostore)"
+            )
+        })
+}
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl Broker {
+    /// A broker on a free port.
+    pub fn start() -> Broker {
+        Broker::start_on(free_port())
+    }
+
+    /// A broker on `port`, once it accepts connections.
+    pub fn start_on(port: u16) -> Broker {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(nisshi())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://nisshi/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nisshi starts");
+        let broker = Broker { child, port };
+        let deadline = Instant::now() + READY;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nisshi did not listen on {port} within {READY:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        broker
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Creates `topic` with `partitions` partitions on the broker at `addr`.
+pub async fn create_topic(addr: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .create()
+        .expect("an admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create_topics answers");
+    for result in results {
+        result.unwrap_or_else(|(t, e)| panic!("cannot create topic {t}: {e}"));
+    }
+}
+
+/// One record as read back.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Record {
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Every record of `topic` (all its partitions, from the start), in partition then offset
+/// order, once `want` have been read or `wait` has passed.
+pub fn read_topic(addr: &str, topic: &str, want: usize, wait: Duration) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("group.id", format!("weir-test-{topic}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("the topic's metadata");
+    let mut assignment = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            assignment
+                .add_partition_offset(topic, p.id(), Offset::Beginning)
+                .expect("a partition");
+        }
+    }
+    consumer.assign(&assignment).expect("assigned");
+    let mut records = Vec::new();
+    let deadline = Instant::now() + wait;
+    while records.len() < want && Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message.expect("a record");
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|header| {
+                        (
+                            header.key.to_owned(),
+                            header.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        records.push(Record {
+            partition: message.partition(),
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers,
+            timestamp_ms: message.timestamp().to_millis(),
+        });
+    }
+    records.sort_by_key(|r| r.partition);
+    records
+}
