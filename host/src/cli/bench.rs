@@ -11,7 +11,8 @@
 //! `weir bench --e2e` measures ingest over QUIC instead: see `ingest_bench.rs`; `weir bench
 //! --fanout` measures fanning out to 1, 2 and 4 sinks: see `fanout_bench.rs`; `weir bench
 //! --deploy` measures hot load: see `deploy_bench.rs`; `weir bench --checkpoint` measures what
-//! checkpointing aggregate state costs: see `checkpoint_bench.rs`.
+//! checkpointing aggregate state costs: see `checkpoint_bench.rs`; `weir bench --kafka BROKERS`
+//! measures the kafka sink against a plain rdkafka producer: see `kafka_bench.rs`.
 
 use super::StageArgs;
 use super::fanout_bench::KindChoice;
@@ -29,7 +30,7 @@ use weir_format::Batch;
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// The plugin component (.wasm).
-    #[arg(required_unless_present_any = ["e2e", "fanout", "deploy", "checkpoint"])]
+    #[arg(required_unless_present_any = ["e2e", "fanout", "deploy", "checkpoint", "kafka"])]
     plugin: Option<PathBuf>,
     /// Instead of a plugin: ingest over QUIC on loopback, weir (identity plugin, null sink)
     /// against raw quinn sending the same bytes, then weir's ack latency at half its rate.
@@ -48,6 +49,10 @@ pub struct BenchArgs {
     /// with checkpoints against without, and the start time with --windows open windows.
     #[arg(long, conflicts_with_all = ["plugin", "e2e", "fanout", "deploy"])]
     checkpoint: bool,
+    /// Instead of a plugin: the kafka sink against a plain rdkafka producer writing the same
+    /// records to the broker(s) at BROKERS (`host:port`), in alternating rounds of --events.
+    #[arg(long, value_name = "BROKERS", conflicts_with_all = ["plugin", "e2e", "fanout", "deploy", "checkpoint"])]
+    kafka: Option<String>,
     /// With --deploy or --checkpoint: seconds each throughput round lasts.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
@@ -148,6 +153,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             batch: args.batch,
             keys: args.keys,
             windows: args.windows,
+        });
+    }
+    if let Some(brokers) = &args.kafka {
+        return super::kafka_bench::run(&super::kafka_bench::KafkaBenchArgs {
+            brokers: brokers.clone(),
+            events: args.events,
+            size: args.size,
+            batch: args.batch,
+            keys: args.keys,
         });
     }
     if args.fanout {

@@ -9,6 +9,7 @@ mod deploy;
 mod deploy_bench;
 mod fanout_bench;
 mod ingest_bench;
+mod kafka_bench;
 mod loopback;
 mod new;
 mod plugins;
