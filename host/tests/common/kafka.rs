@@ -13,6 +13,7 @@ use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Headers;
 use rdkafka::{Offset, TopicPartitionList};
 use std::net::{TcpListener, TcpStream};
@@ -107,7 +108,9 @@ impl Drop for Broker {
     }
 }
 
-/// Creates `topic` with `partitions` partitions on the broker at `addr`.
+/// Creates `topic` with `partitions` partitions on the broker at `addr`. A topic that exists
+/// already counts: a producer's metadata request may have created it first (the broker creates
+/// topics it is asked about).
 pub async fn create_topic(addr: &str, topic: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", addr)
@@ -121,7 +124,10 @@ pub async fn create_topic(addr: &str, topic: &str, partitions: i32) {
         .await
         .expect("create_topics answers");
     for result in results {
-        result.unwrap_or_else(|(t, e)| panic!("cannot create topic {t}: {e}"));
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => panic!("cannot create topic {t}: {e}"),
+        }
     }
 }
 
