@@ -142,8 +142,8 @@ struct Core {
     taps: Arc<Taps>,
     /// When the server started, ms since the Unix epoch.
     started_ms: i64,
-    /// The config file it runs (a reload may name another).
-    config_path: Mutex<PathBuf>,
+    /// The config file it runs.
+    config_path: PathBuf,
     last_reload: Mutex<Option<ReloadRecord>>,
 }
 
@@ -155,8 +155,8 @@ impl Core {
             .clone()
     }
 
-    async fn reload(&self, path: Option<&Path>) -> Result<ReloadReport, ReloadError> {
-        let result = self.apply_reload(path).await;
+    async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let result = self.apply_reload().await;
         let (applied, summary) = match &result {
             Ok(report) if report.changes.is_empty() => (true, "no changes".to_owned()),
             Ok(report) => (
@@ -178,13 +178,12 @@ impl Core {
         result
     }
 
-    async fn apply_reload(&self, path: Option<&Path>) -> Result<ReloadReport, ReloadError> {
+    async fn apply_reload(&self) -> Result<ReloadReport, ReloadError> {
         let mut running = self.running.lock().await;
         let Some(Running { config, topology }) = running.as_mut() else {
             return Err(ReloadError::Stopping);
         };
-        let path = path.map_or_else(|| config.path.clone(), Path::to_path_buf);
-        let new = Config::load(&path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        let new = Config::load(&config.path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
         let plan = topology
             .prepare(config, &new, &self.registry, &self.metrics, &self.deployer)
             .await
@@ -198,7 +197,6 @@ impl Core {
         let (applied, report) = topology
             .apply(plan, &self.quic, &self.deployer, &self.metrics)
             .await;
-        *lock(&self.config_path) = applied.path.clone();
         *config = applied;
         let view = View::of(topology);
         let names: Vec<&str> = view.pipelines.iter().map(|p| p.name.as_str()).collect();
@@ -263,7 +261,7 @@ impl Core {
         StatusView {
             now_ms: crate::utc::now_ms(),
             started_ms: self.started_ms,
-            config: lock(&self.config_path).display().to_string(),
+            config: self.config_path.display().to_string(),
             pipelines,
             sinks,
             last_reload: lock(&self.last_reload).clone(),
@@ -282,12 +280,12 @@ impl Core {
             ));
         };
         if let Some(stage) = stage {
-            let stages: Vec<String> = crate::admin::plugins(&self.deployer)
-                .stages
-                .into_iter()
-                .filter(|s| s.pipeline == info.name)
-                .map(|s| s.stage)
-                .collect();
+            let stages: Vec<String> = self
+                .deployer
+                .pipelines()
+                .remove(&info.name)
+                .map(|target| target.stages.into_iter().map(|s| s.name).collect())
+                .unwrap_or_default();
             if !stages.iter().any(|s| s == stage) {
                 return Err(format!(
                     "pipeline `{pipeline}` has no stage `{stage}` (its stages: {})",
@@ -309,7 +307,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl RouterHandle for Core {
     fn reload(&self) -> BoxFuture<'_, Result<ReloadReport, ReloadError>> {
-        Box::pin(Core::reload(self, None))
+        Box::pin(Core::reload(self))
     }
 
     fn status(&self) -> StatusView {
@@ -392,7 +390,7 @@ impl Server {
             running: tokio::sync::Mutex::new(None),
             taps,
             started_ms: crate::utc::now_ms(),
-            config_path: Mutex::new(config.path.clone()),
+            config_path: config.path.clone(),
             last_reload: Mutex::new(None),
         });
         let admin = match &config.admin {
@@ -428,22 +426,7 @@ impl Server {
     /// `topology/reload.rs`); an invalid config, or one whose parts cannot be built, changes
     /// nothing.
     pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
-        self.core.reload(None).await
-    }
-
-    /// [`Server::reload`] from another file, which is the config file from then on.
-    pub async fn reload_from(&self, path: &Path) -> Result<ReloadReport, ReloadError> {
-        self.core.reload(Some(path)).await
-    }
-
-    /// The config file the server runs.
-    pub async fn config_path(&self) -> Option<PathBuf> {
-        self.core
-            .running
-            .lock()
-            .await
-            .as_ref()
-            .map(|r| r.config.path.clone())
+        self.core.reload().await
     }
 
     /// The address the server listens on.

@@ -17,9 +17,9 @@ use anyhow::{Context, Result, bail};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use std::time::{Duration, Instant};
+use weir::sinks::{KafkaConfig, TopicFrom, client_config, record};
 use weir_client::EncodedBatch;
 use weir_format::Batch;
 
@@ -137,12 +137,15 @@ async fn create(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Resul
 /// Produces every event of `batches` to `topic` with a plain producer; the time until every
 /// delivery report came.
 async fn plain(brokers: &str, topic: &str, batches: &[EncodedBatch]) -> Result<Duration> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("queue.buffering.max.messages", "1000000")
+    // The kafka sink's settings, exactly.
+    let sink = KafkaConfig {
+        brokers: brokers.to_owned(),
+        topic: Some(topic.to_owned()),
+        topic_from: TopicFrom::Config,
+        properties: Vec::new(),
+        timeout: Duration::from_secs(30),
+    };
+    let producer: FutureProducer = client_config("bench-plain", &sink)
         .create()
         .context("a producer")?;
     let started = Instant::now();
@@ -150,23 +153,9 @@ async fn plain(brokers: &str, topic: &str, batches: &[EncodedBatch]) -> Result<D
     for encoded in batches {
         let batch = Batch::verify(encoded.payload()).context("a prepared batch")?;
         for event in batch.iter() {
-            let mut headers = OwnedHeaders::new();
-            for (name, value) in event.headers() {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value),
-                });
-            }
-            let mut record = FutureRecord::to(topic)
-                .payload(event.value())
-                .timestamp(event.timestamp_ms())
-                .headers(headers);
-            if let Some(key) = event.key() {
-                record = record.key(key);
-            }
             pending.push(
                 producer
-                    .send_result(record)
+                    .send_result(record(topic, &event))
                     .map_err(|(e, _)| anyhow::anyhow!("producing: {e}"))?,
             );
         }

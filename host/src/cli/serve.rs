@@ -194,7 +194,7 @@ fn watch(
         if event
             .paths
             .iter()
-            .any(|p| p.file_name().map(std::ffi::OsStr::to_owned) == name)
+            .any(|p| p.file_name() == name.as_deref())
         {
             let _ = changed.send(());
         }

@@ -524,7 +524,7 @@ impl WindowState {
             max_event_ms,
             accs: windows
                 .into_iter()
-                .map(|(w, acc)| ((w.end_ms, w.start_ms, w.key), acc))
+                .map(|(w, acc)| (slot_of(w), acc))
                 .collect(),
             layout,
             changes: Some(BTreeSet::new()),
@@ -546,8 +546,7 @@ impl WindowState {
             .into_iter()
             .map(|slot| {
                 let acc = self.accs.get(&slot).cloned();
-                let (id, ()) = unslot((slot, ()));
-                (id, acc)
+                (window_of(slot), acc)
             })
             .collect()
     }
@@ -687,7 +686,7 @@ impl WindowState {
 
     /// Stores a window's accumulator.
     pub fn set_acc(&mut self, window: WindowId, acc: Vec<u8>) {
-        let slot = (window.end_ms, window.start_ms, window.key);
+        let slot = slot_of(window);
         self.touched(&slot);
         self.accs.insert(slot, acc);
     }
@@ -740,15 +739,9 @@ impl WindowState {
     /// ([`WindowState::write_acc`]) or this one ([`WindowState::put_back`]), which notes the
     /// change: taking it out is not one.
     pub(crate) fn take_acc(&mut self, window: WindowId) -> (WindowId, Option<Vec<u8>>) {
-        let slot = (window.end_ms, window.start_ms, window.key);
+        let slot = slot_of(window);
         let acc = self.accs.remove(&slot);
-        let (end_ms, start_ms, key) = slot;
-        let window = WindowId {
-            key,
-            start_ms,
-            end_ms,
-        };
-        (window, acc)
+        (window_of(slot), acc)
     }
 
     /// Puts back what [`WindowState::take_acc`] took (the fold failed).
@@ -781,7 +774,7 @@ impl WindowState {
             match previous {
                 Some(acc) => self.set_acc(window, acc),
                 None => {
-                    let slot = (window.end_ms, window.start_ms, window.key);
+                    let slot = slot_of(window);
                     self.touched(&slot);
                     self.accs.remove(&slot);
                 }
@@ -843,15 +836,22 @@ impl WindowState {
     }
 }
 
-fn unslot<T>(((end_ms, start_ms, key), acc): (Slot, T)) -> (WindowId, T) {
-    (
-        WindowId {
-            key,
-            start_ms,
-            end_ms,
-        },
-        acc,
-    )
+fn unslot<T>((slot, acc): (Slot, T)) -> (WindowId, T) {
+    (window_of(slot), acc)
+}
+
+/// Where `window` is kept: ordered by end, then start, then key.
+fn slot_of(window: WindowId) -> Slot {
+    (window.end_ms, window.start_ms, window.key)
+}
+
+/// The window kept at `slot`.
+fn window_of((end_ms, start_ms, key): Slot) -> WindowId {
+    WindowId {
+        key,
+        start_ms,
+        end_ms,
+    }
 }
 
 #[cfg(test)]

@@ -125,23 +125,14 @@ impl KafkaDestination {
     /// Builds the producer (librdkafka checks the settings); nothing connects until the first
     /// record.
     pub fn open(name: &str, config: &KafkaConfig) -> Result<KafkaDestination, OpenError> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("partitioner", "murmur2_random")
-            .set("queue.buffering.max.messages", QUEUE_MESSAGES)
-            .set("message.timeout.ms", config.timeout.as_millis().to_string())
-            .set("client.id", format!("weir-{name}"));
-        for (key, value) in &config.properties {
-            client.set(key, value);
-        }
-        let producer: FutureProducer = client.create().map_err(|e| OpenError {
-            sink: name.to_owned(),
-            what: describe(config),
-            message: e.to_string(),
-        })?;
+        let producer: FutureProducer =
+            client_config(name, config)
+                .create()
+                .map_err(|e| OpenError {
+                    sink: name.to_owned(),
+                    what: describe(config),
+                    message: e.to_string(),
+                })?;
         Ok(KafkaDestination {
             sink: name.to_owned(),
             config: config.clone(),
@@ -213,20 +204,7 @@ impl KafkaDestination {
         topic: &str,
         event: &EventRef<'_>,
     ) -> Result<DeliveryFuture, SendError> {
-        let mut headers = OwnedHeaders::new();
-        for (name, value) in event.headers() {
-            headers = headers.insert(Header {
-                key: name,
-                value: Some(value),
-            });
-        }
-        let mut record = FutureRecord::to(topic)
-            .payload(event.value())
-            .timestamp(event.timestamp_ms())
-            .headers(headers);
-        if let Some(key) = event.key() {
-            record = record.key(key);
-        }
+        let mut record = record(topic, event);
         loop {
             match self.producer.send_result(record) {
                 Ok(delivery) => return Ok(delivery),
@@ -284,6 +262,43 @@ impl KafkaDestination {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// The librdkafka settings of sink `name`'s producer: the sink's own (idempotent, `acks = all`,
+/// Kafka's partitioner, the timeout) and its `properties`.
+pub fn client_config(name: &str, config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("queue.buffering.max.messages", QUEUE_MESSAGES)
+        .set("message.timeout.ms", config.timeout.as_millis().to_string())
+        .set("client.id", format!("weir-{name}"));
+    for (key, value) in &config.properties {
+        client.set(key, value);
+    }
+    client
+}
+
+/// The record of `event` for `topic`: its value, key, headers in order and event time.
+pub fn record<'e>(topic: &'e str, event: &EventRef<'e>) -> FutureRecord<'e, [u8], [u8]> {
+    let mut headers = OwnedHeaders::new();
+    for (name, value) in event.headers() {
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(value),
+        });
+    }
+    let record = FutureRecord::to(topic)
+        .payload(event.value())
+        .timestamp(event.timestamp_ms())
+        .headers(headers);
+    match event.key() {
+        Some(key) => record.key(key),
+        None => record,
     }
 }
 

@@ -32,7 +32,9 @@ mod stdout;
 
 pub use file::{FileConfig, FileDestination, Fsync};
 pub use http::{HttpConfig, HttpDestination};
-pub use kafka::{KafkaConfig, KafkaDestination, TopicFrom, check_properties};
+pub use kafka::{
+    KafkaConfig, KafkaDestination, TopicFrom, check_properties, client_config, record,
+};
 pub use postgres::{PostgresConfig, PostgresDestination, check_columns, check_table};
 pub use quic::{QuicConfig, QuicDestination};
 pub use runner::{BufferConfig, RetryConfig, WhenFull};

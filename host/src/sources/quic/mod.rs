@@ -311,6 +311,20 @@ pub struct PipelineEntry {
     pub positions: Vec<Position>,
 }
 
+impl PipelineEntry {
+    /// The pipeline as the source feeds it, by name.
+    fn into_quic(self, metrics: &Metrics) -> (String, Arc<QuicPipeline>) {
+        let name = self.input.name().to_owned();
+        let quic = QuicPipeline::new(
+            self.input,
+            self.allowed,
+            metrics.pipeline(&name),
+            &self.positions,
+        );
+        (name, Arc::new(quic))
+    }
+}
+
 /// The running QUIC source.
 pub struct QuicSource {
     shared: Arc<Shared>,
@@ -361,16 +375,7 @@ impl QuicSource {
         let local_addr = endpoint.local_addr().context("listener address")?;
         let pipelines = pipelines
             .into_iter()
-            .map(|entry| {
-                let name = entry.input.name().to_owned();
-                let quic = QuicPipeline::new(
-                    entry.input,
-                    entry.allowed,
-                    metrics.pipeline(&name),
-                    &entry.positions,
-                );
-                (name, Arc::new(quic))
-            })
+            .map(|entry| entry.into_quic(metrics))
             .collect();
         let shared = Arc::new(Shared {
             limits: listener.limits,
@@ -507,14 +512,8 @@ pub struct QuicControl {
 impl QuicControl {
     /// Feeds a new pipeline.
     pub fn add(&self, entry: PipelineEntry, metrics: &Metrics) -> Result<()> {
-        let name = entry.input.name().to_owned();
-        let quic = QuicPipeline::new(
-            entry.input,
-            entry.allowed,
-            metrics.pipeline(&name),
-            &entry.positions,
-        );
-        write(&self.shared.pipelines).insert(name, Arc::new(quic));
+        let (name, quic) = entry.into_quic(metrics);
+        write(&self.shared.pipelines).insert(name, quic);
         self.resize()
     }
 
