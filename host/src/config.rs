@@ -41,6 +41,8 @@ use crate::sinks::{
     BufferConfig, FileConfig, Fsync, HttpConfig, KafkaConfig, PostgresConfig, QuicConfig,
     RetryConfig, SinkConfig, SinkKind, TopicFrom, WhenFull,
 };
+use crate::sources::SourceConfig;
+use crate::sources::kafka::config::{KafkaSourceConfig, StartAt};
 use crate::sources::quic::config::{ListenerConfig, ProducerConfig, ServerLimits, TlsConfig};
 
 /// A config that cannot be read or is not valid.
@@ -79,6 +81,8 @@ pub struct Config {
     pub listener: ListenerConfig,
     /// Pipelines, in file order.
     pub pipelines: Vec<PipelineConfig>,
+    /// Sources besides the QUIC listener (`[sources.NAME]`), in file order.
+    pub sources: Vec<SourceConfig>,
     /// Sinks, by name.
     pub sinks: Vec<SinkConfig>,
     /// Where the Prometheus endpoint listens (`[metrics] listen`); `None`: no endpoint.
@@ -105,6 +109,8 @@ struct RawConfig {
     pipelines: BTreeMap<Spanned<String>, RawPipeline>,
     #[serde(default)]
     sinks: BTreeMap<Spanned<String>, Spanned<toml::Table>>,
+    #[serde(default)]
+    sources: BTreeMap<Spanned<String>, Spanned<RawSource>>,
     metrics: Option<RawMetrics>,
     admin: Option<Spanned<RawAdmin>>,
 }
@@ -261,6 +267,24 @@ enum RawSink {
     Null {},
 }
 
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum RawSource {
+    Kafka {
+        brokers: String,
+        topic: Option<String>,
+        topics: Option<Vec<String>>,
+        group: String,
+        pipeline: String,
+        batch_events: Option<u64>,
+        batch_ms: Option<u64>,
+        start: Option<String>,
+        rebalance_wait_ms: Option<u64>,
+        #[serde(default)]
+        properties: BTreeMap<String, String>,
+    },
+}
+
 fn default_fsync() -> Fsync {
     Fsync::OnAck
 }
@@ -394,6 +418,7 @@ impl Config {
             .map(|(name, p)| pipeline(&source, name, p, &sink_names, &resolve))
             .collect::<Result<Vec<_>, _>>()?;
 
+        let sources = sources(&source, &raw.sources, &pipelines)?;
         let data_dir = resolve(&raw.listener.data_dir);
         check_sinks_in_use(&source, &raw.sinks, &sinks, &pipelines, listen)?;
         check_files(&source, &raw.sinks, &sinks, &pipelines, &data_dir)?;
@@ -425,6 +450,7 @@ impl Config {
                 producers,
             },
             pipelines,
+            sources,
             sinks,
             metrics,
             admin,
@@ -1062,6 +1088,111 @@ fn sink(
     })
 }
 
+fn sources(
+    source: &Source<'_>,
+    raw: &BTreeMap<Spanned<String>, Spanned<RawSource>>,
+    pipelines: &[PipelineConfig],
+) -> Result<Vec<SourceConfig>, ConfigError> {
+    let mut sources: Vec<(&Spanned<String>, &Spanned<RawSource>)> = raw.iter().collect();
+    sources.sort_by_key(|(name, _)| name.span().start);
+    let mut out = Vec::new();
+    for (name, spanned) in sources {
+        check_name(source, name, "source name")?;
+        let bad =
+            |message: String| source.at(spanned, format!("source `{}`: {message}", name.get_ref()));
+        let RawSource::Kafka {
+            brokers,
+            topic,
+            topics,
+            group,
+            pipeline,
+            batch_events,
+            batch_ms,
+            start,
+            rebalance_wait_ms,
+            properties,
+        } = spanned.get_ref();
+        if brokers.trim().is_empty() {
+            return Err(bad("brokers is empty: give `host:port[,host:port…]`".into()));
+        }
+        let topics: Vec<String> = match (topic, topics) {
+            (Some(t), None) => vec![t.clone()],
+            (None, Some(ts)) if !ts.is_empty() => ts.clone(),
+            (Some(_), Some(_)) => return Err(bad("give `topic` or `topics`, not both".into())),
+            _ => {
+                return Err(bad(
+                    "a kafka source needs `topic = \"NAME\"` or `topics = [...]`".into(),
+                ));
+            }
+        };
+        if let Some(t) = topics.iter().find(|t| !kafka_topic_name(t)) {
+            return Err(bad(format!(
+                "`{t}` is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"
+            )));
+        }
+        if group.trim().is_empty() {
+            return Err(bad("group is empty".into()));
+        }
+        if !pipelines.iter().any(|p| &p.name == pipeline) {
+            return Err(bad(format!(
+                "unknown pipeline `{pipeline}` (configured pipelines: {})",
+                list(pipelines.iter().map(|p| p.name.as_str()))
+            )));
+        }
+        let start = match start.as_deref() {
+            None | Some("earliest") => StartAt::Earliest,
+            Some("latest") => StartAt::Latest,
+            Some(other) => {
+                return Err(bad(format!(
+                    "start = `{other}`: give `earliest` or `latest`"
+                )));
+            }
+        };
+        let batch_events = match batch_events.unwrap_or(1024) {
+            n @ 1..=65_536 => n as usize,
+            n => return Err(bad(format!("batch_events = {n} is outside 1 to 65536"))),
+        };
+        let linger = match batch_ms.unwrap_or(5) {
+            ms @ 0..=60_000 => Duration::from_millis(ms),
+            ms => return Err(bad(format!("batch_ms = {ms} is outside 0 to 60000"))),
+        };
+        let rebalance_wait = match rebalance_wait_ms.unwrap_or(10_000) {
+            ms @ 1..=300_000 => Duration::from_millis(ms),
+            ms => {
+                return Err(bad(format!(
+                    "rebalance_wait_ms = {ms} is outside 1 to 300000 (five minutes)"
+                )));
+            }
+        };
+        let properties: Vec<(String, String)> = properties
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        crate::sources::kafka::config::check_properties(&properties).map_err(bad)?;
+        out.push(SourceConfig::Kafka(KafkaSourceConfig {
+            name: name.get_ref().clone(),
+            brokers: brokers.clone(),
+            topics,
+            group: group.clone(),
+            pipeline: pipeline.clone(),
+            batch_events,
+            linger,
+            start,
+            rebalance_wait,
+            properties,
+        }));
+    }
+    Ok(out)
+}
+
+/// Whether `name` is a valid Kafka topic name.
+fn kafka_topic_name(name: &str) -> bool {
+    (1..=249).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 fn pipeline(
     source: &Source<'_>,
     name: &Spanned<String>,
@@ -1459,6 +1590,76 @@ path = "out.jsonl"
 
     const HTTP: &str =
         "\n[sinks.eu]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/in\"\nwhen_full = \"spill\"\n";
+
+    #[test]
+    fn a_kafka_source_names_its_pipeline_topics_and_group() {
+        let source = |keys: &str| {
+            format!(
+                "{MINIMAL}\n[sources.orders]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\n{keys}\n"
+            )
+        };
+        let config = Config::parse(
+            &source("topics = [\"a\", \"b.c\"]\ngroup = \"g\"\npipeline = \"clicks\"\nstart = \"latest\"\nbatch_ms = 0"),
+            "conf/weir.toml",
+        )
+        .expect("valid");
+        assert_eq!(
+            config.sources,
+            vec![SourceConfig::Kafka(KafkaSourceConfig {
+                name: "orders".into(),
+                brokers: "127.0.0.1:9092".into(),
+                topics: vec!["a".into(), "b.c".into()],
+                group: "g".into(),
+                pipeline: "clicks".into(),
+                batch_events: 1024,
+                linger: Duration::ZERO,
+                start: StartAt::Latest,
+                rebalance_wait: Duration::from_secs(10),
+                properties: vec![],
+            })]
+        );
+        let e = error(&source(
+            "topic = \"a\"\ngroup = \"g\"\npipeline = \"views\"",
+        ));
+        assert!(
+            e.ends_with(
+                "source `orders`: unknown pipeline `views` (configured pipelines: `clicks`)"
+            ),
+            "{e}"
+        );
+        let e = error(&source("group = \"g\"\npipeline = \"clicks\""));
+        assert!(
+            e.ends_with(
+                "source `orders`: a kafka source needs `topic = \"NAME\"` or `topics = [...]`"
+            ),
+            "{e}"
+        );
+        let e = error(&source(
+            "topic = \"a b\"\ngroup = \"g\"\npipeline = \"clicks\"",
+        ));
+        assert!(
+            e.ends_with(
+                "source `orders`: `a b` is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"
+            ),
+            "{e}"
+        );
+        let e = error(&source(
+            "topic = \"a\"\ngroup = \"g\"\npipeline = \"clicks\"\nproperties = { \"enable.auto.commit\" = \"true\" }",
+        ));
+        assert!(
+            e.ends_with("source `orders`: properties: `enable.auto.commit` is not yours to set: offsets are committed once the sinks accepted the records"),
+            "{e}"
+        );
+        let e = error(&source(
+            "topic = \"a\"\ngroup = \"g\"\npipeline = \"clicks\"\nstart = \"now\"",
+        ));
+        assert!(
+            e.ends_with("source `orders`: start = `now`: give `earliest` or `latest`"),
+            "{e}"
+        );
+        let e = error(&source("topic = \"a\"\npipeline = \"clicks\""));
+        assert!(e.contains("missing field `group`"), "{e}");
+    }
 
     #[test]
     fn a_kafka_sink_takes_its_topic_and_keeps_its_promises_to_itself() {

@@ -15,6 +15,8 @@ use crate::config::Config;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::pipeline::tap::{TapReader, Taps};
 use crate::sinks::runner::{Sink, WhenFull};
+use crate::sources::SourceConfig;
+use crate::sources::kafka::KafkaSource;
 use crate::sources::quic::{self, PipelineEntry, QuicControl, QuicSource};
 use crate::topology::Topology;
 use anyhow::{Context, Result};
@@ -135,6 +137,8 @@ struct Core {
     registry: Arc<Registry>,
     deployer: Arc<Deployer>,
     quic: QuicControl,
+    /// The Kafka sources (`[sources]`; a reload does not change them).
+    kafka: Vec<KafkaSource>,
     /// `None` once the server is stopping. One reload at a time holds it.
     running: tokio::sync::Mutex<Option<Running>>,
     view: Mutex<View>,
@@ -153,6 +157,20 @@ impl Core {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The Kafka sources take no record from now on.
+    fn stop_reading(&self) {
+        for source in &self.kafka {
+            source.stop_reading();
+        }
+    }
+
+    /// After the pipelines stopped: the Kafka sources commit and leave their groups.
+    async fn close_sources(&self) {
+        for source in &self.kafka {
+            source.close().await;
+        }
     }
 
     async fn reload(&self) -> Result<ReloadReport, ReloadError> {
@@ -195,7 +213,7 @@ impl Core {
                 }
             })?;
         let (applied, report) = topology
-            .apply(plan, &self.quic, &self.deployer, &self.metrics)
+            .apply(plan, &self.quic, &self.kafka, &self.deployer, &self.metrics)
             .await;
         *config = applied;
         let view = View::of(topology);
@@ -301,6 +319,39 @@ impl Core {
     }
 }
 
+/// Starts the Kafka sources of `config`, each feeding its pipeline; none when one fails.
+fn start_sources(
+    config: &Config,
+    topology: &Topology,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<KafkaSource>> {
+    let mut started = Vec::new();
+    for source in &config.sources {
+        let SourceConfig::Kafka(kafka) = source;
+        let Some(pipeline) = topology
+            .pipelines()
+            .iter()
+            .find(|p| p.info.name == kafka.pipeline)
+        else {
+            anyhow::bail!(
+                "source `{}`: pipeline `{}` is not running",
+                kafka.name,
+                kafka.pipeline
+            );
+        };
+        match KafkaSource::start(kafka, pipeline.input(), &pipeline.positions, metrics) {
+            Ok(source) => started.push(source),
+            Err(e) => {
+                for source in &started {
+                    source.stop_reading();
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(started)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -380,7 +431,18 @@ impl Server {
                 return Err(e);
             }
         };
+        let kafka = match start_sources(&config, &topology, &metrics) {
+            Ok(kafka) => kafka,
+            Err(e) => {
+                quic.stop_reading().await;
+                topology.stop_pipelines().await;
+                topology.stop_sinks().await;
+                quic.close().await;
+                return Err(e);
+            }
+        };
         let core = Arc::new(Core {
+            kafka,
             metrics,
             checkpoints,
             registry,
@@ -405,7 +467,9 @@ impl Server {
                     Ok(admin) => Some(admin),
                     Err(e) => {
                         quic.stop_reading().await;
+                        core.stop_reading();
                         topology.stop_pipelines().await;
+                        core.close_sources().await;
                         topology.stop_sinks().await;
                         quic.close().await;
                         return Err(e);
@@ -492,12 +556,14 @@ impl Server {
         let view = self.core.view();
         self.core.checkpoints.stopping();
         self.quic.stop_reading().await;
+        self.core.stop_reading();
         let mut problems = Vec::new();
         if let Some(Running { topology, .. }) = running {
             problems.extend(topology.stop_pipelines().await);
-            // The last rounds' checkpoints, then their acks.
+            // The last rounds' checkpoints, then their acks and commits.
             self.core.checkpoints.sync().await;
             problems.extend(self.quic.withheld());
+            self.core.close_sources().await;
             problems.extend(topology.stop_sinks().await);
         }
         if let Some(server) = self.metrics_server {

@@ -19,6 +19,7 @@
 use crate::sinks::SharedBatch;
 use std::sync::Arc;
 use tokio::sync::mpsc;
+use weir_format::Event;
 
 type Callback = Box<dyn FnOnce(Result<(), String>) + Send>;
 
@@ -85,6 +86,10 @@ pub struct Input {
     pub completion: Completion,
     /// Where the source resumes after it, if the source can resume (see [`Position`]).
     pub position: Option<Position>,
+    /// What the source read with the batch and could not make an event of, as events for
+    /// the pipeline's dead-letter sink (each with a `weir-error` header saying why); the
+    /// completion covers them too.
+    pub rejected: Vec<Event>,
 }
 
 /// Where sources put batches for one pipeline: a bounded queue (a full queue is backpressure
@@ -126,6 +131,16 @@ impl PipelineInput {
     /// batches.
     pub async fn send(&self, input: Input) -> Result<(), Input> {
         self.tx.send(input).await.map_err(|e| e.0)
+    }
+
+    /// Hands over a batch if there is room now; gives it back when there is none or the
+    /// pipeline stopped taking batches.
+    pub fn try_send(&self, input: Input) -> Result<(), Input> {
+        self.tx.try_send(input).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(input) | mpsc::error::TrySendError::Closed(input) => {
+                input
+            }
+        })
     }
 
     /// Whether the pipeline stopped taking batches.

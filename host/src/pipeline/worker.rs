@@ -589,8 +589,16 @@ impl Worker {
             batch,
             completion,
             position,
+            rejected,
         } = input;
         round.completions.push(completion);
+        if !rejected.is_empty() {
+            for event in &rejected {
+                round.dead.push(event);
+            }
+            round.dead_count += rejected.len();
+            self.metrics.dead_letters.inc_by(rejected.len() as u64);
+        }
         if let Some(Position { key, next }) = position {
             let at = round.positions.entry(key).or_insert(next);
             *at = (*at).max(next);

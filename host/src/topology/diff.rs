@@ -185,6 +185,20 @@ impl ConfigDiff {
             "the limits".into(),
             "others".into(),
         );
+        let sources = |config: &Config| -> String {
+            let names: Vec<&str> = config.sources.iter().map(|s| s.name()).collect();
+            if names.is_empty() {
+                "none".into()
+            } else {
+                names.join(", ")
+            }
+        };
+        restart(
+            "[sources]",
+            old.sources != new.sources,
+            sources(old),
+            sources(new),
+        );
         let endpoint = |addr: Option<String>| addr.unwrap_or_else(|| "none".into());
         restart(
             "[metrics] listen",

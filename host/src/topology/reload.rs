@@ -35,6 +35,7 @@ use crate::pipeline::{Outputs, Pipeline};
 use crate::runtime::{Digest, Limits, StageConfig};
 use crate::sinks::runner::{BufferConfig, RetryConfig, Sink};
 use crate::sinks::{self, Destination};
+use crate::sources::kafka::KafkaSource;
 use crate::sources::quic::{PipelineEntry, QuicControl};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -78,6 +79,7 @@ fn applied(old: &Config, new: &Config) -> Config {
     config.listener.limits = old.listener.limits;
     config.metrics = old.metrics;
     config.admin.clone_from(&old.admin);
+    config.sources.clone_from(&old.sources);
     config
 }
 
@@ -102,6 +104,15 @@ impl Topology {
                 .is_none_or(|record| record.config != Digest::of(&bytes).hex())
         });
         let config = applied(old, new);
+        for source in &old.sources {
+            if new.pipeline(source.pipeline()).is_none() {
+                return Err(format!(
+                    "pipeline `{}` is fed by source `{}`, which runs until the router restarts: keep the pipeline, or restart the router to remove both",
+                    source.pipeline(),
+                    source.name()
+                ));
+            }
+        }
         let mut sinks = self.sinks.clone();
         let mut start = Vec::new();
         let mut reconfigure = Vec::new();
@@ -358,6 +369,7 @@ impl Topology {
         &mut self,
         plan: Plan,
         quic: &QuicControl,
+        kafka: &[KafkaSource],
         deployer: &Arc<Deployer>,
         metrics: &Metrics,
     ) -> (Config, ReloadReport) {
@@ -488,6 +500,9 @@ impl Topology {
                 }
             };
             quic.restart(&name, successor.input());
+            for source in kafka.iter().filter(|s| s.pipeline() == name) {
+                source.restart(successor.input());
+            }
             quic.set_allowed(&name, allowed.clone());
             let old = std::mem::replace(
                 &mut self.pipelines[position],

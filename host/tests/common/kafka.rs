@@ -193,3 +193,89 @@ pub fn read_topic(addr: &str, topic: &str, want: usize, wait: Duration) -> Vec<R
     records.sort_by_key(|r| r.partition);
     records
 }
+
+/// Writes `records` (key, value, headers, timestamp) to `topic` with an idempotent producer
+/// and waits until the broker acked every one.
+pub async fn produce(addr: &str, topic: &str, records: &[Record]) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "2")
+        .create()
+        .expect("a producer");
+    let mut waiting = Vec::with_capacity(records.len());
+    for r in records {
+        let mut headers = OwnedHeaders::new();
+        for (name, value) in &r.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value),
+            });
+        }
+        let mut record = FutureRecord::to(topic)
+            .partition(r.partition)
+            .payload(&r.value)
+            .headers(headers);
+        if let Some(key) = &r.key {
+            record = record.key(key);
+        }
+        if let Some(ts) = r.timestamp_ms {
+            record = record.timestamp(ts);
+        }
+        waiting.push(
+            producer
+                .send_result(record)
+                .map_err(|(e, _)| e)
+                .expect("queued"),
+        );
+    }
+    for delivery in waiting {
+        delivery
+            .await
+            .expect("not cancelled")
+            .map_err(|(e, _)| e)
+            .expect("acked by the broker");
+    }
+}
+
+/// The offsets `group` committed on `topic`, by partition (partitions without one left out).
+pub fn committed(addr: &str, group: &str, topic: &str, partitions: i32) -> Vec<(i32, i64)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("group.id", group)
+        .create()
+        .expect("a consumer");
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .expect("the group's offsets");
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(at) => Some((e.partition(), at)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The offset after the last record of each partition of `topic`.
+pub fn ends(addr: &str, topic: &str, partitions: i32) -> Vec<(i32, i64)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .create()
+        .expect("a consumer");
+    (0..partitions)
+        .map(|p| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("the partition's watermarks");
+            (p, high)
+        })
+        .collect()
+}

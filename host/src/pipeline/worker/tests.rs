@@ -168,6 +168,7 @@ impl Harness {
                 batch,
                 completion,
                 position: None,
+                rejected: Vec::new(),
             })
             .await
             .expect("the pipeline takes batches");
@@ -579,6 +580,7 @@ async fn a_successor_takes_its_first_batch_once_its_predecessor_retired() {
                 let _ = tx.send(r);
             }),
             position: None,
+            rejected: Vec::new(),
         })
         .await
         .expect("queued");

@@ -241,6 +241,7 @@ impl QuicPipeline {
             batch,
             completion,
             position: Some(position),
+            rejected: Vec::new(),
         });
         Admitted::Taken
     }

@@ -1,0 +1,374 @@
+//! The kafka source against a real broker started for each test (nisshi, `common/kafka.rs`):
+//! records become events exactly (key, value, timestamp, headers; a record whose header name
+//! is not UTF-8 becomes a dead letter), offsets are committed once the sinks accepted the
+//! events and not before (a router whose sink cannot deliver commits nothing, and after it is
+//! killed the next member of the group reads every record), and two routers in one group share
+//! the partitions across rebalances without losing a record.
+
+#[path = "common/kafka.rs"]
+mod kafka;
+#[path = "common/serve.rs"]
+mod serve;
+
+use kafka::{Broker, Record, committed, create_topic, ends, produce};
+use serve::WeirServe;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use weir::config::Config;
+use weir::server::Server;
+use weir_format::Event;
+
+/// How long a test waits for records to arrive before it fails.
+const ARRIVE: Duration = Duration::from_secs(60);
+
+/// Record `n` of a test: on partition `n % partitions`, keyed `k{n % 6}`, a header `n`,
+/// event time `1_000 + n`.
+fn record(n: u64, partitions: i32) -> Record {
+    Record {
+        partition: (n % partitions as u64) as i32,
+        key: Some(format!("k{}", n % 6).into_bytes()),
+        value: format!("{{\"n\":{n}}}").into_bytes(),
+        headers: vec![("n".into(), n.to_string().into_bytes())],
+        timestamp_ms: Some(1_000 + n as i64),
+    }
+}
+
+/// The config of a router whose kafka source feeds pipeline `p`, which writes to `sink` (a
+/// TOML sink table body) and its dead letters to `dead.jsonl`.
+fn config_text(dir: &Path, broker: &str, topic: &str, group: &str, sink: &str) -> String {
+    format!(
+        r#"
+[listener]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+
+[sources.orders]
+type = "kafka"
+brokers = "{broker}"
+topic = "{topic}"
+group = "{group}"
+pipeline = "p"
+batch_events = 64
+rebalance_wait_ms = 5000
+
+[pipelines.p]
+sinks = ["out"]
+dead_letters = "dead"
+
+[sinks.out]
+{sink}
+
+[sinks.dead]
+type = "file"
+path = "{dead}"
+"#,
+        data = dir.join("data").display(),
+        dead = dir.join("dead.jsonl").display(),
+    )
+}
+
+fn file_sink(path: &Path) -> String {
+    format!("type = \"file\"\npath = \"{}\"", path.display())
+}
+
+async fn start(dir: &Path, text: &str) -> Server {
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, text).expect("config written");
+    let config = Config::load(&path).expect("a valid config");
+    Server::start(config).await.expect("the router starts")
+}
+
+/// The events in a file sink's file (none when it does not exist yet).
+fn events(path: &Path) -> Vec<Event> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|line| weir_format::json::parse_line(line, 0).expect("a JSON line"))
+        .collect()
+}
+
+/// Waits until `count()` reaches `want`, failing after [`ARRIVE`].
+async fn wait_for(what: &str, want: usize, count: impl Fn() -> usize) {
+    let deadline = Instant::now() + ARRIVE;
+    loop {
+        let have = count();
+        if have >= want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {have} of {want} after {ARRIVE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn n_of(event: &Event) -> u64 {
+    let text = String::from_utf8_lossy(&event.value);
+    text.trim_start_matches("{\"n\":")
+        .trim_end_matches('}')
+        .parse()
+        .expect("a value written by this test")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_become_events_and_offsets_are_committed_once_the_sinks_took_them() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    create_topic(&broker.addr(), "orders", 3).await;
+    let records: Vec<Record> = (0..600).map(|n| record(n, 3)).collect();
+    produce(&broker.addr(), "orders", &records).await;
+    // A record without a value (a tombstone) is an event with an empty value.
+    let mut tombstone = record(600, 3);
+    tombstone.value.clear();
+    produce(&broker.addr(), "orders", &[tombstone]).await;
+    // A header name that is not UTF-8 cannot be an event's: a dead letter.
+    produce_bad_header(&broker.addr(), "orders", 601).await;
+
+    let out = dir.path().join("out.jsonl");
+    let server = start(
+        dir.path(),
+        &config_text(
+            dir.path(),
+            &broker.addr(),
+            "orders",
+            "router",
+            &file_sink(&out),
+        ),
+    )
+    .await;
+    wait_for("events in the sink", 601, || events(&out).len()).await;
+    wait_for("dead letters", 1, || {
+        events(&dir.path().join("dead.jsonl")).len()
+    })
+    .await;
+    let report = server.shutdown().await.expect("a graceful stop");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+
+    let got = events(&out);
+    assert_eq!(got.len(), 601, "every record once");
+    let mut by_n: BTreeMap<u64, &Event> = BTreeMap::new();
+    for event in &got {
+        if event.value.is_empty() {
+            assert_eq!(event.key.as_deref(), Some(&b"k0"[..]));
+            assert_eq!(event.timestamp_ms, 1_600);
+            continue;
+        }
+        assert!(by_n.insert(n_of(event), event).is_none(), "a duplicate");
+    }
+    assert_eq!(by_n.len(), 600);
+    for (n, event) in by_n {
+        assert_eq!(
+            event.key.as_deref(),
+            Some(format!("k{}", n % 6).as_bytes()),
+            "key of {n}"
+        );
+        assert_eq!(event.timestamp_ms, 1_000 + n as i64, "time of {n}");
+        assert_eq!(event.header("n"), Some(n.to_string().as_bytes()));
+    }
+    // Order holds per partition: the ns of one partition arrive rising.
+    let mut last: BTreeMap<u64, u64> = BTreeMap::new();
+    for event in got.iter().filter(|e| !e.value.is_empty()) {
+        let n = n_of(event);
+        if let Some(before) = last.insert(n % 3, n) {
+            assert!(before < n, "partition {} went {before} then {n}", n % 3);
+        }
+    }
+
+    let dead = events(&dir.path().join("dead.jsonl"));
+    assert_eq!(dead.len(), 1);
+    let letter = &dead[0];
+    assert_eq!(letter.value, b"{\"n\":601}");
+    assert_eq!(
+        letter.header("weir-error"),
+        Some(&b"kafka record cannot be an event: header 0's name is not UTF-8"[..])
+    );
+    assert_eq!(letter.header("weir-source"), Some(&b"orders"[..]));
+    assert_eq!(letter.header("kafka-topic"), Some(&b"orders"[..]));
+
+    // Everything the sinks took is committed: the group resumes after the last record.
+    assert_eq!(
+        committed(&broker.addr(), "router", "orders", 3),
+        ends(&broker.addr(), "orders", 3)
+    );
+}
+
+/// Produces record `n` with one header whose name is the bytes ff fe (not UTF-8). rdkafka's
+/// safe API only takes `&str` names, so the header is added through librdkafka's own call.
+async fn produce_bad_header(addr: &str, topic: &str, n: u64) {
+    use rdkafka::ClientConfig;
+    use rdkafka::bindings as rdsys;
+    use rdkafka::message::{BorrowedHeaders, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .create()
+        .expect("a producer");
+    let headers = OwnedHeaders::new();
+    let name = [0xffu8, 0xfe];
+    let value = b"x";
+    // SAFETY: `as_borrowed` is a view of the native header list `headers` owns, which lives
+    // until the record is sent; librdkafka copies the name and value.
+    let err = unsafe {
+        rdsys::rd_kafka_header_add(
+            (headers.as_borrowed() as *const BorrowedHeaders)
+                .cast_mut()
+                .cast(),
+            name.as_ptr().cast(),
+            name.len() as isize,
+            value.as_ptr().cast(),
+            value.len() as isize,
+        )
+    };
+    assert_eq!(err, rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+    let value = format!("{{\"n\":{n}}}");
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .partition(0)
+                .key("k")
+                .payload(&value)
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("acked");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_a_sink_did_not_accept_is_committed_and_the_next_member_reads_it_all() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    create_topic(&broker.addr(), "pending", 2).await;
+    let records: Vec<Record> = (0..200).map(|n| record(n, 2)).collect();
+    produce(&broker.addr(), "pending", &records).await;
+
+    // A router whose sink's destination is down: it reads, and can commit nothing.
+    let dead_port = kafka::free_port();
+    let first = tempfile::tempdir().expect("a temp dir");
+    let config = first.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        config_text(
+            first.path(),
+            &broker.addr(),
+            "pending",
+            "group",
+            &format!(
+                "type = \"http\"\nurl = \"http://127.0.0.1:{dead_port}/\"\nwhen_full = \"block\"\nretry_max_ms = 200"
+            ),
+        ),
+    )
+    .expect("config written");
+    let mut router = WeirServe::start_logging(&config, "info").await;
+    router
+        .logged("partitions assigned: pending[0], pending[1]")
+        .await;
+    // It read the records and handed them to its pipeline; the sink retries.
+    router.logged("http://127.0.0.1").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        committed(&broker.addr(), "group", "pending", 2),
+        vec![],
+        "offsets committed that no sink accepted"
+    );
+    router.kill();
+
+    // The next member of the group reads every record.
+    let out = dir.path().join("out.jsonl");
+    let server = start(
+        dir.path(),
+        &config_text(
+            dir.path(),
+            &broker.addr(),
+            "pending",
+            "group",
+            &file_sink(&out),
+        ),
+    )
+    .await;
+    wait_for("events in the sink", 200, || events(&out).len()).await;
+    server.shutdown().await.expect("a graceful stop");
+    let mut ns: Vec<u64> = events(&out).iter().map(n_of).collect();
+    ns.sort_unstable();
+    assert_eq!(ns, (0..200).collect::<Vec<_>>());
+    assert_eq!(
+        committed(&broker.addr(), "group", "pending", 2),
+        ends(&broker.addr(), "pending", 2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_members_share_the_partitions_across_rebalances_and_lose_nothing() {
+    let broker = Broker::start();
+    create_topic(&broker.addr(), "shared", 4).await;
+    let (a, b) = (
+        tempfile::tempdir().expect("a temp dir"),
+        tempfile::tempdir().expect("a temp dir"),
+    );
+    let (out_a, out_b) = (a.path().join("out.jsonl"), b.path().join("out.jsonl"));
+    let config = |dir: &Path, out: &Path| {
+        config_text(dir, &broker.addr(), "shared", "pair", &file_sink(out))
+    };
+    let total = || events(&out_a).len() + events(&out_b).len();
+    let mut produced = 0u64;
+    let mut chunk = async |n: u64| {
+        let records: Vec<Record> = (produced..produced + n).map(|i| record(i, 4)).collect();
+        produce(&broker.addr(), "shared", &records).await;
+        produced += n;
+        produced as usize
+    };
+
+    let router_a = start(a.path(), &config(a.path(), &out_a)).await;
+    let want = chunk(500).await;
+    wait_for("the first chunk", want, total).await;
+    // B joins: once the group rebalanced, records reach both.
+    let router_b = start(b.path(), &config(b.path(), &out_b)).await;
+    let deadline = Instant::now() + ARRIVE;
+    while events(&out_b).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "B got no partition within {ARRIVE:?}"
+        );
+        let want = chunk(20).await;
+        wait_for("records while B joins", want, total).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let want = chunk(500).await;
+    wait_for("the second chunk", want, total).await;
+    let shared_a = events(&out_a).len();
+    let shared_b = events(&out_b).len();
+    // A leaves: B takes every partition.
+    router_a.shutdown().await.expect("a graceful stop");
+    let want = chunk(500).await;
+    wait_for("the third chunk", want, total).await;
+    router_b.shutdown().await.expect("a graceful stop");
+
+    let mut ns: Vec<u64> = events(&out_a)
+        .iter()
+        .chain(events(&out_b).iter())
+        .map(n_of)
+        .collect();
+    ns.sort_unstable();
+    let read = ns.len();
+    ns.dedup();
+    assert_eq!(
+        ns,
+        (0..produced).collect::<Vec<_>>(),
+        "every record at least once"
+    );
+    println!(
+        "two members: {read} events for {produced} records; while both ran A took {shared_a}, B {shared_b}; at the end B {}",
+        events(&out_b).len()
+    );
+    // Graceful stops commit everything: a rebalance with nothing in flight reads nothing twice.
+    assert_eq!(
+        read as u64, produced,
+        "records read twice across graceful rebalances"
+    );
+    assert_eq!(
+        committed(&broker.addr(), "pair", "shared", 4),
+        ends(&broker.addr(), "shared", 4)
+    );
+}
