@@ -9,7 +9,8 @@
 //!   for every ack, each of which comes once the broker acked the batch's records.
 //!
 //! Each round writes to a topic of its own (4 partitions); the two alternate, five rounds
-//! each, and the figure is the median of the per-round ratios.
+//! each, and the figure is the median of the per-round ratios. Then the kafka source:
+//! `kafka_pipe_bench.rs`.
 
 use super::ingest_bench::{ROUNDS, workload};
 use super::loopback::{self, stop};
@@ -40,7 +41,7 @@ pub struct KafkaBenchArgs {
 /// Batches the weir side keeps unacked.
 const IN_FLIGHT: usize = 64;
 /// Partitions of each round's topic.
-const PARTITIONS: i32 = 4;
+pub(super) const PARTITIONS: i32 = 4;
 
 /// Runs the rounds and prints them.
 pub fn run(args: &KafkaBenchArgs) -> Result<()> {
@@ -90,7 +91,7 @@ async fn rounds(args: &KafkaBenchArgs) -> Result<()> {
         "  weir / plain rdkafka: median {:.1}%",
         100.0 * ratios[ratios.len() / 2]
     );
-    Ok(())
+    super::kafka_pipe_bench::run(&args.brokers, &admin, &batches, args.events).await
 }
 
 fn config_text(dir: &std::path::Path, brokers: &str) -> String {
@@ -118,7 +119,7 @@ topic_from = "route"
     )
 }
 
-async fn create(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Result<()> {
+pub(super) async fn create(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Result<()> {
     let results = admin
         .create_topics(
             &[NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1))],

@@ -10,6 +10,7 @@ mod deploy_bench;
 mod fanout_bench;
 mod ingest_bench;
 mod kafka_bench;
+mod kafka_pipe_bench;
 mod loopback;
 mod new;
 mod plugins;
