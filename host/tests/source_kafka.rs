@@ -5,7 +5,8 @@
 //! killed the next member of the group reads every record), two routers in one group share
 //! the partitions across rebalances without losing a record, and of three `weir serve`s in one
 //! group on six partitions, one killed with -9 mid-stream and restarted, none loses a record
-//! (the records read twice are counted and printed).
+//! (the records read twice are counted and printed); a broker that is down when the router
+//! starts is reported in one line and read in full once it is up.
 
 #[path = "common/kafka.rs"]
 mod kafka;
@@ -476,5 +477,39 @@ async fn three_members_one_killed_and_restarted_lose_no_record() {
     assert_eq!(
         committed(&broker.addr(), "trio", "stream", 6),
         ends(&broker.addr(), "stream", 6)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_down_at_the_start_is_waited_for_and_then_read_in_full() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let port = kafka::free_port();
+    let brokers = format!("127.0.0.1:{port}");
+    let out = dir.path().join("out.jsonl");
+    let path = dir.path().join("weir.toml");
+    std::fs::write(
+        &path,
+        config_text(dir.path(), &brokers, "late", "waiting", &file_sink(&out)),
+    )
+    .expect("config written");
+    // The router starts with nothing listening on the brokers' port, and says so.
+    let router = WeirServe::start_logging(&path, "warn").await;
+    let complaint = router
+        .logged(&format!("kafka source `orders` (brokers {brokers})"))
+        .await;
+    assert!(complaint.contains("Connection refused"), "{complaint}");
+    // The broker comes up: every record is read.
+    let broker = Broker::start_on(port);
+    create_topic(&broker.addr(), "late", 2).await;
+    let records: Vec<Record> = (0..300).map(|n| record(n, 2)).collect();
+    produce(&broker.addr(), "late", &records).await;
+    wait_for("events in the sink", 300, || events(&out).len()).await;
+    router.stop().await;
+    let mut ns: Vec<u64> = events(&out).iter().map(n_of).collect();
+    ns.sort_unstable();
+    assert_eq!(ns, (0..300).collect::<Vec<_>>());
+    assert_eq!(
+        committed(&broker.addr(), "waiting", "late", 2),
+        ends(&broker.addr(), "late", 2)
     );
 }

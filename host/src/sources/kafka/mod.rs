@@ -48,7 +48,7 @@ use rdkafka::bindings as rdsys;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -211,18 +211,13 @@ struct Callbacks {
 }
 
 impl ClientContext for Callbacks {
-    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
-            self.shared.warn(format!(
-                "kafka source `{}`: {facility}: {message}",
-                self.shared.config.name
-            ));
-        } else {
-            tracing::debug!(
-                "kafka source `{}`: {facility}: {message}",
-                self.shared.config.name
-            );
-        }
+    /// librdkafka's own lines are detail: what goes wrong also reaches [`Callbacks::error`]
+    /// or the poll, which say it once.
+    fn log(&self, _level: RDKafkaLogLevel, facility: &str, message: &str) {
+        tracing::debug!(
+            "kafka source `{}`: {facility}: {message}",
+            self.shared.config.name
+        );
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -404,6 +399,10 @@ impl<'c> Reader<'c> {
             let timeout = if blocked { FULL_RETRY } else { self.next_due() };
             match self.consumer.poll(timeout) {
                 Some(Ok(message)) => self.take(message),
+                // The error callback reported the broker connection already.
+                Some(Err(KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown,
+                ))) => {}
                 Some(Err(e)) => self.shared.warn(format!(
                     "kafka source `{}` (topics {}): {e}",
                     self.shared.config.name,
