@@ -513,3 +513,45 @@ async fn a_broker_down_at_the_start_is_waited_for_and_then_read_in_full() {
         ends(&broker.addr(), "late", 2)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn weir_demo_kafka_counts_every_record_the_edge_wrote_across_two_central_routers() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let addr = broker.addr();
+    let demo_dir = dir.path().to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["demo", "--kafka", &addr, "--events", "20000", "--dir"])
+            .arg(&demo_dir)
+            .env("WEIR_LOG", "warn")
+            .output()
+            .expect("weir demo runs")
+    })
+    .await
+    .expect("joined");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("edge: 20000 events in over QUIC, 18000 written to weir-demo-"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "the window results of both count 18000 events: every record the edge wrote, once"
+        ),
+        "{stdout}"
+    );
+    // Each central router took a share.
+    for name in ["central-1", "central-2"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no line for {name}: {stdout}"));
+        assert!(!line.starts_with(&format!("{name}: 0 records")), "{line}");
+    }
+    for config in ["edge.toml", "central-1.toml", "central-2.toml"] {
+        weir::config::Config::load(dir.path().join(config)).expect("the demo's configs are valid");
+    }
+}

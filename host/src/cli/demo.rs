@@ -19,9 +19,12 @@
 //! While it streams, stderr shows per-stage and per-sink counts (`live.rs`). Then the router
 //! stops gracefully (windows still open are flushed, sinks drained) and the summary gives the
 //! final counts (`counts.rs`), the throughput, the deploy and where the files are (`setup.rs`).
+//!
+//! `weir demo --kafka BROKERS` runs another demo: routers joined by a Kafka topic (`kafka.rs`).
 
 mod counts;
 mod hotload;
+mod kafka;
 mod live;
 mod setup;
 
@@ -58,6 +61,10 @@ pub struct DemoArgs {
     /// replaced; nothing else is touched.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// Instead: an edge router writing to a Kafka topic on these brokers and two central
+    /// routers sharing it as one consumer group (`host:port[,host:port…]`).
+    #[arg(long, value_name = "BROKERS")]
+    kafka: Option<String>,
 }
 
 /// What the producer did.
@@ -81,6 +88,13 @@ fn admin_token() -> String {
 
 /// Runs the command.
 pub fn run(args: &DemoArgs) -> Result<()> {
+    if let Some(brokers) = &args.kafka {
+        let dir = args
+            .dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("weir-demo-kafka"));
+        return kafka::run(brokers, &dir, args.events);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
