@@ -6,7 +6,9 @@
 //! the partitions across rebalances without losing a record, and of three `weir serve`s in one
 //! group on six partitions, one killed with -9 mid-stream and restarted, none loses a record
 //! (the records read twice are counted and printed); a broker that is down when the router
-//! starts is reported in one line and read in full once it is up.
+//! starts is reported in one line and read in full once it is up; a reload that restarts the
+//! pipeline keeps the source feeding it (a change of the source itself waits for a restart,
+//! and the removal of its pipeline is refused); and `weir demo --kafka` runs.
 
 #[path = "common/kafka.rs"]
 mod kafka;
@@ -554,4 +556,83 @@ async fn weir_demo_kafka_counts_every_record_the_edge_wrote_across_two_central_r
     for config in ["edge.toml", "central-1.toml", "central-2.toml"] {
         weir::config::Config::load(dir.path().join(config)).expect("the demo's configs are valid");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_restarts_the_pipeline_keeps_the_source_feeding_it() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    create_topic(&broker.addr(), "reloaded", 3).await;
+    let out = dir.path().join("out.jsonl");
+    let text = config_text(
+        dir.path(),
+        &broker.addr(),
+        "reloaded",
+        "reloading",
+        &file_sink(&out),
+    );
+    let server = start(dir.path(), &text).await;
+    let path = dir.path().join("weir.toml");
+    let records = |from: u64| -> Vec<Record> { (from..from + 500).map(|n| record(n, 3)).collect() };
+    produce(&broker.addr(), "reloaded", &records(0)).await;
+    wait_for("the first records", 500, || events(&out).len()).await;
+
+    // A stage added: the pipeline is restarted, the source goes on feeding its successor.
+    let with_stage = text.replace(
+        "dead_letters = \"dead\"\n",
+        "dead_letters = \"dead\"\n\n[[pipelines.p.stages]]\nplugin = \"example:identity\"\n",
+    );
+    assert_ne!(with_stage, text);
+    std::fs::write(&path, &with_stage).expect("config written");
+    let (addr, second) = (broker.addr(), records(500));
+    let producing = produce(&addr, "reloaded", &second);
+    let (report, ()) = tokio::join!(server.reload(), producing);
+    let report = report.expect("the reload applies");
+    assert!(
+        report
+            .changes
+            .iter()
+            .any(|c| c.starts_with("pipeline `p`: restarted")),
+        "{:?}",
+        report.changes
+    );
+    wait_for("the records across the restart", 1000, || {
+        events(&out).len()
+    })
+    .await;
+
+    // The source itself needs a restart to change; removing its pipeline is refused.
+    std::fs::write(
+        &path,
+        with_stage.replace("batch_events = 64", "batch_events = 32"),
+    )
+    .expect("config written");
+    let report = server.reload().await.expect("the reload applies");
+    assert_eq!(
+        report.restart,
+        vec!["[sources.orders]: changed".to_owned()],
+        "{report:?}"
+    );
+    let without = with_stage
+        .split("[sources.orders]")
+        .next()
+        .expect("the listener")
+        .to_owned()
+        + "[pipelines.q]\nsinks = [\"out\"]\ndead_letters = \"dead\"\n\n[sinks.out]\n"
+        + &file_sink(&out)
+        + &format!(
+            "\n\n[sinks.dead]\ntype = \"file\"\npath = \"{}\"\n",
+            dir.path().join("dead.jsonl").display()
+        );
+    std::fs::write(&path, without).expect("config written");
+    let refused = server.reload().await.expect_err("refused");
+    assert_eq!(
+        refused.to_string(),
+        "pipeline `p` is fed by source `orders`, which runs until the router restarts: keep the pipeline, or restart the router to remove both"
+    );
+
+    server.shutdown().await.expect("a graceful stop");
+    let mut ns: Vec<u64> = events(&out).iter().map(n_of).collect();
+    ns.sort_unstable();
+    assert_eq!(ns, (0..1000).collect::<Vec<_>>(), "every record once");
 }

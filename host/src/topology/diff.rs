@@ -185,20 +185,6 @@ impl ConfigDiff {
             "the limits".into(),
             "others".into(),
         );
-        let sources = |config: &Config| -> String {
-            let names: Vec<&str> = config.sources.iter().map(|s| s.name()).collect();
-            if names.is_empty() {
-                "none".into()
-            } else {
-                names.join(", ")
-            }
-        };
-        restart(
-            "[sources]",
-            old.sources != new.sources,
-            sources(old),
-            sources(new),
-        );
         let endpoint = |addr: Option<String>| addr.unwrap_or_else(|| "none".into());
         restart(
             "[metrics] listen",
@@ -212,6 +198,24 @@ impl ConfigDiff {
             endpoint(old.admin.as_ref().map(|a| a.listen.to_string())),
             endpoint(new.admin.as_ref().map(|a| a.listen.to_string())),
         );
+        let mut names: Vec<&str> = old
+            .sources
+            .iter()
+            .chain(&new.sources)
+            .map(|s| s.name())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            let find = |config: &Config| config.sources.iter().position(|s| s.name() == name);
+            let what = match (find(old), find(new)) {
+                (Some(a), Some(b)) if old.sources[a] != new.sources[b] => "changed",
+                (Some(_), None) => "removed",
+                (None, Some(_)) => "added",
+                _ => continue,
+            };
+            diff.restart.push(format!("[sources.{name}]: {what}"));
+        }
         diff
     }
 

@@ -218,3 +218,21 @@ fn what_cannot_change_live_is_reported_and_left_alone() {
          needs a restart, not applied: [metrics] listen: none → 127.0.0.1:9464\n"
     );
 }
+
+#[test]
+fn sources_are_reported_added_removed_or_changed_and_left_alone() {
+    let source = |name: &str, group: &str| {
+        format!(
+            "\n[sources.{name}]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\ntopic = \"t\"\ngroup = \"{group}\"\npipeline = \"totals\"\n"
+        )
+    };
+    let old = config(&(BASE.to_owned() + &source("a", "g") + &source("b", "g")));
+    let new = config(&(BASE.to_owned() + &source("b", "h") + &source("c", "g")));
+    let d = ConfigDiff::new(&old, &new, |_, _| false);
+    assert_eq!(
+        d.to_string(),
+        "needs a restart, not applied: [sources.a]: removed\n\
+         needs a restart, not applied: [sources.b]: changed\n\
+         needs a restart, not applied: [sources.c]: added\n"
+    );
+}
