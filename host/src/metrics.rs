@@ -49,6 +49,7 @@
 //! | `weir_source_connections_over_limit_total` | counter | `source` | connections refused because `max_connections` were open |
 //! | `weir_source_batches_received_total` | counter | `source` | batch frames read off streams (duplicates included) |
 //! | `weir_source_stream_errors_total` | counter | `source` | batch streams failed with an error (framing, limits, invalid batch, gap) |
+//! | `weir_source_kafka_lag` | gauge | `source`, `topic`, `partition` | records of a partition the Kafka source owns that it has not read yet (the partition's end minus the source's position) |
 //!
 //! A sink is labelled by its name only: pipelines that share a sink share its series. The
 //! QUIC listener is the source `quic`.
@@ -160,10 +161,25 @@ struct SourceLabels {
     source: LabelValue,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabels {
+    source: LabelValue,
+    topic: LabelValue,
+    partition: LabelValue,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn histogram_family<L: Clone + std::hash::Hash + Eq>() -> HistogramFamily<L> {
     Family::new_with_constructor(latency_histogram)
+}
+
+fn partition_labels(source: &str, topic: &str, partition: i32) -> PartitionLabels {
+    PartitionLabels {
+        source: LabelValue(source.to_owned()),
+        topic: LabelValue(topic.to_owned()),
+        partition: LabelValue(partition.to_string()),
+    }
 }
 
 /// The series of one pipeline. Clone it once per task that counts; clones share the series.
@@ -280,6 +296,7 @@ struct SourceFamilies {
     connections_over_limit: Family<SourceLabels, Counter>,
     batches_received: Family<SourceLabels, Counter>,
     stream_errors: Family<SourceLabels, Counter>,
+    kafka_lag: Family<PartitionLabels, Gauge>,
 }
 
 #[derive(Debug)]
@@ -556,6 +573,11 @@ impl Metrics {
         ] {
             registry.register(name, help, family.clone());
         }
+        registry.register(
+            "source_kafka_lag",
+            "Records of a partition the Kafka source owns that it has not read yet",
+            q.kafka_lag.clone(),
+        );
 
         Arc::new(Metrics {
             registry,
@@ -598,6 +620,21 @@ impl Metrics {
             batches_received: f.batches_received.get_or_create_owned(&labels),
             stream_errors: f.stream_errors.get_or_create_owned(&labels),
         }
+    }
+
+    /// The lag of partition `partition` of `topic` read by Kafka source `source`, created at
+    /// zero the first time it is asked for.
+    pub fn kafka_lag(&self, source: &str, topic: &str, partition: i32) -> Gauge {
+        self.sources
+            .kafka_lag
+            .get_or_create_owned(&partition_labels(source, topic, partition))
+    }
+
+    /// Drops the lag series of a partition the source no longer owns.
+    pub fn forget_kafka_lag(&self, source: &str, topic: &str, partition: i32) {
+        self.sources
+            .kafka_lag
+            .remove(&partition_labels(source, topic, partition));
     }
 
     /// The series of stage `stage` of pipeline `pipeline`, created at zero the first time they
@@ -787,6 +824,7 @@ mod tests {
         metrics.stage("p", "s");
         metrics.sink("k");
         metrics.source("quic");
+        metrics.kafka_lag("kafka/k", "t", 0);
         let text = metrics.render();
         let families: Vec<&str> = text
             .lines()
@@ -827,6 +865,7 @@ mod tests {
                 "weir_source_connections_over_limit counter",
                 "weir_source_batches_received counter",
                 "weir_source_stream_errors counter",
+                "weir_source_kafka_lag gauge",
             ]
         );
         // Every series starts at zero (a histogram's sum is a float).

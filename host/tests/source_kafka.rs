@@ -147,6 +147,17 @@ async fn records_become_events_and_offsets_are_committed_once_the_sinks_took_the
         events(&dir.path().join("dead.jsonl")).len()
     })
     .await;
+    // Caught up: every partition's lag is 0 (librdkafka reports it every second).
+    let caught_up = |p: i32| {
+        format!(
+            "weir_source_kafka_lag{{source=\"kafka/orders\",topic=\"orders\",partition=\"{p}\"}} 0\n"
+        )
+    };
+    wait_for("the lag of every partition at 0", 3, || {
+        let text = server.metrics().render();
+        (0..3).filter(|&p| text.contains(&caught_up(p))).count()
+    })
+    .await;
     let report = server.shutdown().await.expect("a graceful stop");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 

@@ -50,6 +50,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::CStr;
@@ -63,6 +64,8 @@ use weir_format::{BatchBuilder, Event};
 pub const COMMIT_EVERY: Duration = Duration::from_millis(200);
 /// The same problem is logged at most this often per source.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often librdkafka reports the partitions' lag (its statistics).
+const LAG_EVERY: Duration = Duration::from_secs(1);
 /// How long a poll waits when nothing is due sooner.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How often a source whose pipeline is full tries to hand its batch over again.
@@ -97,6 +100,9 @@ struct Shared {
     rebalances: AtomicU64,
     /// The last problem logged, and when.
     last_log: Mutex<Option<(String, Instant)>>,
+    /// Where the partitions' lag goes, and the source's label there.
+    metrics: Arc<Metrics>,
+    label: String,
 }
 
 impl Shared {
@@ -218,6 +224,21 @@ impl ClientContext for Callbacks {
             "kafka source `{}`: {facility}: {message}",
             self.shared.config.name
         );
+    }
+
+    /// librdkafka's statistics: the lag of each partition being fetched (`-1` for the others,
+    /// which are left out).
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (&partition, p) in &t.partitions {
+                if partition >= 0 && p.consumer_lag >= 0 {
+                    self.shared
+                        .metrics
+                        .kafka_lag(&self.shared.label, topic, partition)
+                        .set(p.consumer_lag);
+                }
+            }
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -525,6 +546,11 @@ impl<'c> Reader<'c> {
         if revoked.is_empty() {
             return;
         }
+        for p in &revoked {
+            self.shared
+                .metrics
+                .forget_kafka_lag(&self.shared.label, &p.topic, p.partition);
+        }
         self.pending.retain(|p, _| !revoked.contains(p));
         self.ready.retain(|r| !revoked.contains(&r.partition));
         for partition in &revoked {
@@ -672,6 +698,8 @@ impl KafkaSource {
             revoked: Mutex::new(Vec::new()),
             rebalances: AtomicU64::new(0),
             last_log: Mutex::new(None),
+            metrics: metrics.clone(),
+            label: format!("kafka/{}", config.name),
         });
         let mut client = ClientConfig::new();
         client
@@ -681,7 +709,8 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
-            .set("auto.offset.reset", config.start.as_str());
+            .set("auto.offset.reset", config.start.as_str())
+            .set("statistics.interval.ms", LAG_EVERY.as_millis().to_string());
         for (key, value) in &config.properties {
             client.set(key, value);
         }
@@ -714,9 +743,7 @@ impl KafkaSource {
             })
             .collect();
         let thread_shared = shared.clone();
-        let batches = metrics
-            .source(&format!("kafka/{}", config.name))
-            .batches_received;
+        let batches = metrics.source(&shared.label).batches_received;
         let duplicates = metrics.pipeline(&config.pipeline).duplicates_dropped;
         let thread = std::thread::Builder::new()
             .name(format!("kafka-{}", config.name))
