@@ -1156,11 +1156,13 @@ fn sources(
             ms @ 0..=60_000 => Duration::from_millis(ms),
             ms => return Err(bad(format!("batch_ms = {ms} is outside 0 to 60000"))),
         };
+        // Well below librdkafka's `max.poll.interval.ms` (five minutes): a member that waits
+        // longer in a rebalance is put out of the group.
         let rebalance_wait = match rebalance_wait_ms.unwrap_or(10_000) {
-            ms @ 1..=300_000 => Duration::from_millis(ms),
+            ms @ 1..=120_000 => Duration::from_millis(ms),
             ms => {
                 return Err(bad(format!(
-                    "rebalance_wait_ms = {ms} is outside 1 to 300000 (five minutes)"
+                    "rebalance_wait_ms = {ms} is outside 1 to 120000 (two minutes)"
                 )));
             }
         };

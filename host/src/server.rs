@@ -319,8 +319,9 @@ impl Core {
     }
 }
 
-/// Starts the Kafka sources of `config`, each feeding its pipeline; none when one fails.
-fn start_sources(
+/// Starts the Kafka sources of `config`, each feeding its pipeline; none when one fails (those
+/// started are closed).
+async fn start_sources(
     config: &Config,
     topology: &Topology,
     metrics: &Arc<Metrics>,
@@ -343,7 +344,7 @@ fn start_sources(
             Ok(source) => started.push(source),
             Err(e) => {
                 for source in &started {
-                    source.stop_reading();
+                    source.close().await;
                 }
                 return Err(e);
             }
@@ -431,7 +432,7 @@ impl Server {
                 return Err(e);
             }
         };
-        let kafka = match start_sources(&config, &topology, &metrics) {
+        let kafka = match start_sources(&config, &topology, &metrics).await {
             Ok(kafka) => kafka,
             Err(e) => {
                 quic.stop_reading().await;

@@ -48,7 +48,7 @@ use rdkafka::bindings as rdsys;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
@@ -64,6 +64,9 @@ use weir_format::{BatchBuilder, Event};
 pub const COMMIT_EVERY: Duration = Duration::from_millis(200);
 /// The same problem is logged at most this often per source.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// A partition's batch is handed over once its records hold this many bytes, whatever
+/// `batch_events` says (a batch is one buffer, and a QUIC batch is at most 64 MiB).
+const BATCH_BYTES: usize = 16 << 20;
 /// How often librdkafka reports the partitions' lag (its statistics).
 const LAG_EVERY: Duration = Duration::from_secs(1);
 /// How long a poll waits when nothing is due sooner.
@@ -96,10 +99,10 @@ struct Shared {
     done_rx: Mutex<Receiver<Done>>,
     /// Partitions revoked since the source thread last looked.
     revoked: Mutex<Vec<Partition>>,
-    /// Rebalances so far (a new assignment starts unpaused).
+    /// Rebalances so far (each may change the assignment being paused or resumed).
     rebalances: AtomicU64,
-    /// The last problem logged, and when.
-    last_log: Mutex<Option<(String, Instant)>>,
+    /// When each kind of problem was last logged.
+    last_log: Mutex<HashMap<String, Instant>>,
     /// Where the partitions' lag goes, and the source's label there.
     metrics: Arc<Metrics>,
     label: String,
@@ -108,15 +111,20 @@ struct Shared {
 impl Shared {
     /// Logs `message` unless the same was logged less than [`LOG_EVERY`] ago.
     fn warn(&self, message: String) {
+        self.warn_as(message.clone(), message);
+    }
+
+    /// Logs `message` unless a problem of the same `kind` was logged less than [`LOG_EVERY`]
+    /// ago (librdkafka's reasons for one problem vary from one report to the next).
+    fn warn_as(&self, kind: String, message: String) {
         let mut last = lock(&self.last_log);
-        if let Some((text, at)) = last.as_ref()
-            && *text == message
-            && at.elapsed() < LOG_EVERY
-        {
+        let now = Instant::now();
+        last.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
+        if last.contains_key(&kind) {
             return;
         }
         tracing::warn!("{message}");
-        *last = Some((message, Instant::now()));
+        last.insert(kind, now);
     }
 
     /// Applies the completions reported so far; with `wait`, first waits that long at most for
@@ -161,7 +169,9 @@ impl Shared {
         only: Option<&[Partition]>,
         mode: CommitMode,
     ) {
-        let offsets = lock(&self.offsets).take_commit(only);
+        // A synchronous commit (a rebalance, the stop) also sends what an asynchronous one
+        // still in flight carries: if that one fails, nothing would send it again.
+        let offsets = lock(&self.offsets).take_commit(only, matches!(mode, CommitMode::Sync));
         if offsets.is_empty() {
             return;
         }
@@ -242,10 +252,13 @@ impl ClientContext for Callbacks {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        self.shared.warn(format!(
-            "kafka source `{}` (brokers {}): {reason} ({error})",
-            self.shared.config.name, self.shared.config.brokers
-        ));
+        self.shared.warn_as(
+            format!("{:?}", error.rdkafka_error_code()),
+            format!(
+                "kafka source `{}` (brokers {}): {reason} ({error})",
+                self.shared.config.name, self.shared.config.brokers
+            ),
+        );
     }
 }
 
@@ -390,6 +403,8 @@ struct Ready {
 /// A partition's records read and not built into a batch yet.
 struct Pending<'c> {
     messages: Vec<BorrowedMessage<'c>>,
+    /// Their keys' and values' bytes.
+    bytes: usize,
     since: Instant,
 }
 
@@ -407,7 +422,9 @@ struct Reader<'c> {
     /// Where a checkpointed pipeline resumes, by partition.
     resume: HashMap<Partition, i64>,
     next_id: u64,
-    paused: Option<u64>,
+    /// Whether fetching is paused, and the rebalances seen when it last paused or resumed.
+    paused: bool,
+    seen_rebalances: u64,
 }
 
 impl<'c> Reader<'c> {
@@ -420,15 +437,15 @@ impl<'c> Reader<'c> {
             let timeout = if blocked { FULL_RETRY } else { self.next_due() };
             match self.consumer.poll(timeout) {
                 Some(Ok(message)) => self.take(message),
-                // The error callback reported the broker connection already.
-                Some(Err(KafkaError::MessageConsumption(
-                    RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown,
-                ))) => {}
-                Some(Err(e)) => self.shared.warn(format!(
-                    "kafka source `{}` (topics {}): {e}",
-                    self.shared.config.name,
-                    self.shared.config.topics.join(", ")
-                )),
+                // Logged once per kind with the error callback's reports of the same codes.
+                Some(Err(e)) => self.shared.warn_as(
+                    format!("{:?}", e.rdkafka_error_code()),
+                    format!(
+                        "kafka source `{}` (topics {}): {e}",
+                        self.shared.config.name,
+                        self.shared.config.topics.join(", ")
+                    ),
+                ),
                 None => {}
             }
             self.forget_revoked();
@@ -473,12 +490,13 @@ impl<'c> Reader<'c> {
         true
     }
 
-    /// Pauses fetching while the pipeline is full, resumes once it is not.
+    /// Pauses fetching while the pipeline is full, resumes once it is not. librdkafka keeps a
+    /// partition's pause across a rebalance (given up paused, it comes back paused), so after
+    /// any rebalance the whole assignment is paused or resumed again.
     fn pace(&mut self, blocked: bool) {
         let rebalances = self.shared.rebalances.load(Ordering::Relaxed);
-        // A rebalance since the pause: the new assignment is not paused.
-        let paused = self.paused == Some(rebalances);
-        if blocked == paused {
+        let rebalanced = rebalances != self.seen_rebalances;
+        if blocked == self.paused && !rebalanced {
             return;
         }
         let Ok(assignment) = self.consumer.assignment() else {
@@ -490,7 +508,10 @@ impl<'c> Reader<'c> {
             self.consumer.resume(&assignment)
         };
         match result {
-            Ok(()) => self.paused = blocked.then_some(rebalances),
+            Ok(()) => {
+                self.paused = blocked;
+                self.seen_rebalances = rebalances;
+            }
             Err(e) => self.shared.warn(format!(
                 "kafka source `{}`: cannot {} fetching: {e}",
                 self.shared.config.name,
@@ -530,10 +551,13 @@ impl<'c> Reader<'c> {
             .entry(partition.clone())
             .or_insert_with(|| Pending {
                 messages: Vec::with_capacity(self.shared.config.batch_events),
+                bytes: 0,
                 since: Instant::now(),
             });
+        pending.bytes += message.payload_len() + message.key().map_or(0, <[u8]>::len);
         pending.messages.push(message);
-        if pending.messages.len() >= self.shared.config.batch_events
+        if (pending.messages.len() >= self.shared.config.batch_events
+            || pending.bytes >= BATCH_BYTES)
             && let Some(pending) = self.pending.remove(&partition)
         {
             self.build(partition, pending.messages);
@@ -553,9 +577,6 @@ impl<'c> Reader<'c> {
         }
         self.pending.retain(|p, _| !revoked.contains(p));
         self.ready.retain(|r| !revoked.contains(&r.partition));
-        for partition in &revoked {
-            self.resume.remove(partition);
-        }
     }
 
     /// Builds the batches whose linger is over (all of them with `all`).
@@ -697,7 +718,7 @@ impl KafkaSource {
             done_rx: Mutex::new(done_rx),
             revoked: Mutex::new(Vec::new()),
             rebalances: AtomicU64::new(0),
-            last_log: Mutex::new(None),
+            last_log: Mutex::new(HashMap::new()),
             metrics: metrics.clone(),
             label: format!("kafka/{}", config.name),
         });
@@ -758,7 +779,8 @@ impl KafkaSource {
                     builder: BatchBuilder::new(),
                     resume,
                     next_id: 0,
-                    paused: None,
+                    paused: false,
+                    seen_rebalances: 0,
                 };
                 reader.run();
                 drop(reader);

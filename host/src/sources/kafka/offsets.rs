@@ -135,16 +135,16 @@ impl Offsets {
     }
 
     /// The offsets to commit (of `only` when given, else of every partition): those whose
-    /// accepted mark moved since the last commit. They count as committed from here on;
-    /// [`Offsets::commit_failed`] undoes that.
-    pub fn take_commit(&mut self, only: Option<&[Partition]>) -> Vec<(Partition, i64)> {
+    /// accepted mark moved since the last commit, or with `all` every accepted mark. They count
+    /// as committed from here on; [`Offsets::commit_failed`] undoes that.
+    pub fn take_commit(&mut self, only: Option<&[Partition]>, all: bool) -> Vec<(Partition, i64)> {
         let mut out = Vec::new();
         for (partition, track) in &mut self.partitions {
             if only.is_some_and(|only| !only.contains(partition)) {
                 continue;
             }
             if let Some(accepted) = track.accepted
-                && track.committed != Some(accepted)
+                && (all || track.committed != Some(accepted))
             {
                 track.committed = Some(accepted);
                 out.push((partition.clone(), accepted));
@@ -199,18 +199,19 @@ mod tests {
         offsets.handed(&p(0), 1, 100);
         offsets.handed(&p(0), 2, 200);
         offsets.handed(&p(0), 3, 300);
-        assert_eq!(offsets.take_commit(None), vec![]);
+        assert_eq!(offsets.take_commit(None, false), vec![]);
         // The second batch's sinks accept first: nothing may be committed yet.
         assert!(offsets.resolved(&p(0), 2, true));
-        assert_eq!(offsets.take_commit(None), vec![]);
+        assert_eq!(offsets.take_commit(None, false), vec![]);
         assert_eq!(offsets.pending(&[p(0)]), 2);
         // The first: both are passed at once.
         assert!(offsets.resolved(&p(0), 1, true));
-        assert_eq!(offsets.take_commit(None), vec![(p(0), 200)]);
-        // Nothing moved since.
-        assert_eq!(offsets.take_commit(None), vec![]);
+        assert_eq!(offsets.take_commit(None, false), vec![(p(0), 200)]);
+        // Nothing moved since; a synchronous commit sends it again all the same.
+        assert_eq!(offsets.take_commit(None, false), vec![]);
+        assert_eq!(offsets.take_commit(None, true), vec![(p(0), 200)]);
         assert!(offsets.resolved(&p(0), 3, true));
-        assert_eq!(offsets.take_commit(None), vec![(p(0), 300)]);
+        assert_eq!(offsets.take_commit(None, false), vec![(p(0), 300)]);
         assert_eq!(offsets.pending_total(), 0);
     }
 
@@ -220,10 +221,10 @@ mod tests {
         offsets.handed(&p(0), 1, 10);
         offsets.handed(&p(1), 2, 20);
         offsets.resolved(&p(1), 2, true);
-        assert_eq!(offsets.take_commit(None), vec![(p(1), 20)]);
+        assert_eq!(offsets.take_commit(None, false), vec![(p(1), 20)]);
         offsets.resolved(&p(0), 1, true);
-        assert_eq!(offsets.take_commit(Some(&[p(1)])), vec![]);
-        assert_eq!(offsets.take_commit(Some(&[p(0)])), vec![(p(0), 10)]);
+        assert_eq!(offsets.take_commit(Some(&[p(1)]), false), vec![]);
+        assert_eq!(offsets.take_commit(Some(&[p(0)]), false), vec![(p(0), 10)]);
     }
 
     #[test]
@@ -235,11 +236,11 @@ mod tests {
         offsets.resolved(&p(0), 1, true);
         offsets.resolved(&p(0), 2, false);
         offsets.resolved(&p(0), 3, true);
-        assert_eq!(offsets.take_commit(None), vec![(p(0), 10)]);
+        assert_eq!(offsets.take_commit(None, false), vec![(p(0), 10)]);
         assert_eq!(offsets.stuck_at(&p(0)), Some(10));
         offsets.handed(&p(0), 4, 40);
         offsets.resolved(&p(0), 4, true);
-        assert_eq!(offsets.take_commit(None), vec![]);
+        assert_eq!(offsets.take_commit(None, false), vec![]);
     }
 
     #[test]
@@ -247,16 +248,16 @@ mod tests {
         let mut offsets = Offsets::default();
         offsets.handed(&p(0), 1, 10);
         offsets.resolved(&p(0), 1, true);
-        let first = offsets.take_commit(None);
+        let first = offsets.take_commit(None, false);
         offsets.commit_failed(&first);
-        assert_eq!(offsets.take_commit(None), vec![(p(0), 10)]);
+        assert_eq!(offsets.take_commit(None, false), vec![(p(0), 10)]);
         offsets.handed(&p(0), 2, 20);
         offsets.resolved(&p(0), 2, true);
-        let second = offsets.take_commit(None);
+        let second = offsets.take_commit(None, false);
         assert_eq!(second, vec![(p(0), 20)]);
         // The failure of the older commit does not undo the newer one.
         offsets.commit_failed(&first);
-        assert_eq!(offsets.take_commit(None), vec![]);
+        assert_eq!(offsets.take_commit(None, false), vec![]);
     }
 
     #[test]
@@ -264,13 +265,13 @@ mod tests {
         let mut offsets = Offsets::default();
         offsets.handed(&p(0), 1, 10);
         offsets.skipped(&p(0), 2, 15);
-        assert_eq!(offsets.take_commit(None), vec![]);
+        assert_eq!(offsets.take_commit(None, false), vec![]);
         offsets.resolved(&p(0), 1, true);
-        assert_eq!(offsets.take_commit(None), vec![(p(0), 15)]);
+        assert_eq!(offsets.take_commit(None, false), vec![(p(0), 15)]);
         offsets.handed(&p(0), 3, 20);
         offsets.release(&[p(0)]);
         assert!(!offsets.resolved(&p(0), 3, true));
         assert_eq!(offsets.pending_total(), 0);
-        assert_eq!(offsets.take_commit(None), vec![]);
+        assert_eq!(offsets.take_commit(None, false), vec![]);
     }
 }
