@@ -282,6 +282,7 @@ impl Core {
             config: self.config_path.display().to_string(),
             pipelines,
             sinks,
+            sources: self.kafka.iter().map(KafkaSource::status).collect(),
             last_reload: lock(&self.last_reload).clone(),
         }
     }

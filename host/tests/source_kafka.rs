@@ -139,13 +139,13 @@ async fn records_become_events_and_offsets_are_committed_once_the_sinks_took_the
     let out = dir.path().join("out.jsonl");
     let server = start(
         dir.path(),
-        &config_text(
+        &(config_text(
             dir.path(),
             &broker.addr(),
             "orders",
             "router",
             &file_sink(&out),
-        ),
+        ) + "\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"t0ken\"\n"),
     )
     .await;
     wait_for("events in the sink", 601, || events(&out).len()).await;
@@ -164,6 +164,34 @@ async fn records_become_events_and_offsets_are_committed_once_the_sinks_took_the
         (0..3).filter(|&p| text.contains(&caught_up(p))).count()
     })
     .await;
+    // `weir top` shows the source, its partitions and their lag.
+    let admin = server.admin_addr().expect("an admin endpoint").to_string();
+    let top = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["top", "--once", "--admin", &admin, "--token", "t0ken"])
+            .output()
+            .expect("weir top runs")
+    })
+    .await
+    .expect("joined");
+    let screen = String::from_utf8_lossy(&top.stdout);
+    assert!(top.status.success(), "{screen}");
+    let line = screen
+        .lines()
+        .find(|l| l.starts_with("orders "))
+        .unwrap_or_else(|| panic!("no source line: {screen}"));
+    let cells: Vec<&str> = line.split_whitespace().collect();
+    // Name, batches/s, batches, lag, pipeline, partitions.
+    assert_eq!(cells[3], "0", "{line}");
+    assert_eq!(cells[4], "p", "{line}");
+    assert_eq!(cells[5], "orders[0,1,2]", "{line}");
+    assert!(
+        line.ends_with(&format!(
+            "/ kafka {} topics orders as group router",
+            broker.addr()
+        )),
+        "{line}"
+    );
     let report = server.shutdown().await.expect("a graceful stop");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 

@@ -18,6 +18,9 @@ pub struct StatusView {
     pub pipelines: Vec<PipelineStatus>,
     /// Every sink, by name (dead-letter files included, named `PIPELINE/dead-letters`).
     pub sinks: Vec<SinkStatus>,
+    /// The sources besides the QUIC listener (`[sources]`), in config order.
+    #[serde(default)]
+    pub sources: Vec<SourceStatus>,
     /// The last reload (file change, SIGHUP or `weir reload`), if any.
     pub last_reload: Option<ReloadRecord>,
 }
@@ -73,6 +76,32 @@ pub struct SinkStatus {
     pub capacity: u64,
     /// What it does when the buffer is full (`block`, `drop_newest`, `spill`, ...).
     pub when_full: String,
+}
+
+/// A source of `[sources]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    /// Its name.
+    pub name: String,
+    /// What it reads (`kafka BROKERS topics T as group G`).
+    pub describe: String,
+    /// The pipeline it feeds.
+    pub pipeline: String,
+    /// Batches it handed to the pipeline.
+    pub batches: u64,
+    /// The partitions it owns now, with their lag.
+    pub partitions: Vec<PartitionStatus>,
+}
+
+/// A partition a source owns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    /// Its topic.
+    pub topic: String,
+    /// Its number.
+    pub partition: i32,
+    /// Records not read yet (0 until librdkafka first reports it).
+    pub lag: i64,
 }
 
 /// A reload and what came of it.

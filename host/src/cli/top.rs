@@ -261,6 +261,7 @@ fn render(screen: &Screen, width: usize) -> Vec<String> {
                 .chain([p.name.len()])
         })
         .chain(view.sinks.iter().map(|s| s.name.len()))
+        .chain(view.sources.iter().map(|s| s.name.len()))
         .chain([14])
         .max()
         .unwrap_or(14);
@@ -377,5 +378,54 @@ fn render(screen: &Screen, width: usize) -> Vec<String> {
         ]);
     }
     lines.extend(table.lines().map(str::to_owned));
+    if !view.sources.is_empty() {
+        lines.push(String::new());
+        lines.extend(sources(screen, name_width));
+    }
     lines.into_iter().map(|l| clip(l, width)).collect()
+}
+
+/// The Kafka sources: batches handed over, the partitions owned and their lag.
+fn sources(screen: &Screen, name_width: usize) -> Vec<String> {
+    let mut table = String::new();
+    let mut row = |cells: [&str; 6]| {
+        let [a, b, c, d, e, f] = cells;
+        // Writing to a String cannot fail.
+        let _ = writeln!(table, "{a:<name_width$} {b:>9} {c:>12} {d:>9} {e:<12} {f}");
+    };
+    row([
+        "SOURCE",
+        "BATCHES/s",
+        "BATCHES",
+        "LAG",
+        "PIPELINE",
+        "PARTITIONS / READS",
+    ]);
+    for (i, source) in screen.now.sources.iter().enumerate() {
+        let lag: i64 = source.partitions.iter().map(|p| p.lag).sum();
+        let mut owned: Vec<String> = Vec::new();
+        for p in &source.partitions {
+            match owned.last_mut() {
+                Some(last) if last.starts_with(&format!("{}[", p.topic)) => {
+                    last.pop();
+                    last.push_str(&format!(",{}]", p.partition));
+                }
+                _ => owned.push(format!("{}[{}]", p.topic, p.partition)),
+            }
+        }
+        let owned = if owned.is_empty() {
+            "none".to_owned()
+        } else {
+            owned.join(" ")
+        };
+        row([
+            &source.name,
+            &screen.rate(|v| v.sources.get(i).map(|s| s.batches)),
+            &source.batches.to_string(),
+            &lag.to_string(),
+            &source.pipeline,
+            &format!("{owned} / {}", source.describe),
+        ]);
+    }
+    table.lines().map(str::to_owned).collect()
 }

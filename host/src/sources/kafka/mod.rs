@@ -38,6 +38,7 @@
 pub mod config;
 mod offsets;
 
+use crate::admin::status::{PartitionStatus, SourceStatus};
 use crate::metrics::{Counter, Metrics};
 use crate::pipeline::{Completion, Input, PipelineInput, Position};
 use crate::sinks::SharedBatch;
@@ -106,6 +107,8 @@ struct Shared {
     /// Where the partitions' lag goes, and the source's label there.
     metrics: Arc<Metrics>,
     label: String,
+    /// The partitions it owns now.
+    assigned: Mutex<Vec<Partition>>,
 }
 
 impl Shared {
@@ -217,6 +220,7 @@ impl Shared {
         }
         self.commit(consumer, Some(&partitions), CommitMode::Sync);
         lock(&self.offsets).release(&partitions);
+        lock(&self.assigned).retain(|p| !partitions.contains(p));
         lock(&self.revoked).extend(partitions);
     }
 }
@@ -285,11 +289,16 @@ impl ConsumerContext for Callbacks {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         self.shared.rebalances.fetch_add(1, Ordering::Relaxed);
         if let Rebalance::Assign(list) = rebalance {
+            let assigned = partitions(list);
             tracing::info!(
                 "kafka source `{}`: partitions assigned: {}",
                 self.shared.config.name,
-                names(&partitions(list))
+                names(&assigned)
             );
+            let mut owned = lock(&self.shared.assigned);
+            owned.extend(assigned);
+            owned.sort();
+            owned.dedup();
         }
     }
 
@@ -721,6 +730,7 @@ impl KafkaSource {
             last_log: Mutex::new(HashMap::new()),
             metrics: metrics.clone(),
             label: format!("kafka/{}", config.name),
+            assigned: Mutex::new(Vec::new()),
         });
         let mut client = ClientConfig::new();
         client
@@ -810,6 +820,34 @@ impl KafkaSource {
     /// The pipeline it feeds.
     pub fn pipeline(&self) -> &str {
         &self.shared.config.pipeline
+    }
+
+    /// What it reads, what it handed over, and the partitions it owns with their lag, as the
+    /// metrics have them.
+    pub fn status(&self) -> SourceStatus {
+        let config = &self.shared.config;
+        let metrics = &self.shared.metrics;
+        SourceStatus {
+            name: config.name.clone(),
+            describe: format!(
+                "kafka {} topics {} as group {}",
+                config.brokers,
+                config.topics.join(","),
+                config.group
+            ),
+            pipeline: config.pipeline.clone(),
+            batches: metrics.source(&self.shared.label).batches_received.get(),
+            partitions: lock(&self.shared.assigned)
+                .iter()
+                .map(|p| PartitionStatus {
+                    topic: p.topic.to_string(),
+                    partition: p.partition,
+                    lag: metrics
+                        .kafka_lag(&self.shared.label, &p.topic, p.partition)
+                        .get(),
+                })
+                .collect(),
+        }
     }
 
     /// The pipeline was restarted: its batches go to `input` from now on.
