@@ -120,9 +120,18 @@ topic_from = "route"
 }
 
 pub(super) async fn create(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Result<()> {
+    create_with(admin, topic, PARTITIONS).await
+}
+
+/// Creates `topic` with `partitions` partitions (one replica); an error names the topic.
+pub(super) async fn create_with(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+    partitions: i32,
+) -> Result<()> {
     let results = admin
         .create_topics(
-            &[NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1))],
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
         )
         .await

@@ -14,7 +14,7 @@
 
 use anyhow::{Context, Result, bail};
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -140,22 +140,9 @@ async fn demo(brokers: &str, dir: &Path, events: u64) -> Result<()> {
         .set("bootstrap.servers", brokers)
         .create()
         .context("a Kafka admin client")?;
-    let created = admin
-        .create_topics(
-            &[NewTopic::new(
-                &topic,
-                PARTITIONS,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
+    super::super::kafka_bench::create_with(&admin, &topic, PARTITIONS)
         .await
-        .with_context(|| format!("cannot reach the Kafka brokers at {brokers}"))?;
-    for result in created {
-        if let Err((topic, e)) = result {
-            bail!("cannot create topic {topic} on {brokers}: {e}");
-        }
-    }
+        .with_context(|| format!("on the Kafka brokers at {brokers}"))?;
     let edge = start(dir, "edge", &edge_config(dir, brokers, &topic)).await?;
     let central = [
         start(

@@ -47,6 +47,14 @@ struct Track {
 }
 
 impl Track {
+    /// Batches handed over and not resolved yet.
+    fn pending(&self) -> usize {
+        self.in_flight
+            .iter()
+            .filter(|b| b.state == State::Pending)
+            .count()
+    }
+
     /// Moves the accepted mark past the accepted batches at the front; a refused batch stops
     /// it for good (its records are consumed again by whoever next owns the partition).
     fn advance(&mut self) {
@@ -112,26 +120,13 @@ impl Offsets {
         partitions
             .iter()
             .filter_map(|p| self.partitions.get(p))
-            .map(|t| {
-                t.in_flight
-                    .iter()
-                    .filter(|b| b.state == State::Pending)
-                    .count()
-            })
+            .map(Track::pending)
             .sum()
     }
 
     /// Batches handed over and not resolved yet, over every partition.
     pub fn pending_total(&self) -> usize {
-        self.partitions
-            .values()
-            .map(|t| {
-                t.in_flight
-                    .iter()
-                    .filter(|b| b.state == State::Pending)
-                    .count()
-            })
-            .sum()
+        self.partitions.values().map(Track::pending).sum()
     }
 
     /// The offsets to commit (of `only` when given, else of every partition): those whose
