@@ -144,21 +144,30 @@ pub(super) async fn create_with(
     Ok(())
 }
 
-/// Produces every event of `batches` to `topic` with a plain producer; the time until every
-/// delivery report came.
-async fn plain(brokers: &str, topic: &str, batches: &[EncodedBatch]) -> Result<Duration> {
-    // The kafka sink's settings, exactly.
-    let sink = KafkaConfig {
+/// The kafka sink's producer settings for `topic`, exactly.
+pub(super) fn sink_settings(brokers: &str, topic: &str) -> KafkaConfig {
+    KafkaConfig {
         brokers: brokers.to_owned(),
         topic: Some(topic.to_owned()),
         topic_from: TopicFrom::Config,
         properties: Vec::new(),
         timeout: Duration::from_secs(30),
-    };
-    let producer: FutureProducer = client_config("bench-plain", &sink)
+    }
+}
+
+/// A producer with the kafka sink's settings for `topic`.
+pub(super) fn sink_producer(name: &str, brokers: &str, topic: &str) -> Result<FutureProducer> {
+    client_config(name, &sink_settings(brokers, topic))
         .create()
-        .context("a producer")?;
-    let started = Instant::now();
+        .context("a producer")
+}
+
+/// Produces every event of `batches` to `topic` and waits for every delivery report.
+pub(super) async fn produce_all(
+    producer: &FutureProducer,
+    topic: &str,
+    batches: &[EncodedBatch],
+) -> Result<()> {
     let mut pending = Vec::new();
     for encoded in batches {
         let batch = Batch::verify(encoded.payload()).context("a prepared batch")?;
@@ -176,6 +185,15 @@ async fn plain(brokers: &str, topic: &str, batches: &[EncodedBatch]) -> Result<D
             .context("the producer went away")?
             .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
     }
+    Ok(())
+}
+
+/// Produces every event of `batches` to `topic` with a plain producer; the time until every
+/// delivery report came.
+async fn plain(brokers: &str, topic: &str, batches: &[EncodedBatch]) -> Result<Duration> {
+    let producer = sink_producer("bench-plain", brokers, topic)?;
+    let started = Instant::now();
+    produce_all(&producer, topic, batches).await?;
     Ok(started.elapsed())
 }
 

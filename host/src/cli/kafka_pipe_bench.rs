@@ -15,7 +15,7 @@
 //!   the two in turn, read back from the output topic: the time from produce to read.
 
 use super::ingest_bench::ROUNDS;
-use super::kafka_bench::{PARTITIONS, create};
+use super::kafka_bench::{PARTITIONS, create, produce_all, sink_producer, sink_settings};
 use super::loopback::{self, stop};
 use anyhow::{Context, Result, anyhow, bail};
 use rdkafka::admin::AdminClient;
@@ -27,9 +27,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use weir::sinks::{KafkaConfig, TopicFrom, client_config, record};
+use weir::sinks::client_config;
 use weir_client::EncodedBatch;
-use weir_format::Batch;
 
 /// Events per second of the latency runs, and how long each runs.
 const LATENCY_RATE: u64 = 2_000;
@@ -38,17 +37,6 @@ const LATENCY_RUN: Duration = Duration::from_secs(5);
 const READ_AFTER: Duration = Duration::from_secs(15);
 /// How long a round may take before the bench gives up.
 const ROUND_LIMIT: Duration = Duration::from_secs(300);
-
-/// The kafka sink's producer settings for `topic`.
-fn sink_settings(brokers: &str, topic: &str) -> KafkaConfig {
-    KafkaConfig {
-        brokers: brokers.to_owned(),
-        topic: Some(topic.to_owned()),
-        topic_from: TopicFrom::Config,
-        properties: Vec::new(),
-        timeout: Duration::from_secs(30),
-    }
-}
 
 /// Runs the rounds and the latency runs and prints them.
 pub(super) async fn run(
@@ -60,7 +48,8 @@ pub(super) async fn run(
     let id = std::process::id();
     let input = format!("weir-bench-in-{id}");
     create(admin, &input).await?;
-    produce_all(brokers, &input, batches).await?;
+    let producer = sink_producer("bench-input", brokers, &input)?;
+    produce_all(&producer, &input, batches).await?;
     println!(
         "kafka source → identity → kafka sink, against a plain consume-and-produce loop ({events} records, topics of {PARTITIONS} partitions; {ROUNDS} rounds each way, alternating):"
     );
@@ -78,7 +67,6 @@ pub(super) async fn run(
             &format!("plain-{round}-{id}"),
             Some(events),
             &stop,
-            |_| {},
         )
         .await?;
         let plain = started.elapsed();
@@ -111,34 +99,8 @@ pub(super) async fn run(
     latency(brokers, admin, dir.path()).await
 }
 
-/// Produces every event of `batches` to `topic`, waiting for every delivery.
-async fn produce_all(brokers: &str, topic: &str, batches: &[EncodedBatch]) -> Result<()> {
-    let producer: FutureProducer = client_config("bench-input", &sink_settings(brokers, topic))
-        .create()
-        .context("a producer")?;
-    let mut pending = Vec::new();
-    for encoded in batches {
-        let batch = Batch::verify(encoded.payload()).context("a prepared batch")?;
-        for event in batch.iter() {
-            pending.push(
-                producer
-                    .send_result(record(topic, &event))
-                    .map_err(|(e, _)| anyhow!("producing: {e}"))?,
-            );
-        }
-    }
-    for delivery in pending {
-        delivery
-            .await
-            .context("the producer went away")?
-            .map_err(|(e, _)| anyhow!("delivery: {e}"))?;
-    }
-    Ok(())
-}
-
 /// The plain loop: consumes `input` as `group` and produces each record to `out` until
-/// `count` records were delivered (or, without a count, until `stop`), then commits. Calls
-/// `each` with every record consumed.
+/// `count` records were delivered (or, without a count, until `stop`), then commits.
 async fn plain_loop(
     brokers: &str,
     input: &str,
@@ -146,7 +108,6 @@ async fn plain_loop(
     group: &str,
     count: Option<u64>,
     stop: &AtomicBool,
-    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
 ) -> Result<()> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -156,9 +117,7 @@ async fn plain_loop(
         .create()
         .context("a consumer")?;
     consumer.subscribe(&[input]).context("subscribing")?;
-    let producer: FutureProducer = client_config("bench-loop", &sink_settings(brokers, out))
-        .create()
-        .context("a producer")?;
+    let producer: FutureProducer = sink_producer("bench-loop", brokers, out)?;
     let deadline = Instant::now() + ROUND_LIMIT;
     let mut pending = Vec::new();
     let mut read = 0u64;
@@ -170,7 +129,6 @@ async fn plain_loop(
             continue;
         };
         let message = message.context("consuming")?;
-        each(&message);
         let mut outgoing = FutureRecord::to(out).payload(message.payload().unwrap_or_default());
         if let Some(headers) = message.headers() {
             outgoing = outgoing.headers(headers.detach());
@@ -298,7 +256,7 @@ async fn latency(
                 stop_loop.clone(),
             );
             Runner::Plain(tokio::spawn(async move {
-                plain_loop(&brokers, &input, &out, &group, None, &stop, |_| {}).await
+                plain_loop(&brokers, &input, &out, &group, None, &stop).await
             }))
         };
         let mut latencies = measure(brokers, &input, &out).await?;

@@ -430,6 +430,8 @@ struct Reader<'c> {
     builder: BatchBuilder,
     /// Where a checkpointed pipeline resumes, by partition.
     resume: HashMap<Partition, i64>,
+    /// The topics' names, one allocation each.
+    topics: Vec<Arc<str>>,
     next_id: u64,
     /// Whether fetching is paused, and the rebalances seen when it last paused or resumed.
     paused: bool,
@@ -440,7 +442,6 @@ impl<'c> Reader<'c> {
     fn run(&mut self) {
         let mut last_commit = Instant::now();
         while !self.shared.stopping.load(Ordering::Acquire) {
-            self.shared.drain_done(None);
             let blocked = !self.hand_over();
             self.pace(blocked);
             let timeout = if blocked { FULL_RETRY } else { self.next_due() };
@@ -460,6 +461,8 @@ impl<'c> Reader<'c> {
             self.forget_revoked();
             self.build_due(false);
             if last_commit.elapsed() >= COMMIT_EVERY {
+                // Completions are applied here, once per commit, not once per record.
+                self.shared.drain_done(None);
                 self.shared.commit(self.consumer, None, CommitMode::Async);
                 last_commit = Instant::now();
             }
@@ -542,13 +545,14 @@ impl<'c> Reader<'c> {
 
     fn take(&mut self, message: BorrowedMessage<'c>) {
         let partition = Partition {
-            topic: message.topic().into(),
+            topic: self.topic(message.topic()),
             partition: message.partition(),
         };
-        if self
-            .resume
-            .get(&partition)
-            .is_some_and(|at| message.offset() < *at)
+        if !self.resume.is_empty()
+            && self
+                .resume
+                .get(&partition)
+                .is_some_and(|at| message.offset() < *at)
         {
             self.next_id += 1;
             lock(&self.shared.offsets).skipped(&partition, self.next_id, message.offset() + 1);
@@ -571,6 +575,17 @@ impl<'c> Reader<'c> {
         {
             self.build(partition, pending.messages);
         }
+    }
+
+    /// The source's own copy of a topic's name (records carry it as text: no allocation per
+    /// record).
+    fn topic(&mut self, name: &str) -> Arc<str> {
+        if let Some(topic) = self.topics.iter().find(|t| ***t == *name) {
+            return topic.clone();
+        }
+        let topic: Arc<str> = name.into();
+        self.topics.push(topic.clone());
+        topic
     }
 
     /// Drops what was read of partitions revoked meanwhile (their next owner reads it).
@@ -788,6 +803,7 @@ impl KafkaSource {
                     ready: VecDeque::new(),
                     builder: BatchBuilder::new(),
                     resume,
+                    topics: Vec::new(),
                     next_id: 0,
                     paused: false,
                     seen_rebalances: 0,
