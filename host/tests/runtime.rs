@@ -683,13 +683,18 @@ fn a_deadline_is_configurable_per_stage() {
         )
     );
     assert!(took >= Duration::from_millis(20), "{took:?}");
-    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
 }
 
 #[test]
 fn an_allocating_plugin_hits_its_memory_cap() {
     let p = plugin("alloc_unbounded");
-    let dead = isolates_the_poison("alloc_unbounded", Limits::default());
+    // A deadline a loaded machine cannot reach first: the memory cap is what must stop it.
+    let patient = Limits {
+        deadline: Duration::from_secs(10),
+        ..Limits::default()
+    };
+    let dead = isolates_the_poison("alloc_unbounded", patient.clone());
     assert_eq!(
         dead.error,
         format!(
@@ -699,7 +704,7 @@ fn an_allocating_plugin_hits_its_memory_cap() {
     );
     let small = Limits {
         memory_bytes: 8 << 20,
-        ..Limits::default()
+        ..patient
     };
     let dead = isolates_the_poison("alloc_unbounded", small);
     assert_eq!(
@@ -797,7 +802,7 @@ fn an_aggregate_isolates_a_fold_that_traps() {
 fn an_aggregate_isolates_a_fold_that_never_returns() {
     let p = plugin("bad_finish");
     let mut stage = bad_finish(Limits {
-        deadline: Duration::from_millis(20),
+        deadline: Duration::from_millis(500),
         ..Limits::default()
     });
     let input = vec![
@@ -811,7 +816,7 @@ fn an_aggregate_isolates_a_fold_that_never_returns() {
     assert_eq!(
         out.dead_letters[0].error,
         format!(
-            "plugin `bad_finish` {}: exceeded its 20 ms deadline",
+            "plugin `bad_finish` {}: exceeded its 500 ms deadline",
             p.version()
         )
     );
@@ -897,8 +902,10 @@ fn french(size: usize) -> String {
 #[test]
 fn an_enrich_that_hits_its_memory_cap_is_isolated() {
     let p = plugin("geo_enrich");
+    // The memory cap, not a loaded machine's clock, must be what stops the big events.
     let limits = Limits {
         memory_bytes: 8 << 20,
+        deadline: Duration::from_secs(10),
         ..Limits::default()
     };
     let config = StageConfig::new("geo")
@@ -928,8 +935,10 @@ fn an_enrich_that_hits_its_memory_cap_is_isolated() {
 #[test]
 fn isolated_output_is_bounded_by_the_memory_limit() {
     let p = plugin("geo_enrich");
+    // The memory cap, not a loaded machine's clock, must be what stops the big events.
     let limits = Limits {
         memory_bytes: 8 << 20,
+        deadline: Duration::from_secs(10),
         ..Limits::default()
     };
     let config = StageConfig::new("geo")
