@@ -28,6 +28,7 @@ const ALL_PLUGINS: &[&str] = &[
     "tally-a",
     "tally-b",
     "tally-wide",
+    "even-key",
 ];
 
 /// Writes `OUT_DIR/plugin_paths.rs`: one `pub const CRATE_NAME: &str` path per built plugin.
