@@ -55,22 +55,26 @@ impl<'a> Batch<'a> {
     }
 
     /// Number of events.
+    #[inline]
     pub fn len(&self) -> usize {
         self.events.map_or(0, |v| v.len())
     }
 
     /// Whether the batch has no event.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// The event at `index`, if there is one.
+    #[inline]
     pub fn get(&self, index: usize) -> Option<EventRef<'a>> {
         let events = self.events?;
         (index < events.len()).then(|| EventRef(events.get(index)))
     }
 
     /// The events in order.
+    #[inline]
     pub fn iter(&self) -> Events<'a> {
         Events {
             events: self.events,
@@ -100,6 +104,7 @@ pub struct Events<'a> {
 impl<'a> Iterator for Events<'a> {
     type Item = EventRef<'a>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         let events = self.events?;
         if self.next >= events.len() {
@@ -124,31 +129,37 @@ pub struct EventRef<'a>(fb::Event<'a>);
 
 impl<'a> EventRef<'a> {
     /// The key, if the producer set one.
+    #[inline]
     pub fn key(&self) -> Option<&'a [u8]> {
         self.0.key().map(|v| v.bytes())
     }
 
     /// The payload (empty when absent).
+    #[inline]
     pub fn value(&self) -> &'a [u8] {
         self.0.value().map_or(&[], |v| v.bytes())
     }
 
     /// Event time in milliseconds since the Unix epoch.
+    #[inline]
     pub fn timestamp_ms(&self) -> i64 {
         self.0.timestamp_ms()
     }
 
     /// The route tag, if a plugin set one.
+    #[inline]
     pub fn route(&self) -> Option<&'a str> {
         self.0.route()
     }
 
     /// In a plugin's output: the index of the input event or window this event came from.
+    #[inline]
     pub fn source(&self) -> u32 {
         self.0.source()
     }
 
     /// The headers in order.
+    #[inline]
     pub fn headers(&self) -> Headers<'a> {
         Headers {
             headers: self.0.headers(),
@@ -157,6 +168,7 @@ impl<'a> EventRef<'a> {
     }
 
     /// The value of the first header with this name.
+    #[inline]
     pub fn header(&self, name: &str) -> Option<&'a [u8]> {
         self.headers().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
@@ -192,6 +204,7 @@ pub struct Headers<'a> {
 impl<'a> Iterator for Headers<'a> {
     type Item = (&'a str, &'a [u8]);
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         let headers = self.headers?;
         if self.next >= headers.len() {

@@ -30,16 +30,19 @@ impl<'a> Event<'a> {
     }
 
     /// The key, if the producer set one.
+    #[inline]
     pub fn key(&self) -> Option<&'a [u8]> {
         self.inner.key()
     }
 
     /// The key as UTF-8 text; `None` when absent or not UTF-8.
+    #[inline]
     pub fn key_str(&self) -> Option<&'a str> {
         self.key().and_then(|k| std::str::from_utf8(k).ok())
     }
 
     /// The payload bytes (empty when absent).
+    #[inline]
     pub fn value(&self) -> &'a [u8] {
         self.inner.value()
     }
@@ -55,27 +58,32 @@ impl<'a> Event<'a> {
     }
 
     /// Event time in milliseconds since the Unix epoch.
+    #[inline]
     pub fn timestamp_ms(&self) -> i64 {
         self.inner.timestamp_ms()
     }
 
     /// The headers in order, as `(name, value)`.
+    #[inline]
     pub fn headers(&self) -> Headers<'a> {
         self.inner.headers()
     }
 
     /// The value of the first header named exactly `name`. Allocates nothing.
+    #[inline]
     pub fn header(&self, name: &str) -> Option<&'a [u8]> {
         self.inner.header(name)
     }
 
     /// The value of the first header named `name`, as UTF-8 text; `None` when absent or not
     /// UTF-8.
+    #[inline]
     pub fn header_str(&self, name: &str) -> Option<&'a str> {
         self.header(name).and_then(|v| std::str::from_utf8(v).ok())
     }
 
     /// The route tag, if a plugin earlier in the pipeline set one.
+    #[inline]
     pub fn route(&self) -> Option<&'a str> {
         self.inner.route()
     }
@@ -188,6 +196,7 @@ impl OwnedEvent {
     }
 
     /// The value of the first header named `name`.
+    #[inline]
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
