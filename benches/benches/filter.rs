@@ -195,12 +195,59 @@ fn filter(c: &mut Criterion) {
     group.finish();
 }
 
+/// The trivial filter of the Fluvio comparison (plugins/even-key, half of the events kept) on
+/// verified batches of 1024: the call alone (`call`: copy in, check, bitmap out); the stage as
+/// a chain runs it (`stage`: [`Stage::filter_kept`], its output a selection of the input, dead
+/// letters and isolation included); and the stage re-encoding the kept events into a batch of
+/// their own (`stage_copy`: [`Stage::process_batch`], what every filter stage did before).
+fn trivial(c: &mut Criterion) {
+    let spec = workload();
+    let mut group = c.benchmark_group("trivial_256B");
+    group.throughput(Throughput::Elements(EVENTS));
+    let batches = spec.batches(1024);
+    let views = verified(&batches);
+    let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
+    let plugin = runtime.load_file(plugins::EVEN_KEY).expect("even_key");
+    let mut stage = Stage::new(&plugin, StageConfig::new("even_key"), None).expect("stage");
+    let kept: usize = views
+        .iter()
+        .map(|view| stage.filter_bitmap(view).expect("filter").count())
+        .sum();
+    assert_eq!(
+        kept as u64,
+        EVENTS / 2,
+        "even-key keeps half of the workload"
+    );
+    group.bench_function("call", |b| {
+        b.iter(|| {
+            for view in &views {
+                black_box(stage.filter_bitmap(view).expect("filter"));
+            }
+        })
+    });
+    group.bench_function("stage", |b| {
+        b.iter(|| {
+            for view in &views {
+                black_box(stage.filter_kept(view, None).expect("filter"));
+            }
+        })
+    });
+    group.bench_function("stage_copy", |b| {
+        b.iter(|| {
+            for view in &views {
+                black_box(stage.process_batch(view).expect("process"));
+            }
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(20)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
-    targets = filter
+    targets = filter, trivial
 }
 criterion_main!(benches);

@@ -20,11 +20,20 @@ impl KeepBitmap {
 
     /// A bitmap for `len` events with every event kept.
     pub fn all(len: usize) -> Self {
-        let mut bitmap = KeepBitmap::none(len);
-        for i in 0..len {
-            bitmap.set(i, true);
-        }
+        let mut bitmap = KeepBitmap {
+            bits: vec![u8::MAX; len.div_ceil(8)],
+            len,
+        };
+        bitmap.clear_tail();
         bitmap
+    }
+
+    /// Clears the bits past `len` in the last byte, which answer for no event: a plugin may
+    /// set them, and [`KeepBitmap::count`] and equality read whole bytes.
+    fn clear_tail(&mut self) {
+        if let (Some(last), tail @ 1..) = (self.bits.last_mut(), self.len % 8) {
+            *last &= (1u8 << tail) - 1;
+        }
     }
 
     /// Checks a bitmap a plugin returned for a batch of `len` events.
@@ -37,7 +46,9 @@ impl KeepBitmap {
                 expected,
             });
         }
-        Ok(KeepBitmap { bits, len })
+        let mut bitmap = KeepBitmap { bits, len };
+        bitmap.clear_tail();
+        Ok(bitmap)
     }
 
     /// Number of events the bitmap answers for.
@@ -68,7 +79,31 @@ impl KeepBitmap {
 
     /// Number of kept events.
     pub fn count(&self) -> usize {
-        (0..self.len).filter(|&i| self.get(i)).count()
+        self.bits.iter().map(|b| b.count_ones() as usize).sum()
+    }
+
+    /// The events both bitmaps keep. Panics when they answer for different numbers of events
+    /// (a caller bug).
+    pub fn and(&self, other: &KeepBitmap) -> KeepBitmap {
+        assert_eq!(self.len, other.len, "bitmaps of different batches");
+        KeepBitmap {
+            bits: self
+                .bits
+                .iter()
+                .zip(&other.bits)
+                .map(|(a, b)| a & b)
+                .collect(),
+            len: self.len,
+        }
+    }
+
+    /// The indices of the kept events, ascending.
+    pub fn kept(&self) -> impl Iterator<Item = usize> + '_ {
+        self.bits.iter().enumerate().flat_map(|(byte, &bits)| {
+            (0..8)
+                .filter(move |bit| bits & (1 << bit) != 0)
+                .map(move |bit| byte * 8 + bit)
+        })
     }
 
     /// The bytes, as they cross the plugin boundary.

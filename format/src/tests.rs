@@ -104,6 +104,21 @@ fn bitmap_bits_and_length_check() {
     );
 }
 
+#[test]
+fn bitmap_tail_bits_and_and_kept() {
+    // A plugin may set the bits past the last event: they answer for nothing.
+    let bitmap = KeepBitmap::from_bytes(vec![0b1000_0101, 0b1111_1110], 10).expect("length");
+    assert_eq!(bitmap.count(), 4);
+    assert_eq!(bitmap.kept().collect::<Vec<_>>(), [0, 2, 7, 9]);
+    assert_eq!(bitmap.as_bytes(), &[0b1000_0101, 0b0000_0010]);
+    assert_eq!(KeepBitmap::all(10).as_bytes(), &[0xff, 0b0000_0011]);
+    let mut other = KeepBitmap::all(10);
+    other.set(2, false);
+    other.set(9, false);
+    assert_eq!(bitmap.and(&other).kept().collect::<Vec<_>>(), [0, 7]);
+    assert_eq!(KeepBitmap::none(0).kept().count(), 0);
+}
+
 #[cfg(feature = "json")]
 mod json_mapping {
     use crate::json::*;

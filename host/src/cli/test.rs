@@ -80,10 +80,12 @@ pub fn run(args: &TestArgs) -> Result<()> {
         for (_, event) in chunk {
             builder.push(event);
         }
-        let output = chain.process(&builder.finish())?;
+        let batch = builder.finish();
+        let output = chain.process(&batch)?;
         let lines: Vec<usize> = chunk.iter().map(|(line, _)| *line).collect();
         report.record(
             &output,
+            &batch,
             &mut out,
             |stage, index| {
                 (Some(stage) == first_stage.as_deref())
@@ -94,7 +96,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         )?;
     }
     let flushed = chain.flush()?;
-    report.record(&flushed, &mut out, |_, _| None, &args.input)?;
+    report.record(&flushed, &[], &mut out, |_, _| None, &args.input)?;
     out.flush().context("writing output")?;
     eprintln!(
         "weir test: {} events in, {} out, {} dead-lettered, {} late ({} stage{})",
@@ -117,14 +119,17 @@ struct Report {
 }
 
 impl Report {
+    /// `batch`: what the chain was given (a flush was given nothing).
     fn record(
         &mut self,
         output: &ChainOutput,
+        batch: &[u8],
         out: &mut impl Write,
         line_of: impl Fn(&str, usize) -> Option<usize>,
         input: &Path,
     ) -> Result<()> {
-        let batch = Batch::verify(&output.batch).context("chain output")?;
+        let events = output.events.to_batch(batch);
+        let batch = Batch::verify(&events).context("chain output")?;
         for event in batch.iter() {
             writeln!(out, "{}", event_ref_to_line(&event)).context("writing output")?;
         }

@@ -40,19 +40,69 @@
 //!   is always processed wholly by one version. Each probation's end is a [`Verdict`] in the
 //!   output.
 
-use super::stage::{DeadLetter, LateEvent, Scope, Stage, StageOutput};
+use super::stage::{DeadLetter, Kept, LateEvent, Scope, Stage, StageOutput, kept_batch};
 use super::tap::PipelineTap;
 use super::window::{WindowId, WindowState};
-use crate::runtime::PluginError;
+use crate::runtime::{PluginError, PluginKind};
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weir_format::{Batch, BatchBuilder, FormatError};
 
+/// The events a chain output: a batch and which of its events are in. After filters this is
+/// a selection of the batch they read, not a copy: sinks take selections as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// A batch the host built or verified; `None`: the batch the chain was given (every stage
+    /// that ran was a filter).
+    pub batch: Option<Vec<u8>>,
+    /// The events of that batch that are in; `None`: every one.
+    pub kept: Kept,
+}
+
+impl Output {
+    /// Every event of a batch of its own.
+    fn whole(batch: Vec<u8>) -> Output {
+        Output {
+            batch: Some(batch),
+            kept: None,
+        }
+    }
+
+    /// The batch the events are in, `input` being the batch the chain was given.
+    pub fn base<'a>(&'a self, input: &'a [u8]) -> &'a [u8] {
+        self.batch.as_deref().unwrap_or(input)
+    }
+
+    /// The number of events.
+    pub fn len(&self, input: &[u8]) -> usize {
+        match &self.kept {
+            Some(kept) => kept.count(),
+            None => count(self.base(input)),
+        }
+    }
+
+    /// The events as a batch of their own: the bytes as they are when every event is in,
+    /// else the kept events copied into a new batch.
+    pub fn to_batch<'a>(&'a self, input: &'a [u8]) -> Cow<'a, [u8]> {
+        let base = self.base(input);
+        match &self.kept {
+            None => Cow::Borrowed(base),
+            Some(kept) => {
+                // SAFETY: a chain's input was verified and its stages' outputs were built or
+                // verified by the host.
+                let batch = unsafe { Batch::trusted(base) };
+                Cow::Owned(kept_batch(&mut BatchBuilder::new(), &batch, Some(kept)))
+            }
+        }
+    }
+}
+
 /// What a chain made of one batch (or of the end of input).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainOutput {
-    /// The last stage's output batch.
-    pub batch: Vec<u8>,
+    /// The events that went through every stage.
+    pub events: Output,
     /// Dead letters of every stage, in stage order.
     pub dead_letters: Vec<DeadLetter>,
     /// Late events of every aggregate stage, in stage order.
@@ -66,7 +116,7 @@ pub struct ChainOutput {
 impl ChainOutput {
     fn new() -> Self {
         ChainOutput {
-            batch: Vec::new(),
+            events: Output::whole(Vec::new()),
             dead_letters: Vec::new(),
             late: Vec::new(),
             runs: Vec::new(),
@@ -75,20 +125,21 @@ impl ChainOutput {
     }
 
     /// Notes what stage `stage` (running `version`) made of `events_in` events (a call
-    /// started at `started`): its run, dead letters and late events; returns its output batch.
-    fn took(
+    /// started at `started`), `events_out` events: its run, dead letters and late events;
+    /// returns its output.
+    fn took<B>(
         &mut self,
         stage: usize,
         version: &str,
-        events_in: usize,
-        out: StageOutput,
+        (events_in, events_out): (usize, usize),
+        out: StageOutput<B>,
         started: Instant,
-    ) -> Vec<u8> {
+    ) -> B {
         self.runs.push(StageRun {
             stage,
             version: version.to_owned(),
             events_in,
-            events_out: count(&out.batch),
+            events_out,
             failed: out.dead_letters.len(),
             late: out.late.len(),
             elapsed: started.elapsed(),
@@ -489,12 +540,12 @@ impl Chain {
             tap: self.tap.as_deref().filter(|t| t.is_read()),
         };
         match run(slots, first_stage, first, &mut output) {
-            Ok(batch) => {
-                output.batch = batch;
+            Ok(events) => {
+                output.events = events;
                 Ok(output)
             }
             Err(failure) => {
-                output.batch = BatchBuilder::new().finish();
+                output.events = Output::whole(BatchBuilder::new().finish());
                 Err(self.failed(*failure, output))
             }
         }
@@ -533,7 +584,8 @@ impl Chain {
             let failure = match flushed {
                 Ok(flushed) => {
                     let version = stage[0].plugin().version().to_owned();
-                    let flushed = output.took(i, &version, 0, flushed, started);
+                    let events_out = count(&flushed.batch);
+                    let flushed = output.took(i, &version, (0, events_out), flushed, started);
                     if let Some(tap) = &self.tap {
                         tap.offer_stage(stage[0].name(), &flushed);
                     }
@@ -544,7 +596,7 @@ impl Chain {
                         tap: self.tap.as_deref().filter(|t| t.is_read()),
                     };
                     match run(rest, i + 1, First::Bytes(&flushed), &mut output) {
-                        Ok(out) => match append(&mut merged, &out) {
+                        Ok(out) => match append(&mut merged, &out.to_batch(&flushed)) {
                             Ok(()) => continue,
                             Err(e) => self.bad_flush_output(e),
                         },
@@ -557,10 +609,10 @@ impl Chain {
                     pending: BatchBuilder::new().finish(),
                 },
             };
-            output.batch = merged.finish();
+            output.events = Output::whole(merged.finish());
             return Err(self.failed(failure, output));
         }
-        output.batch = merged.finish();
+        output.events = Output::whole(merged.finish());
         Ok(output)
     }
 
@@ -617,12 +669,17 @@ enum First<'a, 'b> {
 /// Runs `first` through `stages` (the first of which is stage `offset` of the chain; each with
 /// its probation), collecting dead letters, late events, runs and verdicts into `output`. On
 /// failure, returns the failing stage's index in the chain and its input.
+///
+/// A filter's output is what it kept of its input, as a selection: the next filter reads the
+/// same batch with that selection, and the kept events are copied into a batch of their own
+/// only when a stage of another kind comes next (or for a tap reader, or a failure's pending
+/// input). So a chain that only filters hands its input on with a selection, never a copy.
 fn run(
     slots: Slots<'_>,
     offset: usize,
     first: First<'_, '_>,
     output: &mut ChainOutput,
-) -> Result<Vec<u8>, Box<Failure>> {
+) -> Result<Output, Box<Failure>> {
     let Slots {
         stages,
         probation,
@@ -634,6 +691,7 @@ fn run(
         First::Bytes(bytes) => bytes,
     };
     let mut current: Option<Vec<u8>> = None;
+    let mut kept: Kept = None;
     let slots = stages
         .iter_mut()
         .zip(probation.iter_mut())
@@ -641,6 +699,17 @@ fn run(
     for (k, ((stage, probation), draining)) in slots.enumerate() {
         let started = Instant::now();
         let index = offset + k;
+        let filter = stage.plugin().kind() == PluginKind::Filter && draining.is_none();
+        if !filter && let Some(selected) = kept.take() {
+            let base = current.as_deref().unwrap_or(first_bytes);
+            // SAFETY: the base of a selection is the verified input or a stage's output.
+            let batch = unsafe { Batch::trusted(base) };
+            current = Some(kept_batch(
+                &mut BatchBuilder::new(),
+                &batch,
+                Some(&selected),
+            ));
+        }
         let verified;
         let input = match (current.as_deref(), &first) {
             // SAFETY: a stage's output batch is one the host built or verified
@@ -665,13 +734,45 @@ fn run(
                 }
             },
         };
+        let events_in = kept.as_ref().map_or(input.len(), |k| k.count());
+        let version = |stage: &Stage| stage.plugin().version().to_owned();
+        if filter {
+            let result = call(
+                stage,
+                probation,
+                index,
+                events_in,
+                output,
+                |s| s.filter_kept_strict(&input, kept.as_ref()),
+                |s| s.filter_kept(&input, kept.as_ref()),
+            );
+            match result {
+                Ok(out) => {
+                    let events_out = out.batch.as_ref().map_or(input.len(), |k| k.count());
+                    let counts = (events_in, events_out);
+                    kept = output.took(index, &version(stage), counts, out, started);
+                    if let Some(tap) = tap {
+                        let batch = kept_batch(&mut BatchBuilder::new(), &input, kept.as_ref());
+                        tap.offer_stage(stage.name(), &batch);
+                    }
+                }
+                Err(error) => {
+                    return Err(Box::new(Failure {
+                        stage: index,
+                        error,
+                        pending: kept_batch(&mut BatchBuilder::new(), &input, kept.as_ref()),
+                    }));
+                }
+            }
+            continue;
+        }
         let result = match draining.as_mut() {
             Some(old) => drained(stage, old, &input),
             None => call(
                 stage,
                 probation,
                 index,
-                input.len(),
+                events_in,
                 output,
                 |s| s.process_batch_strict(&input),
                 |s| s.process_batch(&input),
@@ -688,8 +789,8 @@ fn run(
         }
         match result {
             Ok(out) => {
-                let version = stage.plugin().version().to_owned();
-                let out = output.took(index, &version, input.len(), out, started);
+                let counts = (events_in, count(&out.batch));
+                let out = output.took(index, &version(stage), counts, out, started);
                 if let Some(tap) = tap {
                     tap.offer_stage(stage.name(), &out);
                 }
@@ -704,7 +805,10 @@ fn run(
             }
         }
     }
-    Ok(current.unwrap_or_else(|| first_bytes.to_vec()))
+    Ok(Output {
+        batch: current,
+        kept,
+    })
 }
 
 /// A chain's per-stage slots from some stage on.
@@ -792,15 +896,15 @@ fn joined(first: StageOutput, second: StageOutput) -> StageOutput {
 /// probation when it passes (only calls with events count) or fails (the verdict goes to
 /// `output`).
 #[allow(clippy::too_many_arguments)]
-fn call(
+fn call<B>(
     stage: &mut Stage,
     probation: &mut Option<Probation>,
     index: usize,
     events: usize,
     output: &mut ChainOutput,
-    strict: impl Fn(&mut Stage) -> Result<StageOutput, PluginError>,
-    isolating: impl Fn(&mut Stage) -> Result<StageOutput, PluginError>,
-) -> Result<StageOutput, PluginError> {
+    strict: impl Fn(&mut Stage) -> Result<StageOutput<B>, PluginError>,
+    isolating: impl Fn(&mut Stage) -> Result<StageOutput<B>, PluginError>,
+) -> Result<StageOutput<B>, PluginError> {
     let Some(p) = probation.as_mut() else {
         return isolating(stage);
     };
@@ -887,7 +991,7 @@ fn call(
 }
 
 /// What a stage failed on in one call: (a window rather than an event, index).
-fn failed(out: &StageOutput) -> std::collections::HashSet<(bool, usize)> {
+fn failed<B>(out: &StageOutput<B>) -> std::collections::HashSet<(bool, usize)> {
     out.dead_letters
         .iter()
         .map(|d| (d.window.is_some(), d.index))
@@ -946,6 +1050,11 @@ mod tests {
             .collect()
     }
 
+    /// The output of a chain whose last stage is not a filter: a batch of its own.
+    fn bytes(output: &ChainOutput) -> &[u8] {
+        output.events.batch.as_deref().expect("a batch of its own")
+    }
+
     fn batch(values: &[&str]) -> Vec<u8> {
         let events: Vec<Event> = values
             .iter()
@@ -953,6 +1062,76 @@ mod tests {
             .map(|(i, v)| Event::new(*v, 1_000 + i as i64).with_key("k"))
             .collect();
         encode(&events)
+    }
+
+    /// Events keyed `k0`, `k1`, … with these values: even-key keeps those at even positions.
+    fn keyed(values: &[&str]) -> Vec<u8> {
+        let events: Vec<Event> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Event::new(*v, i as i64).with_key(format!("k{i}")))
+            .collect();
+        encode(&events)
+    }
+
+    /// What each stage run counted: (events in, out, failed).
+    fn counts(out: &ChainOutput) -> Vec<(usize, usize, usize)> {
+        out.runs
+            .iter()
+            .map(|r| (r.events_in, r.events_out, r.failed))
+            .collect()
+    }
+
+    #[test]
+    fn filters_hand_on_a_selection_of_the_input_and_a_later_filter_answers_for_it_alone() {
+        let runtime = runtime();
+        let mut chain = Chain::new(vec![
+            stage(&runtime, plugins::EVEN_KEY),
+            stage(&runtime, plugins::PANIC_ON_MARK),
+        ]);
+        // k1's poison was dropped by even-key: the guard's call on the whole batch traps on it,
+        // the kept events alone pass, and nothing is a dead letter.
+        let input = keyed(&["a", "poison", "c", "d"]);
+        let out = chain.process(&input).expect("runs");
+        assert_eq!(out.events.batch, None, "no event copied");
+        let kept = out.events.kept.as_ref().expect("a selection");
+        assert_eq!(kept.kept().collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(values(&out.events.to_batch(&input)), ["a", "c"]);
+        assert!(out.dead_letters.is_empty(), "{:?}", out.dead_letters);
+        assert_eq!(counts(&out), [(4, 2, 0), (2, 2, 0)]);
+
+        // k4's poison is kept by even-key: a dead letter, indexed in the chain's input.
+        let input = keyed(&["a", "poison", "c", "d", "poison", "f"]);
+        let out = chain.process(&input).expect("runs");
+        assert_eq!(values(&out.events.to_batch(&input)), ["a", "c"]);
+        let dead: Vec<(usize, &str)> = out
+            .dead_letters
+            .iter()
+            .map(|d| (d.index, d.stage.as_str()))
+            .collect();
+        assert_eq!(dead, [(4, "s")]);
+        assert_eq!(counts(&out), [(6, 3, 0), (3, 2, 1)]);
+    }
+
+    #[test]
+    fn a_stage_of_another_kind_gets_only_the_kept_events_as_a_batch() {
+        let runtime = runtime();
+        let mut chain = Chain::new(vec![
+            stage(&runtime, plugins::EVEN_KEY),
+            stage(&runtime, plugins::TALLY_A),
+        ]);
+        let out = chain
+            .process(&keyed(&["a", "b", "c", "d", "e"]))
+            .expect("runs");
+        assert_eq!(counts(&out), [(5, 3, 0), (3, 0, 0)]);
+        let flushed = chain.flush().expect("flush");
+        let mut keys: Vec<String> = Batch::verify(bytes(&flushed))
+            .expect("a batch")
+            .iter()
+            .map(|e| String::from_utf8_lossy(e.key().unwrap_or_default()).into_owned())
+            .collect();
+        keys.sort();
+        assert_eq!(keys, ["k0", "k2", "k4"]);
     }
 
     #[test]
@@ -968,9 +1147,10 @@ mod tests {
                 .is_none()
         );
         assert_eq!(chain.probation(0), Some((0, 2)));
-        let first = chain.process(&batch(&["a", "b"])).expect("first");
+        let input = batch(&["a", "b"]);
+        let first = chain.process(&input).expect("first");
         assert_eq!(
-            (values(&first.batch), first.verdicts),
+            (values(&first.events.to_batch(&input)), first.verdicts),
             (vec!["a".into(), "b".into()], vec![])
         );
         assert_eq!(chain.probation(0), Some((1, 2)));
@@ -1030,11 +1210,12 @@ mod tests {
         chain
             .process(&batch(&["a"]))
             .expect("a batch the new version takes");
+        let input = batch(&["b", "poison", "c"]);
         let out = chain
-            .process(&batch(&["b", "poison", "c"]))
+            .process(&input)
             .expect("the previous version takes it");
         assert_eq!(
-            values(&out.batch),
+            values(&out.events.to_batch(&input)),
             ["b", "poison", "c"],
             "the previous version's output"
         );
@@ -1069,8 +1250,10 @@ mod tests {
                 .expect("swapped")
                 .is_none()
         );
-        let out = chain.process(&batch(&["a", "poison"])).expect("a batch");
-        assert_eq!(values(&out.batch), ["a"]);
+        let input = batch(&["a", "poison"]);
+        let out = chain.process(&input).expect("a batch");
+        assert_eq!(values(&out.events.to_batch(&input)), ["a"]);
+        assert_eq!(out.events.batch, None, "a filter's output is a selection");
         assert_eq!(out.dead_letters.len(), 1);
         assert_eq!(out.dead_letters[0].index, 1);
         assert!(out.verdicts.is_empty());
@@ -1096,7 +1279,7 @@ mod tests {
         let out = chain.process(&batch(&["y", "poison"])).expect("a batch");
         assert_eq!(out.dead_letters.len(), 1);
         let flushed = chain.flush().expect("flush");
-        assert_eq!(values(&flushed.batch), ["count=2"]);
+        assert_eq!(values(bytes(&flushed)), ["count=2"]);
     }
 
     #[test]
@@ -1225,7 +1408,7 @@ mod tests {
         );
         chain.process(&at(2_000)).expect("folded by b");
         let flushed = chain.flush().expect("flush");
-        assert_eq!(tagged(&flushed.batch), [("count=2".into(), "b".into())]);
+        assert_eq!(tagged(bytes(&flushed)), [("count=2".into(), "b".into())]);
     }
 
     #[test]
@@ -1282,7 +1465,7 @@ mod tests {
                 Event::new("x", 61_000).with_key("a"),
             ]))
             .expect("a batch");
-        assert_eq!(tagged(&out.batch), [("count=2".into(), "a".into())]);
+        assert_eq!(tagged(bytes(&out)), [("count=2".into(), "a".into())]);
         assert!(
             matches!(&out.verdicts[..], [Verdict::Drained { stage: 0, .. }]),
             "{:?}",
@@ -1290,6 +1473,6 @@ mod tests {
         );
         assert_eq!(chain.draining(0), 0);
         let flushed = chain.flush().expect("flush");
-        assert_eq!(tagged(&flushed.batch), [("count=1".into(), "wide".into())]);
+        assert_eq!(tagged(bytes(&flushed)), [("count=1".into(), "wide".into())]);
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! The output batch is verified once and shared by every sink that takes events of it
 //! ([`SharedBatch`]): a sink that takes only some events gets a [`Selection`] of indices, never
-//! a copy. Each `block` offer adds to the round's [`Ticket`] (`sinks/runner.rs` says when a
+//! a copy. When the pipeline's last stages were filters, the batch is the pipeline's input and
+//! what they kept is a selection of it too, so no event is copied between the source and the
+//! sinks. Each `block` offer adds to the round's [`Ticket`] (`sinks/runner.rs` says when a
 //! sink has accepted a delivery).
 
 use super::route::Condition;
@@ -12,6 +14,7 @@ use crate::metrics::PipelineMetrics;
 use crate::sinks::runner::{Sink, Ticket};
 use crate::sinks::{Outgoing, Selection, SharedBatch};
 use std::sync::Arc;
+use weir_format::KeepBitmap;
 
 /// Where a pipeline's events that no sink takes go.
 pub(crate) enum UnmatchedOut {
@@ -47,33 +50,45 @@ impl Fanout {
         }
     }
 
-    /// Offers each sink the events of `out` its condition selects, the rest to `unmatched`;
-    /// returns why a sink did not take its events (only once the router is stopping).
+    /// Offers each sink the events of `out` that `kept` holds (`None`: every one) and its
+    /// condition selects, the rest of them to `unmatched`; returns why a sink did not take its
+    /// events (only once the router is stopping).
     pub fn offer(
         &self,
         out: &SharedBatch,
+        kept: Option<&KeepBitmap>,
         ticket: &Arc<Ticket>,
         metrics: &PipelineMetrics,
     ) -> Vec<String> {
         let mut refused = Vec::new();
         let batch = out.batch();
         let n = batch.len();
-        if n == 0 {
+        let picked: Option<Arc<[u32]>> = kept.map(|k| k.kept().map(|i| i as u32).collect());
+        let events = picked.as_ref().map_or(n, |p| p.len());
+        if events == 0 {
             return refused;
         }
+        // Every event that is in, as a selection.
+        let every = match &picked {
+            Some(picked) => Selection::Some(picked.clone()),
+            None => Selection::All,
+        };
+        let candidates = || -> Box<dyn Iterator<Item = u32> + '_> {
+            match &picked {
+                Some(picked) => Box::new(picked.iter().copied()),
+                None => Box::new(0..n as u32),
+            }
+        };
         let mut taken = match self.unmatched {
             UnmatchedOut::Impossible => Vec::new(),
             _ => vec![false; n],
         };
         for (sink, condition) in &self.routes {
             let selection = match condition {
-                Condition::All => Selection::All,
+                Condition::All => every.clone(),
                 _ => {
-                    let indices: Vec<u32> = batch
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, e)| condition.matches(e))
-                        .map(|(i, _)| i as u32)
+                    let indices: Vec<u32> = candidates()
+                        .filter(|&i| batch.get(i as usize).is_some_and(|e| condition.matches(&e)))
                         .collect();
                     if indices.is_empty() {
                         continue;
@@ -83,8 +98,8 @@ impl Fanout {
                             *t = true;
                         }
                     }
-                    if indices.len() == n {
-                        Selection::All
+                    if indices.len() == events {
+                        every.clone()
                     } else {
                         Selection::Some(indices.into())
                     }
@@ -98,15 +113,15 @@ impl Fanout {
         if taken.is_empty() {
             return refused;
         }
-        let rest: Vec<u32> = (0..n as u32).filter(|&i| !taken[i as usize]).collect();
+        let rest: Vec<u32> = candidates().filter(|&i| !taken[i as usize]).collect();
         if rest.is_empty() {
             return refused;
         }
         metrics.unmatched.inc_by(rest.len() as u64);
         match &self.unmatched {
             UnmatchedOut::Sink(sink) => {
-                let selection = if rest.len() == n {
-                    Selection::All
+                let selection = if rest.len() == events {
+                    every
                 } else {
                     Selection::Some(rest.into())
                 };

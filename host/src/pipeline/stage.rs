@@ -28,14 +28,19 @@
 //!   whose output would pass it, and every one after it, become dead letters with
 //!   [`PluginError::OutputLimit`] instead of being delivered (those after it are not even
 //!   called).
+//! - **A filter's output is a selection of its input** ([`Stage::filter_kept`]): the
+//!   keep-bitmap, ANDed with the selection it was given, and no event copied. A chain hands
+//!   that selection from filter to filter and on to the sinks; a batch is built of the kept
+//!   events only where something needs one (the next stage of another kind, a tap, the
+//!   output of [`Stage::process`]). A filter is called on the whole batch even when an earlier
+//!   filter dropped some of it, and its answers for those events are ignored.
 //! - **`source`** of output events: a **filter** passes the events it keeps on unchanged,
-//!   `source` included (so that keeping every event hands on the input bytes as they are, with
-//!   no re-encoding, and keeping some copies each kept event as it is); an **enrich** sets it to
-//!   the input event's index in this stage's input, as the contract says, also after isolation
-//!   (the per-event outputs are re-encoded into one batch with `source` = the original index);
-//!   an **aggregate** sets it to the window's index among the windows finished together. When
-//!   no event is kept, a filter outputs an empty batch. The bitmap itself is available without
-//!   re-encoding through [`Stage::filter_bitmap`] (benchmarks).
+//!   `source` included; an **enrich** sets it to the input event's index in this stage's
+//!   input, as the contract says, also after isolation (the per-event outputs are re-encoded
+//!   into one batch with `source` = the original index); an **aggregate** sets it to the
+//!   window's index among the windows finished together. When no event is kept, a filter
+//!   outputs an empty selection (an empty batch from [`Stage::process`]). The raw call, one
+//!   bitmap and no isolation, is [`Stage::filter_bitmap`] (benchmarks).
 //! - **Aggregate** (see `window.rs` for the watermark rule): plan the batch's events into
 //!   (key, window) groups against the host-held [`WindowState`], move the groups'
 //!   accumulators into one `fold` call, write the new accumulators and the event time back
@@ -83,19 +88,24 @@ pub struct LateEvent {
     pub stage: String,
 }
 
-/// What a stage made of one batch.
+/// What a stage made of one batch: its output events as `B`, a batch of their own (verified
+/// or built by the host: what the next stage consumes) unless said otherwise.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StageOutput {
-    /// The output batch (verified or built by the host): what the next stage consumes.
-    pub batch: Vec<u8>,
+pub struct StageOutput<B = Vec<u8>> {
+    /// The output events.
+    pub batch: B,
     /// Events (or windows) the plugin failed on.
     pub dead_letters: Vec<DeadLetter>,
     /// Aggregates only: events too late for any open window.
     pub late: Vec<LateEvent>,
 }
 
-impl StageOutput {
-    fn new(batch: Vec<u8>) -> Self {
+/// What a filter kept of its input batch: `None` for every event, else the events whose bit
+/// is set. A selection of the input, not a copy of it.
+pub type Kept = Option<KeepBitmap>;
+
+impl<B> StageOutput<B> {
+    fn new(batch: B) -> Self {
         StageOutput {
             batch,
             dead_letters: Vec::new(),
@@ -322,7 +332,7 @@ impl Stage {
             return Ok(StageOutput::new(self.builder.finish()));
         }
         let result = match self.plugin().kind() {
-            PluginKind::Filter => self.process_filter(batch, input),
+            PluginKind::Filter => self.process_filter(input),
             PluginKind::Enrich => self.process_enrich(batch, input),
             PluginKind::Aggregate => self.process_aggregate(batch, input, scope),
         };
@@ -356,43 +366,110 @@ impl Stage {
         result
     }
 
-    fn process_filter(
+    fn process_filter(&mut self, input: &Batch<'_>) -> Result<StageOutput, PluginError> {
+        let out = self.filter_kept(input, None)?;
+        Ok(StageOutput {
+            batch: kept_batch(&mut self.builder, input, out.batch.as_ref()),
+            dead_letters: out.dead_letters,
+            late: out.late,
+        })
+    }
+
+    /// Runs a filter stage on the events of `input` that `selected` holds (`None`: every one;
+    /// an earlier filter's output): its output is what it kept of them, as a selection of
+    /// `input`, without copying an event. Dead letters are indexed in `input`. All or nothing,
+    /// as [`Stage::process_batch`].
+    ///
+    /// The plugin is called on the whole batch and its answers for events outside `selected`
+    /// are ignored, so that no batch is re-encoded between filters. When that call fails on an
+    /// event, the selected events alone are tried as a batch of their own (an event an earlier
+    /// filter dropped may be one this plugin cannot read), and only then one by one.
+    pub fn filter_kept(
         &mut self,
-        batch: &[u8],
         input: &Batch<'_>,
-    ) -> Result<StageOutput, PluginError> {
+        selected: Option<&KeepBitmap>,
+    ) -> Result<StageOutput<Kept>, PluginError> {
+        let result = self.filter_kept_in(input, selected);
+        if result.is_err() {
+            self.discard();
+        }
+        result
+    }
+
+    /// Like [`Stage::filter_kept`], without isolating events: an event failure is an `Err`.
+    pub fn filter_kept_strict(
+        &mut self,
+        input: &Batch<'_>,
+        selected: Option<&KeepBitmap>,
+    ) -> Result<StageOutput<Kept>, PluginError> {
+        self.isolate = false;
+        let result = self.filter_kept(input, selected);
+        self.isolate = true;
+        result
+    }
+
+    fn filter_kept_in(
+        &mut self,
+        input: &Batch<'_>,
+        selected: Option<&KeepBitmap>,
+    ) -> Result<StageOutput<Kept>, PluginError> {
         let n = input.len();
-        let mut dead_letters = Vec::new();
-        let keep = match self.instance.filter_counted(batch, n) {
-            Ok(keep) => keep,
+        if n == 0 || selected.is_some_and(|s| s.count() == 0) {
+            return Ok(StageOutput::new(selected.cloned()));
+        }
+        let bits = match self.instance.filter_counted(input.bytes(), n) {
+            Ok(bits) => bits,
             Err(e) if e.is_event_failure() && self.isolate => {
-                let mut keep = KeepBitmap::none(n);
-                for (i, event) in input.iter().enumerate() {
-                    let single = self.single(&event);
-                    match self.instance.filter_counted(&single, 1) {
-                        Ok(bits) => keep.set(i, bits.get(0)),
-                        Err(e) if e.is_event_failure() => {
-                            dead_letters.push(self.dead_letter(&event, i, e));
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                keep
+                return self.filter_isolated(input, selected);
             }
             Err(e) => return Err(e),
         };
-        let batch = if keep.count() == n {
-            batch.to_vec()
-        } else {
-            for (i, event) in input.iter().enumerate() {
-                if keep.get(i) {
-                    self.builder.push_ref(&event, event.source());
-                }
-            }
-            self.builder.finish()
+        let kept = match selected {
+            Some(selected) => bits.and(selected),
+            None => bits,
         };
+        Ok(StageOutput::new((kept.count() < n).then_some(kept)))
+    }
+
+    /// A filter's batch call failed on an event: the selected events as a batch of their own
+    /// (when some are left out), then each selected event alone.
+    fn filter_isolated(
+        &mut self,
+        input: &Batch<'_>,
+        selected: Option<&KeepBitmap>,
+    ) -> Result<StageOutput<Kept>, PluginError> {
+        let n = input.len();
+        let picked: Vec<usize> = (0..n)
+            .filter(|&i| selected.is_none_or(|s| s.get(i)))
+            .collect();
+        let mut kept = KeepBitmap::none(n);
+        if picked.len() < n {
+            let only = kept_batch(&mut self.builder, input, selected);
+            match self.instance.filter_counted(&only, picked.len()) {
+                Ok(bits) => {
+                    for (j, &i) in picked.iter().enumerate() {
+                        kept.set(i, bits.get(j));
+                    }
+                    return Ok(StageOutput::new(Some(kept)));
+                }
+                Err(e) if e.is_event_failure() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut dead_letters = Vec::new();
+        for i in picked {
+            let Some(event) = input.get(i) else { continue };
+            let single = self.single(&event);
+            match self.instance.filter_counted(&single, 1) {
+                Ok(bits) => kept.set(i, bits.get(0)),
+                Err(e) if e.is_event_failure() => {
+                    dead_letters.push(self.dead_letter(&event, i, e));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Ok(StageOutput {
-            batch,
+            batch: (kept.count() < n).then_some(kept),
             dead_letters,
             late: Vec::new(),
         })
@@ -767,6 +844,24 @@ fn unwindow(window: Window) -> (WindowId, Option<Vec<u8>>) {
         end_ms: window.end_ms,
     };
     (id, window.acc)
+}
+
+/// The events of `input` that `kept` holds (`None`: every one) as a batch of their own, each
+/// with its `source` unchanged; a copy of the bytes when every event is kept.
+pub(crate) fn kept_batch(
+    builder: &mut BatchBuilder,
+    input: &Batch<'_>,
+    kept: Option<&KeepBitmap>,
+) -> Vec<u8> {
+    let Some(kept) = kept else {
+        return input.bytes().to_vec();
+    };
+    for (i, event) in input.iter().enumerate() {
+        if kept.get(i) {
+            builder.push_ref(&event, event.source());
+        }
+    }
+    builder.finish()
 }
 
 /// A batch index as a `source` field (batches hold far fewer than 2^32 events).

@@ -16,6 +16,7 @@
 //!   that restarts a pipeline keeps its readers (one that removes it ends them); a stage is
 //!   matched by its name.
 
+use super::stage::kept_batch;
 use crate::sinks::SharedBatch;
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
+use weir_format::{BatchBuilder, KeepBitmap};
 
 /// Batches queued for one reader at most.
 pub const QUEUE: usize = 64;
@@ -129,9 +131,17 @@ impl PipelineTap {
     }
 
     /// Offers the pipeline's output, as its sinks get it.
-    pub fn offer_output(&self, batch: &SharedBatch) {
-        if self.is_read() {
-            self.offer(None, batch.batch().len(), || batch.clone());
+    pub fn offer_output(&self, batch: &SharedBatch, kept: Option<&KeepBitmap>) {
+        if !self.is_read() {
+            return;
+        }
+        match kept {
+            None => self.offer(None, batch.batch().len(), || batch.clone()),
+            Some(kept) => self.offer(None, kept.count(), || {
+                let picked = kept_batch(&mut BatchBuilder::new(), &batch.batch(), Some(kept));
+                // SAFETY: built from a verified batch.
+                unsafe { SharedBatch::trusted(picked) }
+            }),
         }
     }
 
@@ -236,7 +246,7 @@ impl TapReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weir_format::{BatchBuilder, Event};
+    use weir_format::Event;
 
     fn batch(values: &[&str]) -> SharedBatch {
         let mut b = BatchBuilder::new();
@@ -259,7 +269,7 @@ mod tests {
         assert!(tap.is_read());
         tap.offer_stage("filter", batch(&["\"no\""]).bytes());
         tap.offer_stage("enrich", batch(&["1", "2"]).bytes());
-        tap.offer_output(&batch(&["\"out\""]));
+        tap.offer_output(&batch(&["\"out\""]), None);
         assert_eq!(
             text(reader.lines().await),
             "{\"value\":1,\"timestamp_ms\":0}\n{\"value\":2,\"timestamp_ms\":1}\n"
@@ -276,10 +286,14 @@ mod tests {
         let mut kept = taps.subscribe("kept", None, 1);
         taps.retain(&["kept"]);
         assert_eq!(gone.lines().await, None);
-        taps.pipeline("kept").offer_output(&batch(&["1"]));
+        // What a filter kept: a selection of the batch, rendered alone.
+        let mut second = KeepBitmap::none(2);
+        second.set(1, true);
+        taps.pipeline("kept")
+            .offer_output(&batch(&["0", "1"]), Some(&second));
         assert_eq!(
             text(kept.lines().await),
-            "{\"value\":1,\"timestamp_ms\":0}\n"
+            "{\"value\":1,\"timestamp_ms\":1}\n"
         );
     }
 
@@ -289,12 +303,12 @@ mod tests {
         let tap = taps.pipeline("p");
         let mut reader = taps.subscribe("p", None, 1);
         for _ in 0..QUEUE + 3 {
-            tap.offer_output(&batch(&["1", "2"]));
+            tap.offer_output(&batch(&["1", "2"]), None);
         }
         for _ in 0..QUEUE {
             assert_eq!(text(reader.lines().await).lines().count(), 2);
         }
-        tap.offer_output(&batch(&["3"]));
+        tap.offer_output(&batch(&["3"]), None);
         assert_eq!(
             text(reader.lines().await),
             format!("{}\n{{\"value\":3,\"timestamp_ms\":0}}\n", dropped_line(6))
@@ -306,8 +320,8 @@ mod tests {
         let taps = Taps::default();
         let tap = taps.pipeline("p");
         let mut reader = taps.subscribe("p", None, 3);
-        tap.offer_output(&batch(&["0", "1"]));
-        tap.offer_output(&batch(&["2", "3", "4", "5", "6"]));
+        tap.offer_output(&batch(&["0", "1"]), None);
+        tap.offer_output(&batch(&["2", "3", "4", "5", "6"]), None);
         assert_eq!(
             text(reader.lines().await),
             "{\"value\":0,\"timestamp_ms\":0}\n"
@@ -317,7 +331,7 @@ mod tests {
             "{\"value\":3,\"timestamp_ms\":1}\n{\"value\":6,\"timestamp_ms\":4}\n"
         );
         drop(reader);
-        tap.offer_output(&batch(&["7"]));
+        tap.offer_output(&batch(&["7"]), None);
         assert!(!tap.is_read());
     }
 }

@@ -33,7 +33,9 @@
 //!   and the worker waits up to [`WorkerConfig::stop_wait`] (from when stopping began) for the
 //!   sinks to accept what it offered; rounds not accepted by then are rejected.
 
-use super::chain::{Chain, ChainError, ChainOutput, StateChange, SwapRefused, Verdict};
+use super::chain::{
+    Chain, ChainError, ChainOutput, Output as ChainEvents, StateChange, SwapRefused, Verdict,
+};
 use super::fanout::Fanout;
 use super::input::{Completion, Input, PipelineInput, Position};
 use super::stage::{DeadLetter, LateEvent, Stage};
@@ -49,7 +51,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-use weir_format::{Batch, BatchBuilder, Event};
+use weir_format::{Batch, BatchBuilder, Event, KeepBitmap};
 
 /// Most batches one round takes before it is sealed.
 pub const MAX_ROUND: usize = 256;
@@ -606,20 +608,33 @@ impl Worker {
         let view = batch.batch();
         self.metrics.batches_in.inc();
         self.metrics.events_in.inc_by(view.len() as u64);
-        let output = if self.chain.is_empty() {
-            batch.clone()
+        let (output, kept) = if self.chain.is_empty() {
+            (batch.clone(), None)
         } else {
             self.versions.clear();
             let result = self.chain.process_batch(&view);
-            let bytes = self.finish_chain(result, round);
-            let bytes = match &self.version_header {
-                Some(header) => self.tag_versions(header, &bytes),
-                None => bytes,
-            };
-            // SAFETY: a chain's output is a batch the host built or verified.
-            unsafe { SharedBatch::trusted(bytes) }
+            let events = self.finish_chain(result, view.bytes(), round);
+            match (&self.version_header, events) {
+                (Some(header), events) => {
+                    let tagged = self.tag_versions(header, &events.to_batch(view.bytes()));
+                    // SAFETY: built here.
+                    (unsafe { SharedBatch::trusted(tagged) }, None)
+                }
+                // Only filters ran: the input itself, with what they kept.
+                (None, ChainEvents { batch: None, kept }) => (batch.clone(), kept),
+                (
+                    None,
+                    ChainEvents {
+                        batch: Some(bytes),
+                        kept,
+                    },
+                ) => {
+                    // SAFETY: a chain's output is a batch the host built or verified.
+                    (unsafe { SharedBatch::trusted(bytes) }, kept)
+                }
+            }
         };
-        self.fan_out(&output, round);
+        self.fan_out(&output, kept.as_ref(), round);
         self.last_batch_end = Some(Instant::now());
     }
 
@@ -655,18 +670,26 @@ impl Worker {
 
     /// Takes a chain's result to the end: delivers what it finished, runs a failed stage's
     /// input again (with backoff), and makes that input dead letters once the attempts are
-    /// spent. Returns the output batch.
+    /// spent. Returns the output events, `input` being the batch the chain was given.
     fn finish_chain(
         &mut self,
         mut result: Result<ChainOutput, Box<ChainError>>,
+        input: &[u8],
         round: &mut Round,
-    ) -> Vec<u8> {
+    ) -> ChainEvents {
         let mut parts = Vec::new();
         let mut attempt = 0;
+        // The input of the run `result` comes from, once a stage's input was run again.
+        let mut resumed: Option<Vec<u8>> = None;
         loop {
+            let base = resumed.as_deref().unwrap_or(input);
             match result {
                 Ok(output) => {
-                    parts.push(self.take(output, round));
+                    let events = self.take(output, round);
+                    if resumed.is_none() {
+                        return events;
+                    }
+                    parts.push(events.to_batch(base).into_owned());
                     break;
                 }
                 Err(e) => {
@@ -677,7 +700,7 @@ impl Worker {
                         output,
                         pending,
                     } = *e;
-                    parts.push(self.take(output, round));
+                    parts.push(self.take(output, round).to_batch(base).into_owned());
                     attempt += 1;
                     let message = format!(
                         "pipeline `{}`: stage `{name}` cannot run: {error}",
@@ -700,15 +723,19 @@ impl Worker {
                         std::thread::sleep(wait);
                     }
                     result = self.chain.resume(stage, &pending);
+                    resumed = Some(pending);
                 }
             }
         }
-        merge(parts)
+        ChainEvents {
+            batch: Some(merge(parts)),
+            kept: None,
+        }
     }
 
     /// Counts what the stages did, collects dead letters and late events into the round, and
-    /// returns the output batch.
-    fn take(&mut self, output: ChainOutput, round: &mut Round) -> Vec<u8> {
+    /// returns the output events.
+    fn take(&mut self, output: ChainOutput, round: &mut Round) -> ChainEvents {
         for verdict in output.verdicts {
             self.verdict(verdict);
         }
@@ -746,7 +773,7 @@ impl Worker {
             }
         }
         self.dead_letters(&output.dead_letters, &output.late, round);
-        output.batch
+        output.events
     }
 
     /// The series of one version of stage `stage`, asked for once.
@@ -843,11 +870,14 @@ impl Worker {
         self.dead_letters(&letters, &[], round);
     }
 
-    fn fan_out(&mut self, output: &SharedBatch, round: &mut Round) {
-        self.tap.offer_output(output);
-        let n = output.batch().len() as u64;
+    /// Offers the events of `output` that `kept` holds (`None`: every one) to the sinks.
+    fn fan_out(&mut self, output: &SharedBatch, kept: Option<&KeepBitmap>, round: &mut Round) {
+        self.tap.offer_output(output, kept);
+        let n = kept.map_or(output.batch().len(), KeepBitmap::count) as u64;
         self.metrics.events_out.inc_by(n);
-        let refused = self.fanout.offer(output, &round.ticket, &self.metrics);
+        let refused = self
+            .fanout
+            .offer(output, kept, &round.ticket, &self.metrics);
         round.refused.extend(refused);
     }
 
@@ -1023,18 +1053,18 @@ impl Worker {
         loop {
             match self.chain.flush() {
                 Ok(output) => {
-                    let bytes = self.take(output, round);
-                    self.fan_out_flushed(bytes, round);
+                    let events = self.take(output, round);
+                    self.fan_out_flushed(&events, &[], round);
                     return;
                 }
                 Err(e) => {
                     let e = *e;
-                    let bytes = self.take(e.output, round);
-                    self.fan_out_flushed(bytes, round);
+                    let events = self.take(e.output, round);
+                    self.fan_out_flushed(&events, &[], round);
                     // What the failing stage did not take goes on through the rest first.
                     let resumed = self.chain.resume(e.stage, &e.pending);
-                    let bytes = self.finish_chain(resumed, round);
-                    self.fan_out_flushed(bytes, round);
+                    let events = self.finish_chain(resumed, &e.pending, round);
+                    self.fan_out_flushed(&events, &e.pending, round);
                     attempt += 1;
                     if attempt >= self.config.stage_attempts {
                         let message = format!(
@@ -1050,9 +1080,11 @@ impl Worker {
         }
     }
 
-    fn fan_out_flushed(&mut self, bytes: Vec<u8>, round: &mut Round) {
-        match SharedBatch::verify(bytes) {
-            Ok(batch) => self.fan_out(&batch, round),
+    /// Fans out what a flush made (`input`: the batch a resumed run was given; a flush's own
+    /// output is a batch of its own).
+    fn fan_out_flushed(&mut self, events: &ChainEvents, input: &[u8], round: &mut Round) {
+        match SharedBatch::verify(events.to_batch(input).into_owned()) {
+            Ok(batch) => self.fan_out(&batch, None, round),
             Err(e) => round
                 .refused
                 .push(format!("window results not written: {e}")),

@@ -104,7 +104,8 @@ fn expected_lines(spec: &WorkloadSpec) -> Vec<String> {
     for batch in spec.batches(4096) {
         let output = chain.process(&batch).expect("the chain runs");
         assert!(output.dead_letters.is_empty(), "no dead letters expected");
-        let out = Batch::verify(&output.batch).expect("valid output");
+        let out = output.events.to_batch(&batch);
+        let out = Batch::verify(&out).expect("valid output");
         lines.extend(out.iter().map(|e| event_ref_to_line(&e)));
     }
     lines

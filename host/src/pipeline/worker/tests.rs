@@ -99,11 +99,13 @@ impl TestSink {
     }
 }
 
-/// A running pipeline with an `out` sink (taking every event) and a dead-letter sink.
+/// A running pipeline with an `out` sink (taking every event, or those its condition
+/// selects), a dead-letter sink, and with a condition a `rest` sink for the unmatched events.
 struct Harness {
     pipeline: Pipeline,
     out: TestSink,
     dead: TestSink,
+    rest: Option<TestSink>,
     metrics: Arc<Metrics>,
     _dir: tempfile::TempDir,
 }
@@ -119,10 +121,26 @@ impl Harness {
         out_open: bool,
         version_header: Option<&str>,
     ) -> Harness {
+        Harness::start_routed(stages, config, out_open, version_header, Condition::All)
+    }
+
+    fn start_routed(
+        stages: Vec<Stage>,
+        config: WorkerConfig,
+        out_open: bool,
+        version_header: Option<&str>,
+        condition: Condition,
+    ) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let metrics = Metrics::new();
         let out = TestSink::start("out", out_open, &metrics, dir.path());
         let dead = TestSink::start("dead", true, &metrics, dir.path());
+        let rest = (condition != Condition::All)
+            .then(|| TestSink::start("rest", true, &metrics, dir.path()));
+        let unmatched = match &rest {
+            Some(rest) => UnmatchedOut::Sink(rest.sink.clone()),
+            None => UnmatchedOut::Impossible,
+        };
         let stage_metrics = stages
             .iter()
             .map(|s| metrics.stage("p", s.name()))
@@ -132,8 +150,8 @@ impl Harness {
             chain: Chain::new(stages),
             fanout: Fanout::new(
                 Arc::from("p"),
-                vec![(out.sink.clone(), Condition::All)],
-                UnmatchedOut::Impossible,
+                vec![(out.sink.clone(), condition)],
+                unmatched,
                 dead.sink.clone(),
             ),
             metrics: metrics.pipeline("p"),
@@ -150,6 +168,7 @@ impl Harness {
             pipeline,
             out,
             dead,
+            rest,
             metrics,
             _dir: dir,
         }
@@ -253,6 +272,40 @@ async fn completions_resolve_when_the_sinks_accept_and_the_worker_never_waits_fo
     assert_eq!(outcome(first).await, Ok(()));
     assert_eq!(outcome(second).await, Ok(()));
     assert_eq!(values(&h.out.delivered()), ["a", "b", "c"]);
+    assert_eq!(h.pipeline.stop().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_filter_kept_reaches_the_sinks_as_a_selection_routed_as_usual() {
+    let runtime = runtime();
+    let gold = Condition::Headers(vec![("tier".into(), "gold".into())]);
+    let h = Harness::start_routed(
+        vec![stage(&runtime, plugins::EVEN_KEY, "even", None)],
+        fast(),
+        true,
+        None,
+        gold,
+    );
+    // even-key keeps k0, k2 and k4; of those only k0 is gold.
+    let events: Vec<Event> = ["a", "b", "c", "d", "e", "f"]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let event = Event::new(*v, i as i64).with_key(format!("k{i}"));
+            match i {
+                0 | 1 | 3 => event.with_header("tier", "gold"),
+                _ => event,
+            }
+        })
+        .collect();
+    assert_eq!(outcome(h.send(&events).await).await, Ok(()));
+    assert_eq!(values(&h.out.delivered()), ["a"]);
+    let rest = h.rest.as_ref().expect("a rest sink");
+    assert_eq!(values(&rest.delivered()), ["c", "e"]);
+    assert!(h.dead.delivered().is_empty());
+    let metrics = h.metrics.pipeline("p");
+    assert_eq!((metrics.events_in.get(), metrics.events_out.get()), (6, 3));
+    assert_eq!(metrics.unmatched.get(), 2);
     assert_eq!(h.pipeline.stop().await, Vec::<String>::new());
 }
 
