@@ -34,7 +34,7 @@
 use super::{Destination, OpenError, Outgoing, SendError, SendFuture};
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::time::Duration;
 use weir_format::EventRef;
@@ -218,15 +218,12 @@ impl KafkaDestination {
     }
 
     async fn deliver(&self, batch: &[Outgoing]) -> Result<(), SendError> {
-        let mut pending: Vec<(DeliveryFuture, String)> = Vec::new();
+        let mut pending: Vec<DeliveryFuture> = Vec::new();
         let mut refused: Option<SendError> = None;
         for out in batch {
             for event in out.events() {
                 let queued = match self.topic(&event) {
-                    Ok(topic) => self
-                        .produce(topic, &event)
-                        .await
-                        .map(|d| (d, topic.to_owned())),
+                    Ok(topic) => self.produce(topic, &event).await,
                     Err(e) => Err(e),
                 };
                 match queued {
@@ -239,10 +236,10 @@ impl KafkaDestination {
             }
         }
         let mut retry: Option<SendError> = None;
-        for (delivery, topic) in pending {
+        for delivery in pending {
             match delivery.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => match self.failure(&topic, &e) {
+                Ok(Err((e, record))) => match self.failure(record.topic(), &e) {
                     e @ SendError::Retry(_) => {
                         retry.get_or_insert(e);
                     }
