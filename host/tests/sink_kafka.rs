@@ -2,8 +2,9 @@
 //! `common/kafka.rs`; it starts in milliseconds): the records known events become (value, key,
 //! headers, timestamp, one partition per key, in order), topics taken from the route tag or a
 //! header, an event without a topic refused, and a broker that is down at the start retried
-//! until it is up, then given every record; and a router whose pipeline writes to a kafka
-//! sink, fed over QUIC, acking exactly what reached the topic.
+//! until it is up, then given every record; a router whose pipeline writes to a kafka sink,
+//! fed over QUIC, acking exactly what reached the topic; and a broker killed and restarted in
+//! the middle of such a stream, after which every event is in the topic.
 
 #[path = "common/kafka.rs"]
 mod kafka;
@@ -265,6 +266,113 @@ topic = "drops"
     seen.sort_unstable();
     let kept: Vec<u64> = (0..500u64).filter(|i| !i.is_multiple_of(10)).collect();
     assert_eq!(seen, kept, "every kept event once, no bot's");
+    let report = server.shutdown().await.expect("a clean stop");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+/// Reads `topic` until every `n` of `0..count` is in it (or the wait is over): the values seen
+/// and how many records were read, duplicates included.
+fn read_all(addr: &str, topic: &str, count: u64) -> (std::collections::BTreeSet<u64>, usize) {
+    let mut want = count as usize;
+    loop {
+        let records = read_topic(addr, topic, want, READ_WAIT);
+        let seen: std::collections::BTreeSet<u64> = records.iter().map(n_of).collect();
+        let missing = count as usize - seen.len();
+        if missing == 0 || records.len() < want {
+            return (seen, records.len());
+        }
+        want = records.len() + missing;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_killed_and_restarted_mid_stream_loses_no_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = Broker::start_stored(&dir.path().join("nisshi.db"));
+    create_topic(&broker.addr(), "restarts", 4).await;
+    let text = format!(
+        r#"
+[listener]
+listen = "127.0.0.1:0"
+data_dir = "{}"
+
+[auth]
+anonymous = true
+
+[pipelines.clicks]
+sinks = ["topic"]
+
+[[pipelines.clicks.stages]]
+plugin = "example:identity"
+
+[sinks.topic]
+type = "kafka"
+brokers = "{}"
+topic = "restarts"
+timeout_ms = 3000
+retry_max_ms = 500
+"#,
+        dir.path().join("data").display(),
+        broker.addr()
+    );
+    let config = Config::parse(&text, dir.path().join("weir.toml")).expect("a config");
+    let server = Server::start(config).await.expect("the router starts");
+    let producer = connect(
+        server.local_addr(),
+        &server.fingerprint(),
+        "kafka-restart",
+        "clicks",
+    )
+    .await;
+    // Event times of now: the restarted broker applies its retention (a week) to what it
+    // finds, and event(i)'s times are in 1970.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64;
+    let batch = |b: u64| {
+        let mut builder = BatchBuilder::new();
+        for i in b * 50..(b + 1) * 50 {
+            let e = event(i);
+            builder.push(&Event {
+                timestamp_ms: now + i as i64,
+                ..e
+            });
+        }
+        EncodedBatch::new(bytes::Bytes::from(builder.finish())).expect("a batch")
+    };
+    // 10 batches of 50 acked with the broker up; then it is killed with SIGKILL, 10 more are
+    // sent while it is down, and it comes back on the same port and storage 2 s later.
+    for b in 0..10u64 {
+        let ack = producer.send_batch(0, &batch(b)).await.expect("sent");
+        within("an ack", ack.into_future()).await.expect("acked");
+    }
+    broker.kill();
+    let mut acks = Vec::new();
+    for b in 10..20u64 {
+        acks.push(producer.send_batch(0, &batch(b)).await.expect("sent"));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        server.stats().sinks["topic"].events_out,
+        500,
+        "nothing is delivered while the broker is down"
+    );
+    broker.restart();
+    for ack in acks {
+        within("an ack after the restart", ack.into_future())
+            .await
+            .expect("acked once the broker is back");
+    }
+    producer.close().await.expect("closed");
+    assert_eq!(server.stats().sinks["topic"].events_out, 1000);
+    let (seen, read) = read_all(&broker.addr(), "restarts", 1000);
+    let missing: Vec<u64> = (0..1000).filter(|n| !seen.contains(n)).collect();
+    assert!(missing.is_empty(), "events not in the topic: {missing:?}");
+    eprintln!(
+        "{read} records for 1000 events: {} written twice",
+        read - 1000
+    );
     let report = server.shutdown().await.expect("a clean stop");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

@@ -6,7 +6,9 @@
 //! the partitions across rebalances without losing a record, and of three `weir serve`s in one
 //! group on six partitions, one killed with -9 mid-stream and restarted, none loses a record
 //! (the records read twice are counted and printed); a broker that is down when the router
-//! starts is reported in one line and read in full once it is up; a reload that restarts the
+//! starts is reported in one line and read in full once it is up, and one killed with -9
+//! mid-stream and restarted on its storage is reported and waited for, with no record lost; a
+//! reload that restarts the
 //! pipeline keeps the source feeding it (a change of the source itself waits for a restart,
 //! and the removal of its pipeline is refused); `weir demo --kafka` runs; a source paused by a
 //! full pipeline resumes after a rebalance; and a checkpointed aggregate fed by Kafka, killed
@@ -561,6 +563,67 @@ async fn a_broker_down_at_the_start_is_waited_for_and_then_read_in_full() {
     assert_eq!(
         committed(&broker.addr(), "waiting", "late", 2),
         ends(&broker.addr(), "late", 2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_killed_mid_stream_is_waited_for_and_no_record_is_lost() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut broker = Broker::start_stored(&dir.path().join("nisshi.db"));
+    let brokers = broker.addr();
+    create_topic(&brokers, "midway", 2).await;
+    let out = dir.path().join("out.jsonl");
+    let path = dir.path().join("weir.toml");
+    std::fs::write(
+        &path,
+        config_text(dir.path(), &brokers, "midway", "midway", &file_sink(&out)),
+    )
+    .expect("config written");
+    let router = WeirServe::start_logging(&path, "warn").await;
+    // Times of now: the restarted broker applies its retention (a week) to what it finds.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64;
+    let recent = |n: u64| Record {
+        timestamp_ms: Some(now + n as i64),
+        ..record(n, 2)
+    };
+    let first: Vec<Record> = (0..300).map(recent).collect();
+    produce(&brokers, "midway", &first).await;
+    wait_for("the first events in the sink", 300, || events(&out).len()).await;
+    // SIGKILL: no goodbye to the router's consumer; it says what it cannot reach.
+    broker.kill();
+    let complaint = router
+        .logged(&format!("kafka source `orders` (brokers {brokers})"))
+        .await;
+    assert!(
+        complaint.contains("Connection refused") || complaint.contains("Disconnected"),
+        "{complaint}"
+    );
+    broker.restart();
+    let second: Vec<Record> = (300..600).map(recent).collect();
+    produce(&brokers, "midway", &second).await;
+    wait_for("every event in the sink", 600, || {
+        events(&out)
+            .iter()
+            .map(n_of)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    })
+    .await;
+    router.stop().await;
+    let ns: Vec<u64> = events(&out).iter().map(n_of).collect();
+    let distinct: std::collections::BTreeSet<u64> = ns.iter().copied().collect();
+    assert_eq!(distinct, (0..600).collect());
+    eprintln!(
+        "{} events for 600 records: {} read twice across the broker's restart",
+        ns.len(),
+        ns.len() - 600
+    );
+    assert_eq!(
+        committed(&brokers, "midway", "midway", 2),
+        ends(&brokers, "midway", 2)
     );
 }
 

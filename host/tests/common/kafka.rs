@@ -1,6 +1,6 @@
 //! A Kafka broker of a test's own: nisshi (a Kafka-compatible broker from crates.io) on
-//! 127.0.0.1 on a free port, in memory, stopped when dropped; and the rdkafka admin and
-//! consumer calls the tests read the broker with.
+//! 127.0.0.1 on a free port, in memory (or in a SQLite file, to be restarted), stopped when
+//! dropped; and the rdkafka admin and consumer calls the tests read the broker with.
 //!
 //! `.ci/run` installs nisshi (`cargo +1.96.0 install nisshi …`, once per machine); without it
 //! [`Broker::start`] fails, naming `.ci/run`, rather than letting a test pass untested.
@@ -17,7 +17,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Headers;
 use rdkafka::{Offset, TopicPartitionList};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,9 @@ const READY: Duration = Duration::from_secs(30);
 pub struct Broker {
     child: Child,
     port: u16,
+    storage: String,
+    /// Where the broker runs (nisshi reads a `sqlite://` path relative to it).
+    dir: Option<PathBuf>,
 }
 
 /// The nisshi program: on `PATH`, else where `cargo install` puts it.
@@ -41,12 +44,12 @@ fn nisshi() -> PathBuf {
         std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo/bin/nisshi"));
     on_path
         .or(installed.filter(|p| p.is_file()))
-        .unwrap_or_else(|| {
-            panic!(
-                "nisshi is not installed: .ci/run installs it (cargo +1.96.0 install nisshi --locked --no-default-features --features dynostore)"
-            )
-        })
+        .unwrap_or_else(|| panic!("nisshi is not installed: .ci/run installs it ({INSTALL})"))
 }
+
+/// How `.ci/run` installs nisshi.
+const INSTALL: &str =
+    "cargo +1.96.0 install nisshi --locked --no-default-features --features dynostore,libsql";
 
 /// A port nothing listens on now.
 pub fn free_port() -> u16 {
@@ -62,10 +65,47 @@ impl Broker {
         Broker::start_on(free_port())
     }
 
-    /// A broker on `port`, once it accepts connections.
+    /// A broker on `port`, in memory, once it accepts connections.
     pub fn start_on(port: u16) -> Broker {
+        Broker::launch(port, "memory://nisshi/".into(), None)
+    }
+
+    /// A broker on a free port that keeps its topics, offsets and groups in the SQLite
+    /// database `db`, so that [`Broker::restart`] finds them again.
+    pub fn start_stored(db: &Path) -> Broker {
+        let name = db.file_name().expect("a database file name");
+        let dir = db.parent().expect("a database directory").to_owned();
+        Broker::launch(
+            free_port(),
+            format!("sqlite://{}", name.to_string_lossy()),
+            Some(dir),
+        )
+    }
+
+    /// Kills the broker with SIGKILL and starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.kill();
+        *self = Broker::launch(
+            self.port,
+            std::mem::take(&mut self.storage),
+            self.dir.take(),
+        );
+    }
+
+    /// Kills the broker with SIGKILL; [`Broker::restart`] starts it again.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn launch(port: u16, storage: String, dir: Option<PathBuf>) -> Broker {
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(nisshi())
+        let log = std::env::temp_dir().join(format!("weir-test-nisshi-{port}.log"));
+        let mut command = Command::new(nisshi());
+        if let Some(dir) = &dir {
+            command.current_dir(dir);
+        }
+        let child = command
             .args([
                 "broker",
                 "--listener-url",
@@ -73,15 +113,28 @@ impl Broker {
                 "--advertised-listener-url",
                 &url,
                 "--storage-engine",
-                "memory://nisshi/",
+                &storage,
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("the broker's log file"))
             .spawn()
             .expect("nisshi starts");
-        let broker = Broker { child, port };
+        let mut broker = Broker {
+            child,
+            port,
+            storage,
+            dir,
+        };
         let deadline = Instant::now() + READY;
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = broker.child.try_wait() {
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!(
+                    "nisshi ({}) ended with {status} before listening on {port} (is it installed with the features .ci/run gives it? {INSTALL}): {}",
+                    broker.storage,
+                    said.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                );
+            }
             assert!(
                 Instant::now() < deadline,
                 "nisshi did not listen on {port} within {READY:?}"
@@ -103,8 +156,7 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
