@@ -1,7 +1,8 @@
 //! The kafka destination against a real broker started for each test (nisshi,
 //! `common/kafka.rs`; it starts in milliseconds): the records known events become (value, key,
 //! headers, timestamp, one partition per key, in order), topics taken from the route tag or a
-//! header, an event without a topic refused, and a broker that is down at the start retried
+//! header, an event without a topic or with one the broker does not know refused (a
+//! configured topic it does not know retried, naming the sink's settings), and a broker that is down at the start retried
 //! until it is up, then given every record; a router whose pipeline writes to a kafka sink,
 //! fed over QUIC, acking exactly what reached the topic; and a broker killed and restarted in
 //! the middle of such a stream, after which every event is in the topic.
@@ -375,4 +376,54 @@ retry_max_ms = 500
     );
     let report = server.shutdown().await.expect("a clean stop");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_topic_from_an_event_is_refused_and_a_configured_one_retried() {
+    let broker = Broker::start();
+    create_topic(&broker.addr(), "known", 1).await;
+    // A broker that creates no topic on request, and that librdkafka waits for 1 s (not 30)
+    // before it takes an unknown topic as such.
+    let strict = |topic: &str| {
+        let mut c = config(&broker.addr(), Some(topic), TopicFrom::Route);
+        c.properties.extend([
+            ("allow.auto.create.topics".into(), "false".into()),
+            ("topic.metadata.propagation.max.ms".into(), "1000".into()),
+        ]);
+        c
+    };
+    let mut sink = KafkaDestination::open("routed", &strict("known")).expect("a sink");
+    let prefix = format!("sink `routed`: kafka {} topic `nowhere`: ", broker.addr());
+    match sink
+        .send(&[all(&[Event::new("1", 1).with_route("nowhere")])])
+        .await
+    {
+        Err(SendError::Reject(message)) => assert!(
+            message.starts_with(&prefix) && message.contains("Unknown topic"),
+            "{message}"
+        ),
+        other => panic!("an event's unknown topic is a Reject, got {other:?}"),
+    }
+    sink.send(&[all(&[Event::new("2", 2)])])
+        .await
+        .expect("the fallback topic exists");
+
+    let mut misconfigured = KafkaDestination::open("missing", &strict("missing")).expect("a sink");
+    match misconfigured.send(&[all(&[Event::new("3", 3)])]).await {
+        Err(SendError::Retry(message)) => assert!(
+            message.starts_with(&format!(
+                "sink `missing`: kafka {} topic `missing`: ",
+                broker.addr()
+            )) && message.ends_with(
+                "(the broker refuses the sink, not these events: check its `topic`, `brokers` and `properties`; retrying)"
+            ),
+            "{message}"
+        ),
+        other => panic!("a configured unknown topic is a Retry, got {other:?}"),
+    }
+    let values: Vec<Vec<u8>> = read_topic(&broker.addr(), "known", 1, READ_WAIT)
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(values, [b"2".to_vec()]);
 }

@@ -8,6 +8,7 @@
 //! (the records read twice are counted and printed); a broker that is down when the router
 //! starts is reported in one line and read in full once it is up, and one killed with -9
 //! mid-stream and restarted on its storage is reported and waited for, with no record lost; a
+//! topic that does not exist yet is reported, then read in full once it is created; a
 //! reload that restarts the
 //! pipeline keeps the source feeding it (a change of the source itself waits for a restart,
 //! and the removal of its pipeline is refused); `weir demo --kafka` runs; a source paused by a
@@ -564,6 +565,42 @@ async fn a_broker_down_at_the_start_is_waited_for_and_then_read_in_full() {
         committed(&broker.addr(), "waiting", "late", 2),
         ends(&broker.addr(), "late", 2)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_topic_is_reported_and_read_once_it_exists() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let out = dir.path().join("out.jsonl");
+    let path = dir.path().join("weir.toml");
+    std::fs::write(
+        &path,
+        config_text(
+            dir.path(),
+            &broker.addr(),
+            "later",
+            "later",
+            &file_sink(&out),
+        ),
+    )
+    .expect("config written");
+    // The consumer asks for no topic to be created (librdkafka's default for consumers).
+    let router = WeirServe::start_logging(&path, "warn").await;
+    let complaint = router
+        .logged(&format!(
+            "kafka source `orders` (brokers {}): Subscribed topic not available: later",
+            broker.addr()
+        ))
+        .await;
+    assert!(complaint.contains("Unknown topic"), "{complaint}");
+    create_topic(&broker.addr(), "later", 2).await;
+    let records: Vec<Record> = (0..200).map(|n| record(n, 2)).collect();
+    produce(&broker.addr(), "later", &records).await;
+    wait_for("events in the sink", 200, || events(&out).len()).await;
+    router.stop().await;
+    let mut ns: Vec<u64> = events(&out).iter().map(n_of).collect();
+    ns.sort_unstable();
+    assert_eq!(ns, (0..200).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread")]
