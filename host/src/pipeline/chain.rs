@@ -1100,17 +1100,64 @@ mod tests {
         assert!(out.dead_letters.is_empty(), "{:?}", out.dead_letters);
         assert_eq!(counts(&out), [(4, 2, 0), (2, 2, 0)]);
 
-        // k4's poison is kept by even-key: a dead letter, indexed in the chain's input.
-        let input = keyed(&["a", "poison", "c", "d", "poison", "f"]);
-        let out = chain.process(&input).expect("runs");
-        assert_eq!(values(&out.events.to_batch(&input)), ["a", "c"]);
-        let dead: Vec<(usize, &str)> = out
-            .dead_letters
-            .iter()
-            .map(|d| (d.index, d.stage.as_str()))
-            .collect();
-        assert_eq!(dead, [(4, "s")]);
-        assert_eq!(counts(&out), [(6, 3, 0), (3, 2, 1)]);
+        // k4's poison is kept by even-key: a dead letter, indexed among the events the guard
+        // was given (a, c, poison), the same for a guard called on the selected events alone
+        // since the first batch (this chain's) as for one that has not been (a new chain's).
+        for mut chain in [
+            chain,
+            Chain::new(vec![
+                stage(&runtime, plugins::EVEN_KEY),
+                stage(&runtime, plugins::PANIC_ON_MARK),
+            ]),
+        ] {
+            let input = keyed(&["a", "poison", "c", "d", "poison", "f"]);
+            let out = chain.process(&input).expect("runs");
+            assert_eq!(values(&out.events.to_batch(&input)), ["a", "c"]);
+            let dead: Vec<(usize, &str, &str)> = out
+                .dead_letters
+                .iter()
+                .map(|d| (d.index, d.stage.as_str(), d.error.as_str()))
+                .collect();
+            assert_eq!(dead.len(), 1, "{dead:?}");
+            assert_eq!((dead[0].0, dead[0].1), (2, "s"));
+            assert!(dead[0].2.contains("trap"), "{}", dead[0].2);
+            assert_eq!(counts(&out), [(6, 3, 0), (3, 2, 1)]);
+        }
+    }
+
+    #[test]
+    fn a_filter_on_probation_is_judged_on_the_events_an_earlier_filter_kept() {
+        let runtime = runtime();
+        let mut chain = Chain::new(vec![
+            stage(&runtime, plugins::EVEN_KEY),
+            stage(&runtime, plugins::PANIC_ON_MARK),
+        ]);
+        let new = stage(&runtime, plugins::PANIC_ON_MARK);
+        let version = new.plugin().version().to_owned();
+        assert!(
+            chain
+                .swap(1, new, 2, StateChange::Refuse)
+                .expect("swapped")
+                .is_none()
+        );
+        // Each batch's poison is dropped by even-key: the new version's strict call on the
+        // whole batch traps on it, and the kept events alone pass.
+        let mut verdicts = Vec::new();
+        for _ in 0..2 {
+            let input = keyed(&["a", "poison", "c", "d"]);
+            let out = chain.process(&input).expect("runs");
+            assert_eq!(values(&out.events.to_batch(&input)), ["a", "c"]);
+            assert!(out.dead_letters.is_empty(), "{:?}", out.dead_letters);
+            verdicts.extend(out.verdicts);
+        }
+        assert_eq!(
+            verdicts,
+            [Verdict::Passed {
+                stage: 1,
+                version,
+                batches: 2
+            }]
+        );
     }
 
     #[test]

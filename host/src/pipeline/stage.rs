@@ -33,7 +33,10 @@
 //!   that selection from filter to filter and on to the sinks; a batch is built of the kept
 //!   events only where something needs one (the next stage of another kind, a tap, the
 //!   output of [`Stage::process`]). A filter is called on the whole batch even when an earlier
-//!   filter dropped some of it, and its answers for those events are ignored.
+//!   filter dropped some of it, and its answers for those events are ignored; a filter whose
+//!   call fails on an event the selection leaves out (one that cannot read what an earlier
+//!   filter drops) gets the selected events alone as a batch, then and from then on. Either
+//!   way a filter is judged, dead-lettered and numbered on the events it is given.
 //! - **`source`** of output events: a **filter** passes the events it keeps on unchanged,
 //!   `source` included; an **enrich** sets it to the input event's index in this stage's
 //!   input, as the contract says, also after isolation (the per-event outputs are re-encoded
@@ -136,6 +139,11 @@ pub struct Stage {
     /// Whether a failing batch is retried event by event (off only inside
     /// [`Stage::process_batch_strict`] and [`Stage::flush_strict`]).
     isolate: bool,
+    /// Whether this filter is called on the selected events alone, as a batch of their own,
+    /// rather than on the whole batch: set once a whole-batch call failed on an event where
+    /// the selected events alone passed (a filter that cannot read what an earlier one
+    /// drops), so that later batches do not pay for a failing call and a recycle each.
+    narrow: bool,
     /// Builds output batches.
     builder: BatchBuilder,
     /// Builds the one-event batches of isolation.
@@ -202,6 +210,7 @@ impl Stage {
             windows,
             layout,
             isolate: true,
+            narrow: false,
             builder: BatchBuilder::new(),
             scratch: BatchBuilder::new(),
         })
@@ -377,13 +386,15 @@ impl Stage {
 
     /// Runs a filter stage on the events of `input` that `selected` holds (`None`: every one;
     /// an earlier filter's output): its output is what it kept of them, as a selection of
-    /// `input`, without copying an event. Dead letters are indexed in `input`. All or nothing,
-    /// as [`Stage::process_batch`].
+    /// `input`, without copying an event. Dead letters are indexed among the selected events
+    /// (the events the stage was given). All or nothing, as [`Stage::process_batch`].
     ///
     /// The plugin is called on the whole batch and its answers for events outside `selected`
     /// are ignored, so that no batch is re-encoded between filters. When that call fails on an
     /// event, the selected events alone are tried as a batch of their own (an event an earlier
-    /// filter dropped may be one this plugin cannot read), and only then one by one.
+    /// filter dropped may be one this plugin cannot read), and only then one by one. A stage
+    /// whose selected events passed alone where the whole batch failed is called on the
+    /// selected events alone from then on.
     pub fn filter_kept(
         &mut self,
         input: &Batch<'_>,
@@ -417,53 +428,75 @@ impl Stage {
         if n == 0 || selected.is_some_and(|s| s.count() == 0) {
             return Ok(StageOutput::new(selected.cloned()));
         }
-        let bits = match self.instance.filter_counted(input.bytes(), n) {
-            Ok(bits) => bits,
-            Err(e) if e.is_event_failure() && self.isolate => {
-                return self.filter_isolated(input, selected);
+        let narrowed = self.narrow && selected.is_some_and(|s| s.count() < n);
+        let mut failure = None;
+        if !narrowed {
+            match self.instance.filter_counted(input.bytes(), n) {
+                Ok(bits) => {
+                    let kept = match selected {
+                        Some(selected) => bits.and(selected),
+                        None => bits,
+                    };
+                    return Ok(StageOutput::new((kept.count() < n).then_some(kept)));
+                }
+                // An event the selection leaves out may be the one it failed on: the selected
+                // events are tried alone, also by a strict call (the version on probation is
+                // judged on the events it is given, as the one it replaces).
+                Err(e) if e.is_event_failure() && (selected.is_some() || self.isolate) => {
+                    failure = Some(e);
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
-        };
-        let kept = match selected {
-            Some(selected) => bits.and(selected),
-            None => bits,
-        };
-        Ok(StageOutput::new((kept.count() < n).then_some(kept)))
+        }
+        self.filter_selected(input, selected, failure)
     }
 
-    /// A filter's batch call failed on an event: the selected events as a batch of their own
-    /// (when some are left out), then each selected event alone.
-    fn filter_isolated(
+    /// The filter on the selected events alone, as a batch of their own (when some are left
+    /// out), then, isolating, on each selected event alone; not isolating, the failure is the
+    /// result. `whole`: how a call on the whole batch failed on an event (`None`: the stage is
+    /// narrowed and made none), so that the selected events passing alone narrow the stage
+    /// (see `narrow`). Dead letters are indexed among the selected events: the events this
+    /// stage was given.
+    fn filter_selected(
         &mut self,
         input: &Batch<'_>,
         selected: Option<&KeepBitmap>,
+        whole: Option<PluginError>,
     ) -> Result<StageOutput<Kept>, PluginError> {
         let n = input.len();
         let picked: Vec<usize> = (0..n)
             .filter(|&i| selected.is_none_or(|s| s.get(i)))
             .collect();
         let mut kept = KeepBitmap::none(n);
+        let narrows = whole.is_some();
+        let mut failure = whole;
         if picked.len() < n {
             let only = kept_batch(&mut self.builder, input, selected);
             match self.instance.filter_counted(&only, picked.len()) {
                 Ok(bits) => {
+                    self.narrow |= narrows;
                     for (j, &i) in picked.iter().enumerate() {
                         kept.set(i, bits.get(j));
                     }
                     return Ok(StageOutput::new(Some(kept)));
                 }
-                Err(e) if e.is_event_failure() => {}
+                Err(e) if e.is_event_failure() => failure = Some(e),
                 Err(e) => return Err(e),
             }
         }
+        if !self.isolate
+            && let Some(e) = failure
+        {
+            return Err(e);
+        }
         let mut dead_letters = Vec::new();
-        for i in picked {
+        for (j, i) in picked.into_iter().enumerate() {
             let Some(event) = input.get(i) else { continue };
             let single = self.single(&event);
             match self.instance.filter_counted(&single, 1) {
                 Ok(bits) => kept.set(i, bits.get(0)),
                 Err(e) if e.is_event_failure() => {
-                    dead_letters.push(self.dead_letter(&event, i, e));
+                    dead_letters.push(self.dead_letter(&event, j, e));
                 }
                 Err(e) => return Err(e),
             }

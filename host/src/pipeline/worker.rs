@@ -55,6 +55,10 @@ use weir_format::{Batch, BatchBuilder, Event, KeepBitmap};
 
 /// Most batches one round takes before it is sealed.
 pub const MAX_ROUND: usize = 256;
+/// A selection keeping fewer than one event in `SPARSE` of its batch goes to the sinks as a
+/// batch of its own: their buffers count the events they hold, and a few events should not
+/// keep a large batch in memory.
+const SPARSE: usize = 4;
 /// How long a stopping worker waits for a ticket's callback that another thread is running.
 const CALLBACK_WAIT: Duration = Duration::from_secs(1);
 
@@ -619,6 +623,17 @@ impl Worker {
                     let tagged = self.tag_versions(header, &events.to_batch(view.bytes()));
                     // SAFETY: built here.
                     (unsafe { SharedBatch::trusted(tagged) }, None)
+                }
+                // Only filters ran, and kept few: the kept events as a batch of their own.
+                (None, events @ ChainEvents { batch: None, .. })
+                    if events
+                        .kept
+                        .as_ref()
+                        .is_some_and(|k| k.count() * SPARSE < view.len()) =>
+                {
+                    let bytes = events.to_batch(view.bytes()).into_owned();
+                    // SAFETY: built here from a verified batch.
+                    (unsafe { SharedBatch::trusted(bytes) }, None)
                 }
                 // Only filters ran: the input itself, with what they kept.
                 (None, ChainEvents { batch: None, kept }) => (batch.clone(), kept),

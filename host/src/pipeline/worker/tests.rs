@@ -28,6 +28,8 @@ struct Delivered {
     error: Option<String>,
     stage: Option<String>,
     versions: Option<String>,
+    /// Events in the batch the delivery shares (a selection's batch holds more).
+    shared: usize,
 }
 
 /// A destination that records every event it delivers, once its gate is open.
@@ -54,6 +56,7 @@ impl Destination for Probe {
                         error: text(event.header("weir-error")),
                         stage: text(event.header("weir-stage")),
                         versions: text(event.header("weir-versions")),
+                        shared: out.shared().batch().len(),
                     });
                 }
             }
@@ -302,10 +305,31 @@ async fn what_a_filter_kept_reaches_the_sinks_as_a_selection_routed_as_usual() {
     assert_eq!(values(&h.out.delivered()), ["a"]);
     let rest = h.rest.as_ref().expect("a rest sink");
     assert_eq!(values(&rest.delivered()), ["c", "e"]);
+    assert!(
+        h.out
+            .delivered()
+            .iter()
+            .chain(&rest.delivered())
+            .all(|d| d.shared == 6),
+        "the input batch, not a copy"
+    );
     assert!(h.dead.delivered().is_empty());
     let metrics = h.metrics.pipeline("p");
     assert_eq!((metrics.events_in.get(), metrics.events_out.get()), (6, 3));
     assert_eq!(metrics.unmatched.get(), 2);
+
+    // Keeping fewer than one event in four, the kept events are copied into a batch of their
+    // own: a few events in a sink's buffer do not hold a large batch in memory.
+    let events: Vec<Event> = (0..8)
+        .map(|i| Event::new(format!("v{i}"), i).with_key(format!("k{}", 2 * i + 1)))
+        .chain([Event::new("gold", 8)
+            .with_key("k0")
+            .with_header("tier", "gold")])
+        .collect();
+    assert_eq!(outcome(h.send(&events).await).await, Ok(()));
+    let delivered = h.out.delivered();
+    assert_eq!(values(&delivered), ["a", "gold"]);
+    assert_eq!(delivered[1].shared, 1);
     assert_eq!(h.pipeline.stop().await, Vec::<String>::new());
 }
 
