@@ -2,10 +2,12 @@
 //! generated events, then native Rust doing the same work over the same batches, in the same
 //! run, and prints both with their ratio.
 //!
-//! The plugin side is what a pipeline pays per batch: [`weir::pipeline::Stage::process`] (copy
-//! in, one call, output checked, filter output re-encoded). The native side is
-//! [`weir::baseline`]: the example plugin of the same kind, which produces the same output
-//! batch in-process. Both are timed per batch after a warm-up pass on a separate instance;
+//! The plugin side is what a pipeline pays per batch: the batch verified (as ingest does once),
+//! then for a filter [`weir::pipeline::Stage::filter_kept`] (copy in, one call, the keep-bitmap
+//! checked: a filter's output is a selection of its input), for the other kinds
+//! [`weir::pipeline::Stage::process`] (copy in, one call, the output batch checked). The
+//! native side is [`weir::baseline`]: the example plugin of the same kind, which produces the
+//! same output (a keep-bitmap, or the output batch) in-process from the verified batch. Both are timed per batch after a warm-up pass on a separate instance;
 //! events/s and ns/event come from the total time, p50/p99 from the per-batch times.
 //!
 //! `weir bench --e2e` measures ingest over QUIC instead: see `ingest_bench.rs`; `weir bench
@@ -78,6 +80,11 @@ pub struct BenchArgs {
     stage: StageArgs,
 }
 
+/// The events of an output batch (none when it is not one).
+fn events_in(batch: &[u8]) -> usize {
+    Batch::verify(batch).map_or(0, |b| b.len())
+}
+
 /// Timings of one side.
 struct Side {
     total: Duration,
@@ -94,12 +101,12 @@ impl Side {
         })
     }
 
-    fn record(&mut self, took: Duration, output: &[u8]) -> Result<()> {
+    fn record(&mut self, took: Duration, events_out: usize) -> Result<()> {
         self.total += took;
         self.batches
             .record(took.as_nanos().max(1) as u64)
             .context("recording a batch time")?;
-        self.events_out += Batch::verify(output).map(|b| b.len()).unwrap_or(0);
+        self.events_out += events_out;
         Ok(())
     }
 
@@ -217,9 +224,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut dead = 0;
     for batch in &batches {
         let start = Instant::now();
-        let output = stage.process(batch)?;
-        wasm.record(start.elapsed(), &output.batch)?;
-        dead += output.dead_letters.len();
+        let (out, dead_letters) = if plugin.kind() == PluginKind::Filter {
+            let view = Batch::verify(batch)?;
+            let output = stage.filter_kept(&view, None)?;
+            let out = output.batch.map_or(view.len(), |kept| kept.count());
+            (out, output.dead_letters.len())
+        } else {
+            let output = stage.process(batch)?;
+            (events_in(&output.batch), output.dead_letters.len())
+        };
+        wasm.record(start.elapsed(), out)?;
+        dead += dead_letters;
     }
 
     let mut native = Side::new()?;
@@ -228,7 +243,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         PluginKind::Enrich => "geo-enrich",
         PluginKind::Aggregate => "count-sum",
     };
-    let mut filter = NativeFilter::default();
     let table = match args.stage.value("table")? {
         Some(json) => {
             serde_json::from_str(&json).context("--with table: not a table of strings")?
@@ -240,13 +254,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for batch in &batches {
         let start = Instant::now();
         let view = Batch::verify(batch)?;
-        let output = match (plugin.kind(), aggregate.as_mut()) {
-            (PluginKind::Filter, _) => filter.process(&view),
-            (PluginKind::Enrich, _) => enrich.process(&view),
-            (PluginKind::Aggregate, Some(aggregate)) => aggregate.process(&view),
+        let out = match (plugin.kind(), aggregate.as_mut()) {
+            (PluginKind::Filter, _) => NativeFilter::bitmap(&view).count(),
+            (PluginKind::Enrich, _) => events_in(&enrich.process(&view)),
+            (PluginKind::Aggregate, Some(aggregate)) => events_in(&aggregate.process(&view)),
             (PluginKind::Aggregate, None) => bail!("an aggregate needs --window"),
         };
-        native.record(start.elapsed(), &output)?;
+        native.record(start.elapsed(), out)?;
     }
 
     println!(
