@@ -4,5 +4,5 @@
 include!("../plugins/build_support.rs");
 
 fn main() {
-    write_plugin_paths(&build_plugins(ALL_PLUGINS));
+    write_plugin_paths(&build_plugins(&weir_root(1), ALL_PLUGINS));
 }

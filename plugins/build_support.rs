@@ -1,7 +1,8 @@
 // Builds packages of the plugins/ workspace into WASI 0.2 components, for build scripts.
 //
 // `include!`d by host/build.rs (which embeds the example plugins in the `weir` binary and gives
-// the integration tests every plugin's path) and by benches/build.rs (the benches' paths), as
+// the integration tests every plugin's path), by benches/build.rs (the benches' paths) and by
+// benches/fluvio/build.rs (which also builds a Fluvio SmartModule with `wasm_cargo_build`), as
 // wasmtime's test-programs do. Both build into `<target>/plugins`, so a build compiles each
 // plugin once: the second build script finds everything fresh.
 
@@ -45,47 +46,40 @@ fn write_plugin_paths(built: &[(String, std::path::PathBuf)]) {
     std::fs::write(out.join("plugin_paths.rs"), code).expect("write plugin_paths.rs into OUT_DIR");
 }
 
-/// Builds `packages` of plugins/ in release mode and returns each package's component path.
-fn build_plugins(packages: &[&str]) -> Vec<(String, std::path::PathBuf)> {
-    use std::path::{Path, PathBuf};
-    use std::process::Command;
-
-    let manifest_dir = PathBuf::from(
+/// weir's root, for a build script whose crate lives `depth` folders below it.
+fn weir_root(depth: usize) -> std::path::PathBuf {
+    let manifest_dir = std::path::PathBuf::from(
         std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
     );
-    let root = manifest_dir
-        .parent()
-        .expect("crate lives inside the weir workspace")
-        .to_path_buf();
-    let plugins = root.join("plugins");
-    for input in ["plugins", "sdk", "wit", "format"] {
-        println!("cargo:rerun-if-changed={}", root.join(input).display());
-    }
+    manifest_dir
+        .ancestors()
+        .nth(depth)
+        .expect("the crate lives inside weir's root")
+        .to_path_buf()
+}
 
-    // The outer target directory is the first ancestor of OUT_DIR that holds CACHEDIR.TAG.
-    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let target_root = out_dir
+/// The outer build's target directory: the first ancestor of OUT_DIR that holds CACHEDIR.TAG.
+fn outer_target_dir() -> Option<std::path::PathBuf> {
+    let out_dir =
+        std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    out_dir
         .ancestors()
         .find(|dir| dir.join("CACHEDIR.TAG").is_file())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| root.join("target"));
-    let target_dir = target_root.join("plugins");
+        .map(std::path::Path::to_path_buf)
+}
 
+/// `cargo build --release --target TARGET --target-dir TARGET_DIR` in `dir`, without the outer
+/// build's flags and wrappers (clippy, coverage), which are for the host, not for wasm.
+fn wasm_cargo_build(
+    dir: &std::path::Path,
+    target: &str,
+    target_dir: &std::path::Path,
+) -> std::process::Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&plugins)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            PLUGIN_TARGET,
-            "--target-dir",
-        ])
-        .arg(&target_dir);
-    for package in packages {
-        cmd.args(["-p", package]);
-    }
-    // The outer build's flags and wrappers (clippy, coverage) are for the host, not for wasm.
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(dir)
+        .args(["build", "--release", "--target", target, "--target-dir"])
+        .arg(target_dir);
     for var in [
         "CARGO_ENCODED_RUSTFLAGS",
         "RUSTFLAGS",
@@ -96,6 +90,23 @@ fn build_plugins(packages: &[&str]) -> Vec<(String, std::path::PathBuf)> {
         "CARGO_BUILD_TARGET",
     ] {
         cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Builds `packages` of `root`/plugins/ (`root`: weir's root) in release mode into
+/// `<target>/plugins` and returns each package's component path.
+fn build_plugins(root: &std::path::Path, packages: &[&str]) -> Vec<(String, std::path::PathBuf)> {
+    let plugins = root.join("plugins");
+    for input in ["plugins", "sdk", "wit", "format"] {
+        println!("cargo:rerun-if-changed={}", root.join(input).display());
+    }
+    let target_dir = outer_target_dir()
+        .unwrap_or_else(|| root.join("target"))
+        .join("plugins");
+    let mut cmd = wasm_cargo_build(&plugins, PLUGIN_TARGET, &target_dir);
+    for package in packages {
+        cmd.args(["-p", package]);
     }
     let status = cmd
         .status()

@@ -9,23 +9,11 @@ include!("../../plugins/build_support.rs");
 const SMARTMODULE_TARGET: &str = "wasm32-unknown-unknown";
 
 fn main() {
-    let manifest_dir = std::path::PathBuf::from(
-        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
-    );
-    // build_support.rs takes the parent of CARGO_MANIFEST_DIR for weir's root, as it is for the
-    // root workspace's members; this crate is one level deeper, so it is handed benches/. A
-    // build script is one thread, and nothing else reads the environment meanwhile.
-    let benches_dir = manifest_dir
-        .parent()
-        .expect("benches/fluvio lives in benches/")
-        .to_path_buf();
-    // SAFETY: no other thread exists to read the environment while it changes.
-    unsafe { std::env::set_var("CARGO_MANIFEST_DIR", &benches_dir) };
-    write_plugin_paths(&build_plugins(ALL_PLUGINS));
-    // SAFETY: as above.
-    unsafe { std::env::set_var("CARGO_MANIFEST_DIR", &manifest_dir) };
+    // This crate is benches/fluvio: two folders below weir's root.
+    let root = weir_root(2);
+    write_plugin_paths(&build_plugins(&root, ALL_PLUGINS));
 
-    let module = build_smartmodule(&manifest_dir.join("even-key-smartmodule"));
+    let module = build_smartmodule(&root.join("benches/fluvio/even-key-smartmodule"));
     let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     std::fs::write(
         out.join("smartmodule_paths.rs"),
@@ -59,36 +47,10 @@ fn build_smartmodule(crate_dir: &std::path::Path) -> std::path::PathBuf {
         "the Fluvio SmartModule is built for {SMARTMODULE_TARGET}, which this toolchain lacks: run `rustup target add {SMARTMODULE_TARGET}`"
     );
 
-    // Beside the plugins: the first ancestor of OUT_DIR holding CACHEDIR.TAG is the target
-    // directory, so every profile and every clippy run shares one build of the module.
+    // Beside the plugins, so that every profile and every clippy run shares one build.
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let target_dir = out_dir
-        .ancestors()
-        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
-        .unwrap_or(&out_dir)
-        .join("fluvio-modules");
-
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(crate_dir)
-        .args(["build", "--release", "--target", SMARTMODULE_TARGET])
-        .arg("--manifest-path")
-        .arg(crate_dir.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir);
-    // The outer build's flags and wrappers are for the host, not for wasm.
-    for var in [
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-    ] {
-        cmd.env_remove(var);
-    }
-    let status = cmd
+    let target_dir = outer_target_dir().unwrap_or(out_dir).join("fluvio-modules");
+    let status = wasm_cargo_build(crate_dir, SMARTMODULE_TARGET, &target_dir)
         .status()
         .unwrap_or_else(|e| panic!("cannot run cargo to build the SmartModule: {e}"));
     assert!(

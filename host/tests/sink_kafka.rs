@@ -12,7 +12,7 @@ mod kafka;
 #[path = "common/stream.rs"]
 mod stream;
 
-use kafka::{Broker, Record, create_topic, free_port, read_topic};
+use kafka::{Broker, Record, create_topic, free_port, now_ms, read_topic};
 use std::collections::BTreeMap;
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -45,6 +45,42 @@ fn all(events: &[Event]) -> Outgoing {
     }
     let batch = SharedBatch::verify(builder.finish()).expect("built batches verify");
     Outgoing::all(batch, Arc::from("p"))
+}
+
+/// A router taking anonymous producers into pipeline `clicks` (`plugin`, then a kafka sink
+/// `topic` writing to `topic` on `broker`, with `sink_extra` lines), its data under `dir`.
+async fn start_router(
+    dir: &std::path::Path,
+    plugin: &str,
+    broker: &str,
+    topic: &str,
+    sink_extra: &str,
+) -> Server {
+    let text = format!(
+        r#"
+[listener]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+
+[auth]
+anonymous = true
+
+[pipelines.clicks]
+sinks = ["topic"]
+
+[[pipelines.clicks.stages]]
+plugin = "{plugin}"
+
+[sinks.topic]
+type = "kafka"
+brokers = "{broker}"
+topic = "{topic}"
+{sink_extra}
+"#,
+        data = dir.join("data").display(),
+    );
+    let config = Config::parse(&text, dir.join("weir.toml")).expect("a config");
+    Server::start(config).await.expect("the router starts")
 }
 
 /// Event `i`: keyed `k0`..`k5`, two headers, event time `1_000 + i`.
@@ -207,31 +243,7 @@ async fn a_router_acks_what_its_kafka_sink_wrote_and_nothing_else() {
     let broker = Broker::start();
     create_topic(&broker.addr(), "drops", 4).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let text = format!(
-        r#"
-[listener]
-listen = "127.0.0.1:0"
-data_dir = "{}"
-
-[auth]
-anonymous = true
-
-[pipelines.clicks]
-sinks = ["topic"]
-
-[[pipelines.clicks.stages]]
-plugin = "example:drop-bots"
-
-[sinks.topic]
-type = "kafka"
-brokers = "{}"
-topic = "drops"
-"#,
-        dir.path().join("data").display(),
-        broker.addr()
-    );
-    let config = Config::parse(&text, dir.path().join("weir.toml")).expect("a config");
-    let server = Server::start(config).await.expect("the router starts");
+    let server = start_router(dir.path(), "example:drop-bots", &broker.addr(), "drops", "").await;
     assert!(
         server.pipelines()[0].sinks[0].contains(&format!("kafka {} topic `drops`", broker.addr())),
         "{:?}",
@@ -291,33 +303,14 @@ async fn a_broker_killed_and_restarted_mid_stream_loses_no_event() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut broker = Broker::start_stored(&dir.path().join("nisshi.db"));
     create_topic(&broker.addr(), "restarts", 4).await;
-    let text = format!(
-        r#"
-[listener]
-listen = "127.0.0.1:0"
-data_dir = "{}"
-
-[auth]
-anonymous = true
-
-[pipelines.clicks]
-sinks = ["topic"]
-
-[[pipelines.clicks.stages]]
-plugin = "example:identity"
-
-[sinks.topic]
-type = "kafka"
-brokers = "{}"
-topic = "restarts"
-timeout_ms = 3000
-retry_max_ms = 500
-"#,
-        dir.path().join("data").display(),
-        broker.addr()
-    );
-    let config = Config::parse(&text, dir.path().join("weir.toml")).expect("a config");
-    let server = Server::start(config).await.expect("the router starts");
+    let server = start_router(
+        dir.path(),
+        "example:identity",
+        &broker.addr(),
+        "restarts",
+        "timeout_ms = 3000\nretry_max_ms = 500",
+    )
+    .await;
     let producer = connect(
         server.local_addr(),
         &server.fingerprint(),
@@ -327,10 +320,7 @@ retry_max_ms = 500
     .await;
     // Event times of now: the restarted broker applies its retention (a week) to what it
     // finds, and event(i)'s times are in 1970.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_millis() as i64;
+    let now = now_ms();
     let batch = |b: u64| {
         let mut builder = BatchBuilder::new();
         for i in b * 50..(b + 1) * 50 {

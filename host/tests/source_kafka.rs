@@ -21,7 +21,7 @@ mod kafka;
 #[path = "common/serve.rs"]
 mod serve;
 
-use kafka::{Broker, Record, committed, create_topic, ends, produce};
+use kafka::{Broker, Record, committed, create_topic, ends, now_ms, produce};
 use serve::WeirServe;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -618,10 +618,7 @@ async fn a_broker_killed_mid_stream_is_waited_for_and_no_record_is_lost() {
     .expect("config written");
     let router = WeirServe::start_logging(&path, "warn").await;
     // Times of now: the restarted broker applies its retention (a week) to what it finds.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_millis() as i64;
+    let now = now_ms();
     let recent = |n: u64| Record {
         timestamp_ms: Some(now + n as i64),
         ..record(n, 2)

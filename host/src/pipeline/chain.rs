@@ -700,15 +700,12 @@ fn run(
         let started = Instant::now();
         let index = offset + k;
         let filter = stage.plugin().kind() == PluginKind::Filter && draining.is_none();
-        if !filter && let Some(selected) = kept.take() {
-            let base = current.as_deref().unwrap_or(first_bytes);
-            // SAFETY: the base of a selection is the verified input or a stage's output.
-            let batch = unsafe { Batch::trusted(base) };
-            current = Some(kept_batch(
-                &mut BatchBuilder::new(),
-                &batch,
-                Some(&selected),
-            ));
+        if !filter && kept.is_some() {
+            let selection = Output {
+                batch: current.take(),
+                kept: kept.take(),
+            };
+            current = Some(selection.to_batch(first_bytes).into_owned());
         }
         let verified;
         let input = match (current.as_deref(), &first) {

@@ -51,6 +51,14 @@ fn nisshi() -> PathBuf {
 const INSTALL: &str =
     "cargo +1.96.0 install nisshi --locked --no-default-features --features dynostore,libsql";
 
+/// Milliseconds since 1970 now: record times a restarted broker's retention keeps.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64
+}
+
 /// A port nothing listens on now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
