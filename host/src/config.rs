@@ -35,7 +35,9 @@ use weir_format::frame::{BATCH_HEADER_BYTES, MAX_NAME_BYTES};
 
 use crate::admin::AdminConfig;
 use crate::pipeline::WindowConfig;
-use crate::pipeline::config::{PipelineConfig, PluginSource, StageSpec, dead_letter_file};
+use crate::pipeline::config::{
+    MAX_WORKERS, PipelineConfig, PluginSource, StageSpec, dead_letter_file, default_workers,
+};
 use crate::pipeline::route::{Condition, Route, Unmatched};
 use crate::sinks::{
     BufferConfig, FileConfig, Fsync, HttpConfig, KafkaConfig, PostgresConfig, QuicConfig,
@@ -183,6 +185,7 @@ struct RawPipeline {
     version_header: Option<Spanned<String>>,
     #[serde(default = "default_true")]
     checkpoint: bool,
+    workers: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -1353,6 +1356,21 @@ fn pipeline(
         }
         Some(h) => Some(h.get_ref().clone()),
     };
+    let workers = match &raw.workers {
+        None => default_workers(),
+        Some(w) => match usize::try_from(*w.get_ref()) {
+            Ok(n @ 1..=MAX_WORKERS) => n,
+            _ => {
+                return Err(source.at(
+                    w,
+                    format!(
+                        "pipeline `{pipeline}`: workers must be 1 to {MAX_WORKERS}, not {}",
+                        w.get_ref()
+                    ),
+                ));
+            }
+        },
+    };
     Ok(PipelineConfig {
         name: pipeline.clone(),
         stages,
@@ -1362,6 +1380,7 @@ fn pipeline(
         dead_letters,
         version_header,
         checkpoint: raw.checkpoint,
+        workers,
     })
 }
 
@@ -1560,6 +1579,31 @@ path = "out.jsonl"
                 "plugin = \"example:count-sum\"\nwindow = \"tumbling:0s\""
             )),
             "conf/weir.toml:11:10: pipeline `clicks`: bad window `tumbling:0s`: the window size must be longer than zero (expected e.g. `tumbling:60s`, `sliding:60s/10s`, `tumbling:1m,lateness:5s`)"
+        );
+    }
+
+    #[test]
+    fn workers_default_to_the_cores_and_are_bounded() {
+        let config = Config::parse(MINIMAL, "conf/weir.toml").expect("valid");
+        assert_eq!(
+            config.pipeline("clicks").expect("clicks").workers,
+            default_workers()
+        );
+        let text = |n: i64| {
+            MINIMAL.replace(
+                "sinks = [\"out\"]",
+                &format!("sinks = [\"out\"]\nworkers = {n}"),
+            )
+        };
+        let config = Config::parse(&text(3), "conf/weir.toml").expect("valid");
+        assert_eq!(config.pipeline("clicks").expect("clicks").workers, 3);
+        assert_eq!(
+            error(&text(0)),
+            "conf/weir.toml:8:11: pipeline `clicks`: workers must be 1 to 256, not 0"
+        );
+        assert_eq!(
+            error(&text(257)),
+            "conf/weir.toml:8:11: pipeline `clicks`: workers must be 1 to 256, not 257"
         );
     }
 

@@ -19,7 +19,10 @@
 
 use super::registry::{Registry, StageRecord, Status};
 use crate::metrics::Metrics;
-use crate::pipeline::{PipelineControl, Stage, StateChange, Swap, Verdict, WindowConfig};
+use crate::pipeline::{
+    PipelineControl, SharedProbation, Stage, StateChange, Swap, SwapRefused, Swapped, Verdict,
+    WindowConfig,
+};
 use crate::runtime::{Digest, PluginKind, Runtime, StageConfig};
 use crate::utc::now_ms;
 use serde::{Deserialize, Serialize};
@@ -243,7 +246,8 @@ pub(crate) struct Prepared {
     /// new plugin), or `None` (a reload gave the serving version new `with` values or limits:
     /// the same version, nothing to record).
     origin: Option<&'static str>,
-    stage: Stage,
+    /// One instance per worker of the pipeline.
+    stages: Vec<Stage>,
     /// Its component, stored in the registry once it is swapped in.
     bytes: Vec<u8>,
     digest: Digest,
@@ -389,7 +393,10 @@ impl Deployer {
                 error: None,
             });
         }
-        let prepared = self.prepare(&target.stages[index], name, bytes).await;
+        let workers = target.control.workers();
+        let prepared = self
+            .prepare(&target.stages[index], name, bytes, workers)
+            .await;
         let prepared = match prepared {
             Ok(prepared) => prepared,
             Err(e) => {
@@ -480,7 +487,12 @@ impl Deployer {
             .blob(&digest)
             .map_err(|e| DeployError::Internal(e.to_string()))?;
         let prepared = self
-            .prepare(&target.stages[index], &chosen.name, bytes)
+            .prepare(
+                &target.stages[index],
+                &chosen.name,
+                bytes,
+                target.control.workers(),
+            )
             .await
             .map_err(|e| DeployError::Refused(format!("`{pipeline}/{stage}`: {e}")))?;
         let options = DeployOptions {
@@ -550,7 +562,12 @@ impl Deployer {
                 (None, name, bytes)
             }
         };
-        let mut prepared = self.prepare(&target, &name, bytes).await.map_err(|e| {
+        let workers = self
+            .pipelines()
+            .get(pipeline)
+            .map_or(1, |p| p.control.workers());
+        let prepared = self.prepare(&target, &name, bytes, workers).await;
+        let mut prepared = prepared.map_err(|e| {
             DeployError::Refused(format!("pipeline `{pipeline}`, stage `{stage}`: {e}"))
         })?;
         prepared.origin = origin;
@@ -644,13 +661,14 @@ impl Deployer {
         }
     }
 
-    /// Compiles (or loads from the cache) and initializes a version for `target`, off the
-    /// async workers.
+    /// Compiles (or loads from the cache) and initializes a version for `target`, one
+    /// instance for each of the pipeline's `workers`, off the async workers.
     async fn prepare(
         &self,
         target: &StageTarget,
         name: &str,
         bytes: Vec<u8>,
+        workers: usize,
     ) -> Result<Prepared, String> {
         let runtime = self.runtime.clone();
         let target = target.clone();
@@ -662,13 +680,15 @@ impl Deployer {
                 .map_err(|e| e.to_string())?;
             let compile = started.elapsed();
             let started = Instant::now();
-            let stage = Stage::new(&plugin, target.config.clone(), target.window)
+            let stages = (0..workers.max(1))
+                .map(|_| Stage::new(&plugin, target.config.clone(), target.window))
+                .collect::<Result<Vec<Stage>, _>>()
                 .map_err(|e| e.to_string())?;
             let init = started.elapsed();
             Ok(Prepared {
                 origin: Some("deploy"),
                 from_cache: plugin.from_cache(),
-                stage,
+                stages,
                 digest: Digest::of(&bytes),
                 bytes,
                 name,
@@ -695,7 +715,7 @@ impl Deployer {
         let (pipeline, stage) = claim.key.clone();
         let Prepared {
             origin,
-            stage: replacement,
+            stages: replacements,
             bytes,
             digest,
             name,
@@ -705,36 +725,56 @@ impl Deployer {
         } = prepared;
         let version = digest.short();
         claim.update(format!("version {version} being swapped in"));
-        let (done, swapped) = oneshot::channel();
-        let (verdict_tx, verdict_rx) = oneshot::channel();
-        control
-            .swap(Swap {
-                stage: index,
-                replacement,
-                probation: options.probation,
-                on_change: options.state,
-                done,
-                verdict: Some(verdict_tx),
-            })
-            .map_err(DeployError::Internal)?;
-        let swapped = swapped.await.map_err(|_| {
-            DeployError::Internal(format!("pipeline `{pipeline}` stopped before the swap"))
-        })?;
-        let swapped = match swapped {
-            Ok(swapped) => swapped,
-            Err(refused) => {
-                let message = format!("`{pipeline}/{stage}`: {}", refused.message);
-                self.note_refused(&pipeline, &stage, &message);
-                // The unused version's instance goes off the async workers.
-                tokio::task::spawn_blocking(move || drop(refused));
-                return Err(DeployError::Refused(message));
-            }
-        };
-        let serving = started.elapsed();
-        if let Some(previous) = swapped.previous {
-            tokio::task::spawn_blocking(move || drop(previous));
+        // Every worker swaps its own instance in; they share the probation, so the first
+        // verdict is the pipeline's.
+        let shared = Arc::new(SharedProbation::default());
+        let (verdict_tx, mut verdict_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut dones = Vec::new();
+        for (lane, replacement) in replacements.into_iter().enumerate() {
+            let (done, swapped) = oneshot::channel();
+            let (verdict, told) = oneshot::channel();
+            control
+                .swap(
+                    lane,
+                    Swap {
+                        stage: index,
+                        replacement,
+                        probation: options.probation,
+                        on_change: options.state,
+                        done,
+                        verdict: Some(verdict),
+                        shared: shared.clone(),
+                    },
+                )
+                .map_err(DeployError::Internal)?;
+            let verdict_tx = verdict_tx.clone();
+            tokio::spawn(async move {
+                if let Ok(verdict) = told.await {
+                    let _ = verdict_tx.send(verdict);
+                }
+            });
+            dones.push(swapped);
         }
-        let on_probation = swapped.on_probation;
+        drop(verdict_tx);
+        let mut swaps = Vec::new();
+        for swapped in dones {
+            swaps.push(swapped.await.map_err(|_| {
+                DeployError::Internal(format!("pipeline `{pipeline}` stopped before the swap"))
+            })?);
+        }
+        if let Some(refused) = swaps.iter().find_map(|s| s.as_ref().err()) {
+            let message = format!("`{pipeline}/{stage}`: {}", refused.message);
+            self.undo(&control, index, swaps, &shared, &message);
+            self.note_refused(&pipeline, &stage, &message);
+            return Err(DeployError::Refused(message));
+        }
+        let serving = started.elapsed();
+        let swaps: Vec<Swapped> = swaps.into_iter().flatten().collect();
+        let on_probation = swaps.iter().any(|s| s.on_probation);
+        let pause = swaps.iter().map(|s| s.pause).max().unwrap_or_default();
+        let draining: usize = swaps.iter().map(|s| s.draining).sum();
+        let previous: Vec<Stage> = swaps.into_iter().filter_map(|s| s.previous).collect();
+        tokio::task::spawn_blocking(move || drop(previous));
         if let Some(origin) = origin {
             self.registry
                 .swapped(
@@ -752,7 +792,7 @@ impl Deployer {
         let previous = record.serving.get(..8).unwrap_or_default().to_owned();
         tracing::info!(
             "pipeline `{pipeline}`, stage `{stage}`: version {version} of `{name}` swapped in for {previous} (pause {:?}){}",
-            swapped.pause,
+            pause,
             if on_probation {
                 format!(", on probation for {} batches", options.probation)
             } else {
@@ -772,8 +812,8 @@ impl Deployer {
             compile_ms: compile.as_secs_f64() * 1e3,
             from_cache,
             init_ms: init.as_secs_f64() * 1e3,
-            pause_us: swapped.pause.as_secs_f64() * 1e6,
-            draining_windows: swapped.draining as u64,
+            pause_us: pause.as_secs_f64() * 1e6,
+            draining_windows: draining as u64,
             serving_ms: serving.as_secs_f64() * 1e3,
             error: None,
         };
@@ -785,7 +825,7 @@ impl Deployer {
         let (judged_tx, judged) = oneshot::channel();
         let deployer = self.clone();
         tokio::spawn(async move {
-            let verdict = verdict_rx.await.ok();
+            let verdict = verdict_rx.recv().await;
             deployer.judged(&claim, &digest, verdict.as_ref());
             drop(claim);
             let _ = judged_tx.send(verdict);
@@ -810,6 +850,65 @@ impl Deployer {
             }
         }
         Ok(report)
+    }
+
+    /// A swap some worker refused: the workers that swapped go back to the version they ran
+    /// (on probation: rolled back at their next batch), and the unused instances are dropped
+    /// off the async workers.
+    fn undo(
+        &self,
+        control: &PipelineControl,
+        index: usize,
+        swaps: Vec<Result<Swapped, Box<SwapRefused>>>,
+        shared: &Arc<SharedProbation>,
+        message: &str,
+    ) {
+        shared.roll_back(format!("another worker refused it: {message}"));
+        let mut unused = Vec::new();
+        for (lane, swap) in swaps.into_iter().enumerate() {
+            match swap {
+                Err(refused) => unused.push(refused.replacement),
+                Ok(Swapped {
+                    previous: Some(previous),
+                    ..
+                }) => {
+                    let (done, undone) = oneshot::channel();
+                    let back = Swap {
+                        stage: index,
+                        replacement: previous,
+                        probation: 0,
+                        on_change: StateChange::Refuse,
+                        done,
+                        verdict: None,
+                        shared: Arc::default(),
+                    };
+                    if let Err(e) = control.swap(lane, back) {
+                        tracing::error!("{e}");
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        match undone.await {
+                            Ok(Ok(swapped)) => {
+                                tokio::task::spawn_blocking(move || drop(swapped.previous));
+                            }
+                            Ok(Err(refused)) => tracing::error!(
+                                "worker {lane} keeps the refused version: {}",
+                                refused.message
+                            ),
+                            Err(_) => {}
+                        }
+                    });
+                }
+                // On probation: rolled back by the shared probation. Draining another
+                // layout's windows: the previous version finishes them, the new one stays.
+                Ok(swapped) if !swapped.on_probation => tracing::error!(
+                    "worker {lane} keeps the version others refused, its previous one finishing {} windows: {message}",
+                    swapped.draining
+                ),
+                Ok(_) => {}
+            }
+        }
+        tokio::task::spawn_blocking(move || drop(unused));
     }
 
     /// Records a probation's verdict.

@@ -39,13 +39,23 @@
 //!   can run, the call fails as any stage that cannot run, and the probation goes on. A batch
 //!   is always processed wholly by one version. Each probation's end is a [`Verdict`] in the
 //!   output.
+//! - **One probation for all the workers of a pipeline.** Each worker swaps its own instance
+//!   of the new version in, and they share one [`SharedProbation`]: the version passes once
+//!   the workers together took n batches without failing, and is rolled back on every worker
+//!   as soon as one rolls it back. A worker learns what another decided at its next batch (or
+//!   its next swap), before running it.
+//! - **Keys stay with their worker.** In a pipeline split by key among several workers, an
+//!   aggregate's windows of a key live on the worker that owns the key. An event that reaches
+//!   an aggregate with a key another worker owns (an earlier stage changed it) is a dead letter
+//!   of the aggregate saying so, never folded into the wrong worker's windows.
 
+use super::input::lane_of;
 use super::stage::{DeadLetter, Kept, LateEvent, Scope, Stage, StageOutput, kept_batch};
 use super::tap::PipelineTap;
 use super::window::{WindowId, WindowState};
 use crate::runtime::{PluginError, PluginKind};
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use weir_format::{Batch, BatchBuilder, FormatError};
 
@@ -201,6 +211,8 @@ pub struct Chain {
     draining: Vec<Option<Stage>>,
     /// Where the stages' outputs are offered to `weir tap` readers.
     tap: Option<Arc<PipelineTap>>,
+    /// Which worker of how many runs it, in a pipeline split by key.
+    lane: Option<(usize, usize)>,
 }
 
 /// What [`Chain::swap`] does when an aggregate's new version declares another state layout
@@ -221,8 +233,57 @@ struct Probation {
     previous: Stage,
     /// Batches the new version must take without failing.
     batches: u64,
-    /// Batches it took so far.
-    passed: u64,
+    /// What every worker of the pipeline shares of the probation.
+    shared: Arc<SharedProbation>,
+}
+
+/// What the workers of one pipeline share of a new version's probation: the batches they took
+/// with it together, and how it ended once one of them decided.
+#[derive(Debug, Default)]
+pub struct SharedProbation(Mutex<(u64, Option<Ending>)>);
+
+/// How a shared probation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ending {
+    Passed,
+    RolledBack(String),
+}
+
+impl SharedProbation {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Option<Ending>)> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Rolls the version back on every worker (each at its next batch), unless it passed
+    /// already: a deploy that one worker refused.
+    pub fn roll_back(&self, why: String) {
+        self.decide(Ending::RolledBack(why));
+    }
+
+    /// Batches taken so far, by every worker.
+    fn taken(&self) -> u64 {
+        self.lock().0
+    }
+
+    fn ending(&self) -> Option<Ending> {
+        self.lock().1.clone()
+    }
+
+    /// Decides how it ended, unless a worker did already; how it ended.
+    fn decide(&self, ending: Ending) -> Ending {
+        self.lock().1.get_or_insert(ending).clone()
+    }
+
+    /// One more batch taken; how it ended once `batches` were.
+    fn took(&self, batches: u64) -> Option<Ending> {
+        let mut shared = self.lock();
+        shared.0 += 1;
+        if shared.0 >= batches {
+            Some(shared.1.get_or_insert(Ending::Passed).clone())
+        } else {
+            shared.1.clone()
+        }
+    }
 }
 
 /// How a probation ended.
@@ -314,7 +375,14 @@ impl Chain {
             probation,
             draining,
             tap: None,
+            lane: None,
         }
+    }
+
+    /// The chain runs on worker `lane` of `lanes` of a pipeline split by key: an aggregate
+    /// takes only events whose key that worker owns.
+    pub fn set_lane(&mut self, lane: usize, lanes: usize) {
+        self.lane = (lanes > 1).then_some((lane, lanes));
     }
 
     /// Offers each stage's output to the readers of `tap` (`weir tap PIPELINE/STAGE`).
@@ -335,10 +403,30 @@ impl Chain {
     pub fn swap(
         &mut self,
         index: usize,
-        mut replacement: Stage,
+        replacement: Stage,
         probation: u64,
         on_change: StateChange,
     ) -> Result<Option<Stage>, Box<SwapRefused>> {
+        let shared = Arc::default();
+        self.swap_shared(index, replacement, probation, &shared, on_change)
+    }
+
+    /// [`Chain::swap`] on one of a pipeline's workers: its probation is `shared` with the
+    /// other workers'. A probation another worker already ended is ended here first.
+    pub fn swap_shared(
+        &mut self,
+        index: usize,
+        mut replacement: Stage,
+        probation: u64,
+        shared: &Arc<SharedProbation>,
+        on_change: StateChange,
+    ) -> Result<Option<Stage>, Box<SwapRefused>> {
+        if let (Some(stage), Some(slot)) =
+            (self.stages.get_mut(index), self.probation.get_mut(index))
+            && let Some(ending) = slot.as_ref().and_then(|p| p.shared.ending())
+        {
+            end_probation(stage, slot, index, ending, &mut ChainOutput::new());
+        }
         let refuse = |message: String, replacement: Stage| {
             Err(Box::new(SwapRefused {
                 message,
@@ -369,7 +457,7 @@ impl Chain {
                 "stage `{}`: version {} is on probation ({} of {} batches)",
                 current.name(),
                 current.plugin().version(),
-                p.passed,
+                p.shared.taken(),
                 p.batches
             );
             return refuse(message, replacement);
@@ -424,7 +512,7 @@ impl Chain {
         *slot = Some(Probation {
             previous,
             batches: probation,
-            passed: 0,
+            shared: shared.clone(),
         });
         Ok(None)
     }
@@ -488,7 +576,7 @@ impl Chain {
         self.probation
             .get(index)?
             .as_ref()
-            .map(|p| (p.passed, p.batches))
+            .map(|p| (p.shared.taken(), p.batches))
     }
 
     /// The stages, first to last.
@@ -517,20 +605,36 @@ impl Chain {
 
     /// Runs a verified batch through every stage (the caller verified it once, at the edge).
     pub fn process_batch(&mut self, input: &Batch<'_>) -> Result<ChainOutput, Box<ChainError>> {
-        self.run_from(0, First::Verified(input))
+        self.run_from(0, First::Verified(input), None)
+    }
+
+    /// [`Chain::process_batch`] for a worker's part of a batch split by key: the first
+    /// aggregate's event time reaches `batch_ms`, the latest of the whole batch, once it folded
+    /// the part.
+    pub fn process_part(
+        &mut self,
+        input: &Batch<'_>,
+        batch_ms: Option<i64>,
+    ) -> Result<ChainOutput, Box<ChainError>> {
+        self.run_from(0, First::Verified(input), batch_ms)
     }
 
     /// Runs a batch through the stages from `stage` on: how a [`ChainError::pending`] batch
     /// is taken up again. At `stages().len()` the batch is the chain's output as it is.
     pub fn resume(&mut self, stage: usize, batch: &[u8]) -> Result<ChainOutput, Box<ChainError>> {
-        self.run_from(stage, First::Bytes(batch))
+        self.run_from(stage, First::Bytes(batch), None)
     }
 
     fn run_from(
         &mut self,
         stage: usize,
         first: First<'_, '_>,
+        batch_ms: Option<i64>,
     ) -> Result<ChainOutput, Box<ChainError>> {
+        let aggregate = self
+            .stages
+            .iter()
+            .position(|s| s.plugin().kind() == PluginKind::Aggregate);
         let first_stage = stage.min(self.stages.len());
         let mut output = ChainOutput::new();
         let slots = Slots {
@@ -538,6 +642,8 @@ impl Chain {
             probation: &mut self.probation[first_stage..],
             draining: &mut self.draining[first_stage..],
             tap: self.tap.as_deref().filter(|t| t.is_read()),
+            lane: self.lane,
+            batch_ms: aggregate.map(|index| (index, batch_ms)),
         };
         match run(slots, first_stage, first, &mut output) {
             Ok(events) => {
@@ -594,6 +700,8 @@ impl Chain {
                         probation: rest_probation,
                         draining: rest_draining,
                         tap: self.tap.as_deref().filter(|t| t.is_read()),
+                        lane: self.lane,
+                        batch_ms: None,
                     };
                     match run(rest, i + 1, First::Bytes(&flushed), &mut output) {
                         Ok(out) => match append(&mut merged, &out.to_batch(&flushed)) {
@@ -685,6 +793,8 @@ fn run(
         probation,
         draining,
         tap,
+        lane,
+        batch_ms,
     } = slots;
     let first_bytes = match &first {
         First::Verified(batch) => batch.bytes(),
@@ -706,6 +816,20 @@ fn run(
                 kept: kept.take(),
             };
             current = Some(selection.to_batch(first_bytes).into_owned());
+        }
+        if let (Some(lane), Some(previous)) = (lane, current.as_mut())
+            && stage.plugin().kind() == PluginKind::Aggregate
+        {
+            foreign_keys(stage, lane, previous, output);
+        }
+        if let Some((_, time)) = batch_ms.filter(|(first, _)| *first == index) {
+            for state in [Some(&mut *stage), draining.as_mut()]
+                .into_iter()
+                .flatten()
+                .filter_map(Stage::window_state_mut)
+            {
+                state.set_batch_time(time);
+            }
         }
         let verified;
         let input = match (current.as_deref(), &first) {
@@ -808,6 +932,44 @@ fn run(
     })
 }
 
+/// Takes the events whose key another worker owns out of `batch`, an aggregate's input made by
+/// earlier stages on worker `lane.0` of `lane.1`, as dead letters of the aggregate: their
+/// windows live on that other worker.
+fn foreign_keys(
+    stage: &Stage,
+    lane: (usize, usize),
+    batch: &mut Vec<u8>,
+    output: &mut ChainOutput,
+) {
+    let (own, lanes) = lane;
+    // SAFETY: a stage's output batch is one the host built or verified.
+    let events = unsafe { Batch::trusted(batch) };
+    if events.iter().all(|e| lane_of(e.key(), lanes) == own) {
+        return;
+    }
+    let mut kept = BatchBuilder::new();
+    for (index, event) in events.iter().enumerate() {
+        let owner = lane_of(event.key(), lanes);
+        if owner == own {
+            kept.push_ref(&event, event.source());
+            continue;
+        }
+        output.dead_letters.push(DeadLetter {
+            event: event.to_event(),
+            index,
+            window: None,
+            error: format!(
+                "an earlier stage changed its key to `{}`, whose windows live on worker {owner} of {lanes}, not this one ({own}): with `workers` above 1 the stages before an aggregate must keep each event's key; set `workers = 1` for this pipeline",
+                String::from_utf8_lossy(event.key().unwrap_or_default())
+            ),
+            plugin: stage.plugin().name().to_owned(),
+            version: stage.plugin().version().to_owned(),
+            stage: stage.name().to_owned(),
+        });
+    }
+    *batch = kept.finish();
+}
+
 /// A chain's per-stage slots from some stage on.
 struct Slots<'a> {
     stages: &'a mut [Stage],
@@ -815,6 +977,11 @@ struct Slots<'a> {
     draining: &'a mut [Option<Stage>],
     /// Where each stage's output is offered to `weir tap` readers.
     tap: Option<&'a PipelineTap>,
+    /// Which worker of how many runs the chain, in a pipeline split by key.
+    lane: Option<(usize, usize)>,
+    /// The first aggregate stage, and the latest event time of the whole batch of which the
+    /// input is a worker's part.
+    batch_ms: Option<(usize, Option<i64>)>,
 }
 
 /// What changed of `stage`'s window state since the last call; `None` for a stage that keeps
@@ -902,6 +1069,10 @@ fn call<B>(
     strict: impl Fn(&mut Stage) -> Result<StageOutput<B>, PluginError>,
     isolating: impl Fn(&mut Stage) -> Result<StageOutput<B>, PluginError>,
 ) -> Result<StageOutput<B>, PluginError> {
+    // Another worker ended the probation: so does this one, before the batch.
+    if let Some(ending) = probation.as_ref().and_then(|p| p.shared.ending()) {
+        end_probation(stage, probation, index, ending, output);
+    }
     let Some(p) = probation.as_mut() else {
         return isolating(stage);
     };
@@ -956,35 +1127,56 @@ fn call<B>(
             }
         }
     };
-    match rolled_back {
+    let ending = match rolled_back {
+        // The previous version's output stands, and it holds the window state: it serves
+        // again, even if another worker just passed the version.
         Some(error) => {
-            if let Some(p) = probation.take() {
-                let failed_version = std::mem::replace(stage, p.previous);
-                output.verdicts.push(Verdict::RolledBack {
-                    stage: index,
-                    version: failed_version.plugin().version().to_owned(),
-                    restored: stage.plugin().version().to_owned(),
-                    error,
-                    batches: p.passed,
-                });
-            }
+            p.shared.decide(Ending::RolledBack(error.clone()));
+            Some(Ending::RolledBack(error))
         }
         // A batch counts when it gave the new version events to fail on.
-        None if result.is_ok() && events > 0 => {
-            p.passed += 1;
-            if p.passed >= p.batches {
-                let batches = p.passed;
-                *probation = None;
-                output.verdicts.push(Verdict::Passed {
-                    stage: index,
-                    version: stage.plugin().version().to_owned(),
-                    batches,
-                });
-            }
-        }
-        None => {}
+        None if result.is_ok() && events > 0 => p.shared.took(p.batches),
+        None => None,
+    };
+    if let Some(ending) = ending {
+        end_probation(stage, probation, index, ending, output);
     }
     result
+}
+
+/// Ends stage `index`'s probation as `ending` says: the new version stays, or the previous one
+/// serves again (with the window state); the verdict goes to `output`.
+fn end_probation(
+    stage: &mut Stage,
+    probation: &mut Option<Probation>,
+    index: usize,
+    ending: Ending,
+    output: &mut ChainOutput,
+) {
+    let Some(mut p) = probation.take() else {
+        return;
+    };
+    let batches = p.shared.taken();
+    match ending {
+        Ending::Passed => output.verdicts.push(Verdict::Passed {
+            stage: index,
+            version: stage.plugin().version().to_owned(),
+            batches,
+        }),
+        Ending::RolledBack(error) => {
+            if let Some(state) = stage.take_window_state() {
+                p.previous.set_window_state(state);
+            }
+            let failed_version = std::mem::replace(stage, p.previous);
+            output.verdicts.push(Verdict::RolledBack {
+                stage: index,
+                version: failed_version.plugin().version().to_owned(),
+                restored: stage.plugin().version().to_owned(),
+                error,
+                batches,
+            });
+        }
+    }
 }
 
 /// What a stage failed on in one call: (a window rather than an event, index).
@@ -1518,5 +1710,144 @@ mod tests {
         assert_eq!(chain.draining(0), 0);
         let flushed = chain.flush().expect("flush");
         assert_eq!(tagged(bytes(&flushed)), [("count=1".into(), "wide".into())]);
+    }
+
+    /// Two workers' chains running identity, each swapped to panic-on-mark on probation for
+    /// `batches` batches, sharing `shared`.
+    fn two_workers_on_probation(
+        runtime: &Runtime,
+        batches: u64,
+        shared: &Arc<SharedProbation>,
+    ) -> Vec<Chain> {
+        (0..2)
+            .map(|_| {
+                let mut chain = Chain::new(vec![stage(runtime, plugins::IDENTITY)]);
+                let new = stage(runtime, plugins::PANIC_ON_MARK);
+                let swapped = chain.swap_shared(0, new, batches, shared, StateChange::Refuse);
+                assert!(swapped.expect("swapped").is_none(), "on probation");
+                chain
+            })
+            .collect()
+    }
+
+    #[test]
+    fn workers_sharing_a_probation_pass_together_on_the_batches_they_took_together() {
+        let runtime = runtime();
+        let shared = Arc::new(SharedProbation::default());
+        let mut workers = two_workers_on_probation(&runtime, 2, &shared);
+        let version = workers[0].stages()[0].plugin().version().to_owned();
+        let first = workers[0].process(&batch(&["a"])).expect("a batch");
+        assert_eq!(first.verdicts, []);
+        assert_eq!(workers[1].probation(0), Some((1, 2)), "counted for both");
+        let second = workers[1].process(&batch(&["b"])).expect("a batch");
+        let passed = Verdict::Passed {
+            stage: 0,
+            version: version.clone(),
+            batches: 2,
+        };
+        assert_eq!(second.verdicts, std::slice::from_ref(&passed));
+        // The other worker learns it at its next batch, before running it.
+        assert_eq!(workers[0].probation(0), Some((2, 2)));
+        let third = workers[0].process(&batch(&["c"])).expect("a batch");
+        assert_eq!(third.verdicts, [passed]);
+        assert_eq!(workers[0].probation(0), None);
+        assert_eq!(third.runs[0].version, version);
+    }
+
+    #[test]
+    fn a_version_one_worker_rolls_back_is_rolled_back_on_every_worker() {
+        let runtime = runtime();
+        let shared = Arc::new(SharedProbation::default());
+        let mut workers = two_workers_on_probation(&runtime, 5, &shared);
+        let old = stage(&runtime, plugins::IDENTITY)
+            .plugin()
+            .version()
+            .to_owned();
+        let failed = workers[0]
+            .process(&batch(&["a", "poison"]))
+            .expect("the previous version takes it");
+        assert!(matches!(
+            &failed.verdicts[..],
+            [Verdict::RolledBack { restored, .. }] if *restored == old
+        ));
+        let next = workers[1].process(&batch(&["b"])).expect("a batch");
+        match &next.verdicts[..] {
+            [
+                Verdict::RolledBack {
+                    restored, error, ..
+                },
+            ] => {
+                assert_eq!(*restored, old);
+                assert!(error.contains("trap"), "{error}");
+            }
+            other => panic!("rolled back, not {other:?}"),
+        }
+        assert_eq!(
+            next.runs[0].version, old,
+            "the previous version ran the batch"
+        );
+        // A worker that never took a batch of it ends the probation at its next swap.
+        let mut idle = Chain::new(vec![stage(&runtime, plugins::IDENTITY)]);
+        idle.swap_shared(
+            0,
+            stage(&runtime, plugins::PANIC_ON_MARK),
+            5,
+            &shared,
+            StateChange::Refuse,
+        )
+        .expect("swapped");
+        let again = stage(&runtime, plugins::DROP_BOTS);
+        assert!(
+            idle.swap(0, again, 0, StateChange::Refuse).is_ok(),
+            "no longer on probation"
+        );
+    }
+
+    #[test]
+    fn an_aggregate_on_one_of_several_workers_dead_letters_keys_another_worker_owns() {
+        let runtime = runtime();
+        let mut chain = Chain::new(vec![
+            stage(&runtime, plugins::EVEN_KEY),
+            stage(&runtime, plugins::COUNT_SUM),
+        ]);
+        chain.set_lane(0, 2);
+        // even-key keeps half of them: the aggregate's input is a batch the chain built.
+        let events: Vec<Event> = (0..40)
+            .map(|i| Event::new(r#"{"amount":1}"#, 1_000).with_key(format!("k{i}")))
+            .collect();
+        let foreign: Vec<String> = events
+            .iter()
+            .filter_map(|e| e.key.as_deref())
+            .filter(|k| k.last().is_some_and(|d| d % 2 == 0) && lane_of(Some(k), 2) != 0)
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        assert!(!foreign.is_empty() && foreign.len() < 20, "{foreign:?}");
+        let out = chain.process(&encode(&events)).expect("runs");
+        let mut dead: Vec<String> = out
+            .dead_letters
+            .iter()
+            .map(|d| {
+                String::from_utf8_lossy(d.event.key.as_deref().unwrap_or_default()).into_owned()
+            })
+            .collect();
+        dead.sort();
+        let mut expected = foreign.clone();
+        expected.sort();
+        assert_eq!(dead, expected);
+        let error = &out.dead_letters[0].error;
+        assert!(
+            error.starts_with(&format!("an earlier stage changed its key to `{}`, whose windows live on worker 1 of 2, not this one (0)", foreign[0]))
+                && error.ends_with("set `workers = 1` for this pipeline"),
+            "{error}"
+        );
+        let windows = chain.stages()[1]
+            .window_state()
+            .expect("an aggregate")
+            .open_windows();
+        assert_eq!(
+            windows,
+            20 - foreign.len(),
+            "only the worker's own keys folded"
+        );
     }
 }

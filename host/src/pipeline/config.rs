@@ -36,6 +36,17 @@ pub struct PipelineConfig {
     /// Whether an aggregate pipeline checkpoints its window state (`checkpoint.rs`; default
     /// true). Without, a stop finishes the open windows and a crash loses them.
     pub checkpoint: bool,
+    /// Worker threads it runs on, each with its own plugin instances (default: the cores of
+    /// the machine). Batches are shared out by stream, or by event key when it aggregates.
+    pub workers: usize,
+}
+
+/// The most workers a pipeline may run on.
+pub const MAX_WORKERS: usize = 256;
+
+/// A pipeline's workers when its config names none: one per core.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS))
 }
 
 /// One stage of a pipeline.

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use weir_format::KeepBitmap;
 
 /// Where a pipeline's events that no sink takes go.
+#[derive(Clone)]
 pub(crate) enum UnmatchedOut {
     /// Some sink takes every event.
     Impossible,
@@ -27,6 +28,7 @@ pub(crate) enum UnmatchedOut {
 }
 
 /// A pipeline's sinks, the events each takes, and where the rest and the dead letters go.
+#[derive(Clone)]
 pub(crate) struct Fanout {
     pipeline: Arc<str>,
     routes: Vec<(Arc<Sink>, Condition)>,

@@ -17,9 +17,10 @@
 //!   waits forever on a batch nobody holds.
 
 use crate::sinks::SharedBatch;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::mpsc;
-use weir_format::Event;
+use weir_format::{BatchBuilder, Event};
 
 type Callback = Box<dyn FnOnce(Result<(), String>) + Send>;
 
@@ -43,6 +44,36 @@ impl Completion {
         if let Some(callback) = self.0.take() {
             callback(result);
         }
+    }
+
+    /// `parts` completions that resolve this one together: `Ok` once every part resolved
+    /// `Ok`, `Err` as soon as one resolves `Err` (with its reason). A batch split among a
+    /// pipeline's workers completes when every worker's part does.
+    pub fn split(self, parts: usize) -> Vec<Completion> {
+        if parts <= 1 {
+            return vec![self];
+        }
+        let joined = Arc::new(Mutex::new((parts, Some(self))));
+        (0..parts)
+            .map(|_| {
+                let joined = joined.clone();
+                Completion::new(move |result| {
+                    let whole = {
+                        let mut joined = joined.lock().unwrap_or_else(PoisonError::into_inner);
+                        joined.0 -= 1;
+                        if result.is_err() || joined.0 == 0 {
+                            joined.1.take()
+                        } else {
+                            None
+                        }
+                    };
+                    // Resolved outside the lock: a callback may take a while.
+                    if let Some(whole) = whole {
+                        whole.resolve(result);
+                    }
+                })
+            })
+            .collect()
     }
 }
 
@@ -90,31 +121,167 @@ pub struct Input {
     /// the pipeline's dead-letter sink (each with a `weir-error` header saying why); the
     /// completion covers them too.
     pub rejected: Vec<Event>,
+    /// Set by the pipeline on a worker's part of a batch split by key: the latest event time
+    /// of the whole batch, which the worker's windows reach as one worker's would. Sources
+    /// leave it `None`.
+    pub batch_ms: Option<i64>,
 }
 
-/// Where sources put batches for one pipeline: a bounded queue (a full queue is backpressure
-/// on the source). Cheap to clone.
+/// How a pipeline's batches are shared out among its workers (`workers = N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partition {
+    /// Whole batches, by the source's stream (a producer, a partition: the key of the batch's
+    /// [`Position`]): a stream's batches reach one worker, in order.
+    Stream,
+    /// Each batch split by event key ([`lane_of`]): a key's events reach the worker that owns
+    /// it, in order, and an aggregate's windows (one per key) live on that worker alone. Every
+    /// worker gets a part of every batch, maybe empty, so that each worker's position in each
+    /// stream is its own to checkpoint ([`lane_key`]).
+    Key,
+}
+
+/// The worker of `lanes` that owns events with `key`: xxh3 of the key (none: of nothing),
+/// modulo the worker count. Fixed by xxh3's spec, so a checkpoint's per-worker positions mean
+/// the same after an upgrade.
+pub fn lane_of(key: Option<&[u8]>, lanes: usize) -> usize {
+    if lanes <= 1 {
+        return 0;
+    }
+    (xxhash_rust::xxh3::xxh3_64(key.unwrap_or_default()) % lanes as u64) as usize
+}
+
+/// The position key worker `lane` of `lanes` records for stream `key` (a [`Partition::Key`]
+/// pipeline): `key@LANE/LANES`; with one worker, `key` itself.
+pub fn lane_key(key: &str, lane: usize, lanes: usize) -> Arc<str> {
+    if lanes <= 1 {
+        Arc::from(key)
+    } else {
+        Arc::from(format!("{key}@{lane}/{lanes}"))
+    }
+}
+
+/// `key@LANE/LANES` taken apart; a key without the suffix is worker 0 of 1.
+fn parse_lane_key(key: &str) -> (&str, usize, usize) {
+    key.rsplit_once('@')
+        .and_then(|(base, suffix)| {
+            let (lane, lanes) = suffix.split_once('/')?;
+            let (lane, lanes) = (lane.parse().ok()?, lanes.parse().ok()?);
+            (lane < lanes && lanes > 1).then_some((base, lane, lanes))
+        })
+        .unwrap_or((key, 0, 1))
+}
+
+/// Where each worker of a [`Partition::Key`] pipeline stood in each stream when it was last
+/// checkpointed: the source resumes every stream from the worker furthest behind, and an
+/// event of a batch its worker already folded is left out of that worker's part.
+#[derive(Debug, Default)]
+pub struct Resumed {
+    /// Per stream: the worker count the positions were written with, and each worker's next
+    /// position (`None`: that worker committed nothing of the stream).
+    streams: HashMap<Arc<str>, (usize, Vec<Option<u64>>)>,
+}
+
+impl Resumed {
+    /// Takes the positions a checkpoint holds apart: where each stream's source resumes (the
+    /// worker furthest behind) and what each worker already holds. Positions of an earlier
+    /// worker count (a restart after `workers` changed) are used only when none were written
+    /// since: their stream's latest is the highest.
+    pub fn from_checkpoint(rows: Vec<Position>) -> (Vec<Position>, Resumed) {
+        let mut groups: HashMap<(Arc<str>, usize), Vec<Option<u64>>> = HashMap::new();
+        for Position { key, next } in rows {
+            let (base, lane, lanes) = parse_lane_key(&key);
+            let slots = groups
+                .entry((Arc::from(base), lanes))
+                .or_insert_with(|| vec![None; lanes]);
+            slots[lane] = Some(next);
+        }
+        let mut streams: HashMap<Arc<str>, (usize, Vec<Option<u64>>)> = HashMap::new();
+        for ((base, lanes), slots) in groups {
+            let latest = |s: &[Option<u64>]| s.iter().flatten().max().copied();
+            match streams.get(&base) {
+                Some((_, kept)) if latest(kept) >= latest(&slots) => {}
+                _ => {
+                    streams.insert(base, (lanes, slots));
+                }
+            }
+        }
+        let positions = streams
+            .iter()
+            .filter_map(|(key, (_, slots))| {
+                let next = slots.iter().copied().collect::<Option<Vec<u64>>>()?;
+                Some(Position {
+                    key: key.clone(),
+                    next: next.into_iter().min()?,
+                })
+            })
+            .collect();
+        (positions, Resumed { streams })
+    }
+
+    /// Whether the worker that owned `key` when stream `stream` was checkpointed already
+    /// folded its events of the batch after which the stream resumes at `next`.
+    fn holds(&self, stream: &str, key: Option<&[u8]>, next: u64) -> bool {
+        self.streams.get(stream).is_some_and(|(lanes, slots)| {
+            slots[lane_of(key, *lanes)].is_some_and(|held| next <= held)
+        })
+    }
+
+    fn covers(&self, stream: &str) -> bool {
+        self.streams.contains_key(stream)
+    }
+}
+
+/// Where sources put batches for one pipeline: a bounded queue per worker (a full queue is
+/// backpressure on the source), and how batches are shared out among them ([`Partition`]).
+/// Cheap to clone.
 #[derive(Clone)]
 pub struct PipelineInput {
     name: Arc<str>,
-    tx: mpsc::Sender<Input>,
+    lanes: Arc<[mpsc::Sender<Input>]>,
+    partition: Partition,
+    resumed: Arc<Resumed>,
 }
 
 impl std::fmt::Debug for PipelineInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PipelineInput")
             .field("name", &self.name)
+            .field("workers", &self.lanes.len())
+            .field("partition", &self.partition)
             .finish_non_exhaustive()
     }
 }
 
-/// Room for one batch in a pipeline's queue, taken before the batch is handed over so that a
+/// Room for one batch in a pipeline's queues, taken before the batch is handed over so that a
 /// source can hand it over without waiting (under a lock of its own, say).
-pub type Slot<'a> = mpsc::Permit<'a, Input>;
+pub struct Slot<'a> {
+    input: &'a PipelineInput,
+    /// One per worker the batch goes to: the stream's, or every worker (in order).
+    permits: Vec<mpsc::Permit<'a, Input>>,
+}
+
+impl Slot<'_> {
+    /// Hands the batch over.
+    pub fn send(self, input: Input) {
+        for (permit, part) in self.permits.into_iter().zip(self.input.parts(input)) {
+            permit.send(part);
+        }
+    }
+}
 
 impl PipelineInput {
-    pub(crate) fn new(name: Arc<str>, tx: mpsc::Sender<Input>) -> PipelineInput {
-        PipelineInput { name, tx }
+    pub(crate) fn new(
+        name: Arc<str>,
+        lanes: Vec<mpsc::Sender<Input>>,
+        partition: Partition,
+        resumed: Arc<Resumed>,
+    ) -> PipelineInput {
+        PipelineInput {
+            name,
+            lanes: lanes.into(),
+            partition,
+            resumed,
+        }
     }
 
     /// The pipeline's name.
@@ -122,34 +289,262 @@ impl PipelineInput {
         &self.name
     }
 
-    /// Waits for room in the queue; `None` once the pipeline stopped taking batches.
-    pub async fn reserve(&self) -> Option<Slot<'_>> {
-        self.tx.reserve().await.ok()
+    /// The worker whose queue takes the batches of stream `stream` ([`Partition::Stream`]).
+    fn stream_lane(&self, stream: &str) -> usize {
+        lane_of(Some(stream.as_bytes()), self.lanes.len())
+    }
+
+    /// Waits for room for a batch of stream `stream` (the key of its [`Position`]); `None`
+    /// once the pipeline stopped taking batches.
+    pub async fn reserve(&self, stream: &str) -> Option<Slot<'_>> {
+        let permits = match self.partition {
+            Partition::Stream => vec![self.lanes[self.stream_lane(stream)].reserve().await.ok()?],
+            Partition::Key => {
+                let mut permits = Vec::with_capacity(self.lanes.len());
+                for lane in self.lanes.iter() {
+                    permits.push(lane.reserve().await.ok()?);
+                }
+                permits
+            }
+        };
+        Some(Slot {
+            input: self,
+            permits,
+        })
     }
 
     /// Hands over a batch, waiting for room; gives it back when the pipeline stopped taking
     /// batches.
     pub async fn send(&self, input: Input) -> Result<(), Input> {
-        self.tx.send(input).await.map_err(|e| e.0)
+        let stream = input.position.as_ref().map(|p| p.key.clone());
+        match self.reserve(stream.as_deref().unwrap_or_default()).await {
+            Some(slot) => {
+                slot.send(input);
+                Ok(())
+            }
+            None => Err(input),
+        }
     }
 
     /// Hands over a batch if there is room now; gives it back when there is none or the
     /// pipeline stopped taking batches.
     pub fn try_send(&self, input: Input) -> Result<(), Input> {
-        self.tx.try_send(input).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(input) | mpsc::error::TrySendError::Closed(input) => {
-                input
+        let permits = match self.partition {
+            Partition::Stream => {
+                let stream = input.position.as_ref().map_or("", |p| &p.key);
+                self.lanes[self.stream_lane(stream)]
+                    .try_reserve()
+                    .map(|permit| vec![permit])
             }
-        })
+            Partition::Key => self.lanes.iter().map(mpsc::Sender::try_reserve).collect(),
+        };
+        match permits {
+            Ok(permits) => {
+                Slot {
+                    input: self,
+                    permits,
+                }
+                .send(input);
+                Ok(())
+            }
+            Err(_) => Err(input),
+        }
+    }
+
+    /// What each worker a batch goes to gets of it: the batch itself ([`Partition::Stream`],
+    /// or one worker with nothing checkpointed to leave out), or one part per worker, each
+    /// with the events whose key it owns, its own position key and a share of the completion.
+    fn parts(&self, input: Input) -> Vec<Input> {
+        let lanes = self.lanes.len();
+        let resumed = input
+            .position
+            .as_ref()
+            .is_some_and(|p| self.resumed.covers(&p.key));
+        if self.partition == Partition::Stream || (lanes == 1 && !resumed) {
+            return vec![input];
+        }
+        let Input {
+            batch,
+            completion,
+            position,
+            mut rejected,
+            ..
+        } = input;
+        let mut parts: Vec<BatchBuilder> = (0..lanes).map(|_| BatchBuilder::new()).collect();
+        let mut held = 0usize;
+        let mut batch_ms: Option<i64> = None;
+        for event in batch.batch().iter() {
+            let key = event.key();
+            batch_ms = batch_ms.max(Some(event.timestamp_ms()));
+            if let Some(p) = position.as_ref().filter(|_| resumed)
+                && self.resumed.holds(&p.key, key, p.next)
+            {
+                held += 1;
+                continue;
+            }
+            parts[lane_of(key, lanes)].push_ref(&event, event.source());
+        }
+        if held > 0 {
+            tracing::info!(
+                "pipeline `{}`: {held} events of a batch resent after a restart are left out: the checkpoint already holds them",
+                self.name
+            );
+        }
+        parts
+            .into_iter()
+            .zip(completion.split(lanes))
+            .enumerate()
+            .map(|(lane, (mut part, completion))| Input {
+                // SAFETY: built here from a verified batch.
+                batch: unsafe { SharedBatch::trusted(part.finish()) },
+                completion,
+                position: position.as_ref().map(|p| Position {
+                    key: lane_key(&p.key, lane, lanes),
+                    next: p.next,
+                }),
+                rejected: if lane == 0 {
+                    std::mem::take(&mut rejected)
+                } else {
+                    Vec::new()
+                },
+                batch_ms,
+            })
+            .collect()
+    }
+
+    /// How many workers the pipeline runs on.
+    pub fn workers(&self) -> usize {
+        self.lanes.len()
     }
 
     /// Whether the pipeline stopped taking batches.
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.lanes.iter().any(mpsc::Sender::is_closed)
     }
 
-    /// Whether `other` feeds the same worker's queue.
+    /// Whether `other` feeds the same workers' queues.
     pub fn same_queue(&self, other: &PipelineInput) -> bool {
-        self.tx.same_channel(&other.tx)
+        self.lanes[0].same_channel(&other.lanes[0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a completion was resolved with, each time.
+    type Seen = Arc<Mutex<Vec<Result<(), String>>>>;
+
+    fn recorded() -> (Completion, Seen) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let completion = Completion::new(move |r| record.lock().expect("lock").push(r));
+        (completion, seen)
+    }
+
+    #[test]
+    fn a_split_completion_resolves_once_every_part_did_or_at_the_first_failure() {
+        let (whole, seen) = recorded();
+        let mut parts = whole.split(3);
+        parts.pop().expect("part").resolve(Ok(()));
+        parts.pop().expect("part").resolve(Ok(()));
+        assert!(seen.lock().expect("lock").is_empty(), "one part is pending");
+        parts.pop().expect("part").resolve(Ok(()));
+        assert_eq!(*seen.lock().expect("lock"), [Ok(())]);
+
+        let (whole, seen) = recorded();
+        let mut parts = whole.split(3);
+        parts
+            .pop()
+            .expect("part")
+            .resolve(Err("sink refused".into()));
+        assert_eq!(*seen.lock().expect("lock"), [Err("sink refused".into())]);
+        parts.pop().expect("part").resolve(Ok(()));
+        drop(parts);
+        assert_eq!(seen.lock().expect("lock").len(), 1, "resolved once");
+
+        let (whole, seen) = recorded();
+        let mut parts = whole.split(2);
+        parts.pop().expect("part").resolve(Ok(()));
+        drop(parts);
+        assert_eq!(
+            *seen.lock().expect("lock"),
+            [Err(
+                "the pipeline stopped before the batch was processed".into()
+            )],
+            "a part dropped unresolved fails the batch"
+        );
+    }
+
+    #[test]
+    fn lane_keys_name_the_worker_and_the_worker_count() {
+        assert_eq!(&*lane_key("quic/a", 1, 4), "quic/a@1/4");
+        assert_eq!(&*lane_key("quic/a", 0, 1), "quic/a");
+        assert_eq!(parse_lane_key("quic/a@1/4"), ("quic/a", 1, 4));
+        assert_eq!(parse_lane_key("quic/a@b"), ("quic/a@b", 0, 1));
+        assert_eq!(parse_lane_key("quic/a@5/4"), ("quic/a@5/4", 0, 1));
+        assert_eq!(lane_of(Some(b"k"), 1), 0);
+        let lanes: std::collections::HashSet<usize> = (0..64)
+            .map(|i| lane_of(Some(format!("k{i}").as_bytes()), 4))
+            .collect();
+        assert_eq!(lanes.len(), 4, "keys spread over every worker");
+    }
+
+    fn at(key: &str, next: u64) -> Position {
+        Position {
+            key: Arc::from(key),
+            next,
+        }
+    }
+
+    #[test]
+    fn a_stream_resumes_from_the_worker_furthest_behind_and_each_worker_skips_what_it_holds() {
+        let (positions, resumed) = Resumed::from_checkpoint(vec![
+            at("quic/a@0/2", 7),
+            at("quic/a@1/2", 5),
+            // Worker 1 never committed anything of stream b: b starts from the beginning.
+            at("quic/b@0/2", 3),
+            at("quic/c", 9),
+        ]);
+        let mut positions: Vec<(String, u64)> = positions
+            .into_iter()
+            .map(|p| (p.key.to_string(), p.next))
+            .collect();
+        positions.sort();
+        assert_eq!(
+            positions,
+            [("quic/a".to_owned(), 5), ("quic/c".to_owned(), 9)]
+        );
+        let key = |lane| {
+            (0..)
+                .map(|i| format!("k{i}"))
+                .find(|k| lane_of(Some(k.as_bytes()), 2) == lane)
+                .expect("a key")
+        };
+        let (k0, k1) = (key(0), key(1));
+        // The batch after which stream a resumes at 6: worker 0 folded it, worker 1 did not.
+        assert!(resumed.holds("quic/a", Some(k0.as_bytes()), 6));
+        assert!(!resumed.holds("quic/a", Some(k1.as_bytes()), 6));
+        assert!(!resumed.holds("quic/a", Some(k0.as_bytes()), 8));
+        assert!(!resumed.holds("quic/b", Some(k1.as_bytes()), 1));
+        assert!(resumed.holds("quic/c", Some(k1.as_bytes()), 9));
+    }
+
+    #[test]
+    fn after_the_worker_count_changed_the_latest_positions_count() {
+        // Written with 2 workers, then with 3 from position 10 on.
+        let (positions, resumed) = Resumed::from_checkpoint(vec![
+            at("quic/a@0/2", 8),
+            at("quic/a@1/2", 9),
+            at("quic/a@0/3", 12),
+            at("quic/a@1/3", 11),
+            at("quic/a@2/3", 12),
+        ]);
+        assert_eq!(positions, [at("quic/a", 11)]);
+        let (count, slots) = &resumed.streams["quic/a"];
+        assert_eq!(
+            (*count, slots.clone()),
+            (3, vec![Some(12), Some(11), Some(12)])
+        );
     }
 }

@@ -22,10 +22,12 @@ pub mod window;
 mod worker;
 
 pub use chain::{
-    Chain, ChainError, ChainOutput, RoleChanges, StageRun, StateChange, StateChanges, SwapRefused,
-    Verdict,
+    Chain, ChainError, ChainOutput, RoleChanges, SharedProbation, StageRun, StateChange,
+    StateChanges, SwapRefused, Verdict,
 };
-pub use input::{Completion, Input, PipelineInput, Position, Slot};
+pub use input::{
+    Completion, Input, Partition, PipelineInput, Position, Resumed, Slot, lane_key, lane_of,
+};
 pub use stage::{DeadLetter, LateEvent, Scope, Stage, StageOutput};
 pub use window::{
     MAX_WINDOWS_PER_EVENT, WindowConfig, WindowError, WindowId, WindowKind, WindowState, Windows,

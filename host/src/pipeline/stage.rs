@@ -337,7 +337,8 @@ impl Stage {
         scope: Scope<'_>,
     ) -> Result<StageOutput, PluginError> {
         let batch = input.bytes();
-        if input.is_empty() {
+        // An aggregate's empty part of a batch split by key still moves its event time.
+        if input.is_empty() && self.plugin().kind() != PluginKind::Aggregate {
             return Ok(StageOutput::new(self.builder.finish()));
         }
         let result = match self.plugin().kind() {
@@ -644,6 +645,7 @@ impl Stage {
             }
             Err(e) => return Err(e),
         }
+        state.reach_batch_time();
         let finished = state.take_finished();
         output.batch = self.finish_windows(finished, journal, &mut output.dead_letters)?;
         Ok(output)

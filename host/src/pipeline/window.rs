@@ -457,6 +457,10 @@ pub struct WindowState {
     /// The windows written or removed since [`WindowState::take_changes`], when changes are
     /// tracked (a checkpointed pipeline: only what changed is written).
     changes: Option<BTreeSet<Slot>>,
+    /// The latest event time of the whole batch under way, of which this state's worker folds
+    /// a part (a pipeline split by key among workers): event time reaches it once the part is
+    /// folded, so that every worker's windows close as one worker's would.
+    batch_ms: Option<i64>,
 }
 
 /// What changed in a [`WindowState`] since [`WindowState::journal`], for
@@ -508,6 +512,7 @@ impl WindowState {
             accs: BTreeMap::new(),
             layout: None,
             changes: None,
+            batch_ms: None,
         }
     }
 
@@ -528,6 +533,7 @@ impl WindowState {
                 .collect(),
             layout,
             changes: Some(BTreeSet::new()),
+            batch_ms: None,
         }
     }
 
@@ -568,6 +574,7 @@ impl WindowState {
             accs: BTreeMap::new(),
             layout,
             changes: other.changes.as_ref().map(|_| BTreeSet::new()),
+            batch_ms: None,
         }
     }
 
@@ -689,6 +696,17 @@ impl WindowState {
         let slot = slot_of(window);
         self.touched(&slot);
         self.accs.insert(slot, acc);
+    }
+
+    /// The latest event time of the whole batch under way, when the stage folds a part of it
+    /// (see the field); `None`: the batch is all the stage's.
+    pub(crate) fn set_batch_time(&mut self, batch_ms: Option<i64>) {
+        self.batch_ms = batch_ms;
+    }
+
+    /// Event time reaches the whole batch's, once the stage folded its part of it.
+    pub(crate) fn reach_batch_time(&mut self) {
+        self.observe(self.batch_ms);
     }
 
     /// Advances the maximum event time (never moves it back).

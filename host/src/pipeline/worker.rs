@@ -1,8 +1,16 @@
-//! The pipeline worker: one thread per pipeline takes verified batches from any source, runs
-//! them through its [`Chain`], fans the output out to its sinks and resolves each batch's
-//! [`Completion`] once the sinks accepted it. It knows nothing of producers, streams or
-//! wire codes: that is the sources' business (`sources/`).
+//! The pipeline worker: a pipeline runs on N worker threads (`workers = N`), each of which
+//! takes verified batches from any source, runs them through its own [`Chain`] (its own plugin
+//! instances), fans the output out to the pipeline's sinks and resolves each batch's
+//! [`Completion`] once the sinks accepted it. It knows nothing of producers, streams or wire
+//! codes: that is the sources' business (`sources/`).
 //!
+//! - **Workers.** Each worker has its own queue; [`PipelineInput`] shares the batches out
+//!   (`input.rs`): whole batches by stream (a producer, a Kafka partition), so a stream's
+//!   batches stay in order; in a pipeline with an aggregate, each batch split by event key,
+//!   so that a key's windows live on one worker and the results are those of one worker. The
+//!   workers share the sinks, the counters and the checkpoint; control messages go to each
+//!   (a deploy swaps every worker's instance, `admin/deploy.rs`), and a stop or retirement
+//!   ends when every worker's has.
 //! - **Rounds.** wasmtime is synchronous, so stages never run on the async workers. The worker
 //!   takes what is queued (up to [`MAX_ROUND`] batches) as one round: each batch goes through
 //!   the chain and its output is offered to the sinks ([`Fanout`]). At the end of the round its
@@ -34,10 +42,11 @@
 //!   sinks to accept what it offered; rounds not accepted by then are rejected.
 
 use super::chain::{
-    Chain, ChainError, ChainOutput, Output as ChainEvents, StateChange, SwapRefused, Verdict,
+    Chain, ChainError, ChainOutput, Output as ChainEvents, SharedProbation, StateChange,
+    SwapRefused, Verdict,
 };
 use super::fanout::Fanout;
-use super::input::{Completion, Input, PipelineInput, Position};
+use super::input::{Completion, Input, Partition, PipelineInput, Position, Resumed};
 use super::stage::{DeadLetter, LateEvent, Stage};
 use super::tap::PipelineTap;
 use crate::checkpoint::PipelineCheckpoint;
@@ -111,6 +120,8 @@ pub struct Swap {
     pub done: oneshot::Sender<Result<Swapped, Box<SwapRefused>>>,
     /// Told how the probation ended; dropped unanswered if the pipeline stops first.
     pub verdict: Option<oneshot::Sender<Verdict>>,
+    /// The probation, shared by every worker of the pipeline the version is swapped into.
+    pub shared: Arc<SharedProbation>,
 }
 
 /// A swap that was done.
@@ -181,19 +192,19 @@ impl Stopping {
     }
 }
 
-/// What a worker is built from.
+/// What a pipeline's workers are built from.
 pub struct WorkerSetup {
     /// The pipeline's name.
     pub name: String,
-    /// Its stages.
-    pub chain: Chain,
+    /// Its stages, one chain per worker (`workers = N`), each with its own plugin instances.
+    pub chains: Vec<Chain>,
     /// Its sinks.
     pub(crate) fanout: Fanout,
     /// Its counters.
     pub metrics: PipelineMetrics,
     /// One per stage, in order.
     pub stage_metrics: Vec<StageMetrics>,
-    /// Batches queued at most.
+    /// Batches queued at most, per worker.
     pub queue: usize,
     /// Retries and stopping.
     pub config: WorkerConfig,
@@ -204,38 +215,46 @@ pub struct WorkerSetup {
     /// Where its window state and its sources' positions are checkpointed (`checkpoint.rs`);
     /// `None`: nowhere (open windows are finished at a stop instead).
     pub checkpoint: Option<PipelineCheckpoint>,
+    /// What each worker already held of each stream at the last checkpoint.
+    pub resumed: Resumed,
     /// Where its output and its stages' outputs are offered to `weir tap` readers.
     pub tap: Arc<PipelineTap>,
 }
 
-/// A running pipeline: its worker thread and the ways to reach it.
+/// One of a running pipeline's workers: the way to reach it, its thread.
+struct Lane {
+    control: mpsc::UnboundedSender<Control>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A running pipeline: its workers' threads and the ways to reach them.
 pub struct Pipeline {
     name: Arc<str>,
     input: PipelineInput,
-    control: mpsc::UnboundedSender<Control>,
+    lanes: Vec<Lane>,
     stopping: Arc<Stopping>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline")
             .field("name", &self.name)
+            .field("workers", &self.lanes.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Pipeline {
-    /// Starts the worker thread. Must be called within a tokio runtime (the worker waits for
-    /// its queues on it, from its own thread).
+    /// Starts the worker threads. Must be called within a tokio runtime (the workers wait for
+    /// their queues on it, from their own threads).
     pub fn spawn(setup: WorkerSetup) -> std::io::Result<Pipeline> {
         Pipeline::start(setup, None)
     }
 
-    /// Starts the worker thread, which takes its first batch once `after` completes (or is
-    /// dropped): a pipeline that replaces another takes over its sources' queue at once, and
-    /// processes it only once the one it replaces has retired, so each producer's batches stay
-    /// in order.
+    /// Starts the worker threads, which take their first batch once `after` completes (or is
+    /// dropped): a pipeline that replaces another takes over its sources' queues at once, and
+    /// processes them only once the one it replaces has retired, so each producer's batches
+    /// stay in order.
     pub fn spawn_after(
         setup: WorkerSetup,
         after: oneshot::Receiver<()>,
@@ -248,51 +267,83 @@ impl Pipeline {
         after: Option<oneshot::Receiver<()>>,
     ) -> std::io::Result<Pipeline> {
         let name: Arc<str> = Arc::from(setup.name.as_str());
-        let (tx, rx) = mpsc::channel(setup.queue.max(1));
-        let (control, control_rx) = mpsc::unbounded_channel();
         let stopping = Arc::new(Stopping::default());
-        let mut chain = setup.chain;
-        if setup.checkpoint.is_some() {
-            chain.track_changes();
+        let runtime = tokio::runtime::Handle::current();
+        // Every worker waits for the same retirement.
+        let (go, ready) = tokio::sync::watch::channel(after.is_none());
+        if let Some(after) = after {
+            runtime.spawn(async move {
+                let _ = after.await;
+                let _ = go.send(true);
+            });
         }
-        chain.set_tap(setup.tap.clone());
-        let worker = Worker {
-            name: name.clone(),
-            chain,
-            checkpoint: setup.checkpoint,
-            fanout: setup.fanout,
-            metrics: setup.metrics,
-            stage_metrics: setup.stage_metrics,
-            input: rx,
-            input_open: true,
-            control: control_rx,
-            runtime: tokio::runtime::Handle::current(),
-            config: setup.config,
-            stopping: stopping.clone(),
-            outstanding: Vec::new(),
-            problems: Arc::new(Mutex::new(Vec::new())),
-            registry: setup.registry,
-            version_series: HashMap::new(),
-            verdicts: HashMap::new(),
-            version_header: setup.version_header,
-            tap: setup.tap,
-            versions: Vec::new(),
-            last_batch_end: None,
+        let workers = setup.chains.len().max(1);
+        let partition = if setup.chains.iter().any(|c| {
+            c.stages()
+                .iter()
+                .any(|s| s.plugin().kind() == PluginKind::Aggregate)
+        }) {
+            Partition::Key
+        } else {
+            Partition::Stream
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("weir-{name}"))
-            .spawn(move || {
-                if let Some(after) = after {
-                    let _ = worker.runtime.block_on(after);
-                }
-                worker.run();
-            })?;
+        let mut senders = Vec::with_capacity(workers);
+        let mut lanes = Vec::with_capacity(workers);
+        for (index, mut chain) in setup.chains.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel(setup.queue.max(1));
+            let (control, control_rx) = mpsc::unbounded_channel();
+            if setup.checkpoint.is_some() {
+                chain.track_changes();
+            }
+            if partition == Partition::Key {
+                chain.set_lane(index, workers);
+            }
+            chain.set_tap(setup.tap.clone());
+            let worker = Worker {
+                name: name.clone(),
+                chain,
+                checkpoint: setup.checkpoint.clone(),
+                fanout: setup.fanout.clone(),
+                metrics: setup.metrics.clone(),
+                stage_metrics: setup.stage_metrics.clone(),
+                input: rx,
+                input_open: true,
+                control: control_rx,
+                runtime: runtime.clone(),
+                config: setup.config,
+                stopping: stopping.clone(),
+                outstanding: Vec::new(),
+                problems: Arc::new(Mutex::new(Vec::new())),
+                registry: setup.registry.clone(),
+                version_series: HashMap::new(),
+                verdicts: HashMap::new(),
+                version_header: setup.version_header.clone(),
+                tap: setup.tap.clone(),
+                versions: Vec::new(),
+                last_batch_end: None,
+            };
+            let mut ready = ready.clone();
+            let thread = std::thread::Builder::new()
+                .name(if workers == 1 {
+                    format!("weir-{name}")
+                } else {
+                    format!("weir-{name}-{index}")
+                })
+                .spawn(move || {
+                    let _ = worker.runtime.block_on(ready.wait_for(|go| *go));
+                    worker.run();
+                })?;
+            senders.push(tx);
+            lanes.push(Lane {
+                control,
+                thread: Some(thread),
+            });
+        }
         Ok(Pipeline {
-            input: PipelineInput::new(name.clone(), tx),
+            input: PipelineInput::new(name.clone(), senders, partition, Arc::new(setup.resumed)),
             name,
-            control,
+            lanes,
             stopping,
-            thread: Some(thread),
         })
     }
 
@@ -306,100 +357,146 @@ impl Pipeline {
         self.input.clone()
     }
 
-    /// Sends a control message; `Err` when the worker has ended.
-    pub(crate) fn control(&self, message: Control) -> Result<(), String> {
-        self.control
-            .send(message)
-            .map_err(|_| format!("pipeline `{}`: its worker has stopped", self.name))
+    /// Tells every worker `message()`; the replies to wait for, or why a worker cannot be told.
+    fn tell<T>(
+        &self,
+        message: impl Fn(oneshot::Sender<T>) -> Control,
+    ) -> Vec<Result<oneshot::Receiver<T>, String>> {
+        self.lanes
+            .iter()
+            .map(|lane| {
+                let (reply, done) = oneshot::channel();
+                lane.control
+                    .send(message(reply))
+                    .map(|()| done)
+                    .map_err(|_| format!("pipeline `{}`: its worker has stopped", self.name))
+            })
+            .collect()
     }
 
-    /// What deployers hold of the pipeline: a way to hand its worker a new stage version.
+    /// What deployers hold of the pipeline: a way to hand its workers a new stage version.
     pub fn controller(&self) -> PipelineControl {
         PipelineControl {
             name: self.name.clone(),
-            control: self.control.clone(),
+            lanes: self.lanes.iter().map(|l| l.control.clone()).collect(),
         }
     }
 
-    /// Tells the worker to stop (see [`Control::Stop`]) at once; the future completes when it
-    /// finished, with the problems met.
+    /// Tells the workers to stop (see [`Control::Stop`]) at once; the future completes when
+    /// they finished, with the problems met (each once).
     pub fn stop(&self) -> impl std::future::Future<Output = Vec<String>> + use<> {
-        // Also cuts retries short in the round under way.
+        // Also cuts retries short in the rounds under way.
         self.stopping.begin();
-        let (reply, done) = oneshot::channel();
-        let sent = self.control(Control::Stop { reply });
+        let told = self.tell(|reply| Control::Stop { reply });
         let name = self.name.clone();
         async move {
-            if let Err(e) = sent {
-                return vec![e];
+            let mut problems: Vec<String> = Vec::new();
+            for reply in told {
+                let more = match reply {
+                    Err(e) => vec![e],
+                    Ok(done) => done.await.unwrap_or_else(|_| {
+                        vec![format!(
+                            "pipeline `{name}`: its worker ended without finishing"
+                        )]
+                    }),
+                };
+                for problem in more {
+                    if !problems.contains(&problem) {
+                        problems.push(problem);
+                    }
+                }
             }
-            done.await.unwrap_or_else(|_| {
-                vec![format!(
-                    "pipeline `{name}`: its worker ended without finishing"
-                )]
-            })
+            problems
         }
     }
 
-    /// Tells the worker to retire (see [`Control::Retire`]); the future completes once it
-    /// processed what was queued and ended. Its rounds resolve whenever the sinks accept them.
+    /// Tells the workers to retire (see [`Control::Retire`]); the future completes once they
+    /// processed what was queued and ended. Their rounds resolve whenever the sinks accept
+    /// them.
     pub fn retire(&self) -> impl std::future::Future<Output = ()> + use<> {
-        let (reply, done) = oneshot::channel();
-        let sent = self.control(Control::Retire { reply });
+        let told = self.tell(|reply| Control::Retire { reply });
         async move {
-            if sent.is_ok() {
-                // Dropped unanswered: the worker ended some other way; nothing to wait for.
+            // A reply dropped unanswered: the worker ended some other way; nothing to wait for.
+            for done in told.into_iter().flatten() {
                 let _ = done.await;
             }
         }
     }
 
-    /// Waits for the worker thread to end (after [`Pipeline::stop`]); blocks.
+    /// Waits for the worker threads to end (after [`Pipeline::stop`]); blocks.
     pub fn join(mut self) -> Result<(), String> {
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Err(_)) => Err(format!("pipeline `{}`: its thread panicked", self.name)),
-            _ => Ok(()),
+        let mut panicked = 0;
+        for lane in &mut self.lanes {
+            if let Some(Err(_)) = lane.thread.take().map(JoinHandle::join) {
+                panicked += 1;
+            }
+        }
+        match panicked {
+            0 => Ok(()),
+            n => Err(format!(
+                "pipeline `{}`: {n} of its {} worker threads panicked",
+                self.name,
+                self.lanes.len()
+            )),
         }
     }
 }
 
-/// A handle to a running pipeline's worker for swapping stage versions. Cheap to clone.
+/// A handle to a running pipeline's workers for swapping stage versions and outputs. Cheap to
+/// clone.
 #[derive(Clone)]
 pub struct PipelineControl {
     name: Arc<str>,
-    control: mpsc::UnboundedSender<Control>,
+    lanes: Arc<[mpsc::UnboundedSender<Control>]>,
 }
 
 impl PipelineControl {
-    /// Hands the worker a new version of a stage (see [`Swap`]); `Err` when the worker has
-    /// ended. The outcome comes on the swap's own channels.
-    pub fn swap(&self, swap: Swap) -> Result<(), String> {
-        self.send(Control::Swap(Box::new(swap)))
+    /// How many workers the pipeline runs on: a deploy hands each its own new version.
+    pub fn workers(&self) -> usize {
+        self.lanes.len()
     }
 
-    /// From the next round on, the output goes to `outputs`; completes once it does (`Err`
-    /// when the worker has ended).
+    /// Hands worker `lane` a new version of a stage (see [`Swap`]); `Err` when the worker has
+    /// ended. The outcome comes on the swap's own channels.
+    pub fn swap(&self, lane: usize, swap: Swap) -> Result<(), String> {
+        self.lanes
+            .get(lane)
+            .ok_or_else(|| format!("pipeline `{}` has no worker {lane}", self.name))?
+            .send(Control::Swap(Box::new(swap)))
+            .map_err(|_| self.stopped())
+    }
+
+    /// From the next round on, the output goes to `outputs`; completes once every worker's
+    /// does (`Err` when a worker has ended).
     pub fn outputs(
         &self,
         outputs: Outputs,
     ) -> impl std::future::Future<Output = Result<(), String>> + use<> {
-        let (done, told) = oneshot::channel();
-        let sent = self.send(Control::Outputs {
-            outputs: Box::new(outputs),
-            done,
-        });
-        let name = self.name.clone();
+        let told: Vec<_> = self
+            .lanes
+            .iter()
+            .map(|lane| {
+                let (done, told) = oneshot::channel();
+                let outputs = Box::new(Outputs {
+                    fanout: outputs.fanout.clone(),
+                    version_header: outputs.version_header.clone(),
+                });
+                lane.send(Control::Outputs { outputs, done })
+                    .map(|()| told)
+                    .map_err(|_| self.stopped())
+            })
+            .collect();
+        let stopped = self.stopped();
         async move {
-            sent?;
-            told.await
-                .map_err(|_| format!("pipeline `{name}`: its worker has stopped"))
+            for told in told {
+                told?.await.map_err(|_| stopped.clone())?;
+            }
+            Ok(())
         }
     }
 
-    fn send(&self, message: Control) -> Result<(), String> {
-        self.control
-            .send(message)
-            .map_err(|_| format!("pipeline `{}`: its worker has stopped", self.name))
+    fn stopped(&self) -> String {
+        format!("pipeline `{}`: its worker has stopped", self.name)
     }
 }
 
@@ -562,10 +659,13 @@ impl Worker {
             on_change,
             done,
             verdict,
+            shared,
         } = swap;
         let started = Instant::now();
         let waiting = !self.input.is_empty();
-        let result = self.chain.swap(stage, replacement, probation, on_change);
+        let result = self
+            .chain
+            .swap_shared(stage, replacement, probation, &shared, on_change);
         let from = match (waiting, self.last_batch_end) {
             (true, Some(end)) => end.min(started),
             _ => started,
@@ -596,6 +696,7 @@ impl Worker {
             completion,
             position,
             rejected,
+            batch_ms,
         } = input;
         round.completions.push(completion);
         if !rejected.is_empty() {
@@ -610,13 +711,16 @@ impl Worker {
             *at = (*at).max(next);
         }
         let view = batch.batch();
-        self.metrics.batches_in.inc();
+        // A worker's empty part of a batch split by key is no batch of its own.
+        if !view.is_empty() {
+            self.metrics.batches_in.inc();
+        }
         self.metrics.events_in.inc_by(view.len() as u64);
         let (output, kept) = if self.chain.is_empty() {
             (batch.clone(), None)
         } else {
             self.versions.clear();
-            let result = self.chain.process_batch(&view);
+            let result = self.chain.process_part(&view, batch_ms);
             let events = self.finish_chain(result, view.bytes(), round);
             match (&self.version_header, events) {
                 (Some(header), events) => {

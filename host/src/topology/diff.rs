@@ -265,6 +265,12 @@ fn pipeline_change(
             why: format!("stage `{}`: another window", a.name),
         });
     }
+    if old.workers != new.workers {
+        return Some(PipelineChange::Restarted {
+            name: new.name.clone(),
+            why: format!("workers {} → {}", old.workers, new.workers),
+        });
+    }
     let stages: Vec<StageChange> = old
         .stages
         .iter()

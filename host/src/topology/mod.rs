@@ -29,7 +29,7 @@ pub use reload::DRAIN;
 
 use crate::admin::deploy::{PipelineTarget, StageTarget};
 use crate::admin::registry::Registry;
-use crate::checkpoint::{Checkpoints, PipelineCheckpoint, Restored};
+use crate::checkpoint::{Checkpoints, PipelineCheckpoint, Restored, RestoredStage, RestoredState};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::config::{PipelineConfig, PluginSource, StageSpec, dead_letter_file};
@@ -37,7 +37,8 @@ use crate::pipeline::fanout::{Fanout, UnmatchedOut};
 use crate::pipeline::route::{Condition, Unmatched};
 use crate::pipeline::tap::Taps;
 use crate::pipeline::{
-    Chain, Pipeline, PipelineInput, Position, Stage, WindowState, WorkerConfig, WorkerSetup,
+    Chain, Pipeline, PipelineInput, Position, Resumed, Stage, WindowState, WorkerConfig,
+    WorkerSetup, lane_of,
 };
 use crate::runtime::{Digest, Limits, Plugin, Runtime, RuntimeConfig, StageConfig};
 use crate::sinks::runner::Sink;
@@ -157,7 +158,11 @@ impl Topology {
     ) -> Result<Built> {
         crate::files::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-        let stage_count: usize = config.pipelines.iter().map(|p| p.stages.len()).sum();
+        let stage_count: usize = config
+            .pipelines
+            .iter()
+            .map(|p| p.stages.len() * p.workers.max(1))
+            .sum();
         let max_memory = config
             .pipelines
             .iter()
@@ -361,6 +366,47 @@ impl RunningPipeline {
     }
 }
 
+/// The share of a checkpoint's windows that worker `lane` of `lanes` owns (their key's), for
+/// every stage; positions are the pipeline's business, not a worker's.
+fn lane_share(restored: &Restored, lane: usize, lanes: usize) -> Restored {
+    let own = |state: &RestoredState| RestoredState {
+        meta: state.meta.clone(),
+        windows: state
+            .windows
+            .iter()
+            .filter(|(id, _)| lane_of(id.key.as_deref(), lanes) == lane)
+            .cloned()
+            .collect(),
+    };
+    Restored {
+        stages: restored
+            .stages
+            .iter()
+            .map(|(name, stage)| {
+                let share = RestoredStage {
+                    current: own(&stage.current),
+                    draining: stage.draining.as_ref().map(own),
+                };
+                (name.clone(), share)
+            })
+            .collect(),
+        positions: Vec::new(),
+    }
+}
+
+/// Another worker's instances of `stages`: the same plugin versions, each initialized with its
+/// stage's config.
+fn replicas(stages: &[Stage], targets: &[StageTarget]) -> Result<Vec<Stage>> {
+    stages
+        .iter()
+        .zip(targets)
+        .map(|(stage, target)| {
+            Stage::new(stage.plugin(), target.config.clone(), target.window)
+                .with_context(|| format!("stage `{}`", stage.name()))
+        })
+        .collect()
+}
+
 /// Builds one pipeline: its stages (plugins compiled once per source) and its fan-out.
 struct PipelineBuilder<'a> {
     config: &'a Config,
@@ -377,21 +423,39 @@ struct PipelineBuilder<'a> {
 
 impl PipelineBuilder<'_> {
     fn build(&mut self, queue: usize, resume: Resume) -> Result<BuiltPipeline> {
-        let (mut stages, stage_names, targets) = self.stages()?;
+        let (stages, stage_names, targets) = self.stages()?;
         let (fanout, info) = self.outputs(stage_names)?;
         let name = &self.pipeline.name;
         let aggregate = stages.iter().any(|s| s.window_state().is_some());
         let checkpointed = aggregate && self.pipeline.checkpoint;
-        let (mut draining, mut positions, checkpoint) = (Vec::new(), Vec::new(), None);
+        let workers = self.pipeline.workers.max(1);
+        let mut lanes = vec![stages];
+        for _ in 1..workers {
+            lanes.push(replicas(&lanes[0], &targets)?);
+        }
+        let mut draining: Vec<Vec<(usize, Stage)>> = lanes.iter().map(|_| Vec::new()).collect();
+        let (mut positions, mut resumed, checkpoint) = (Vec::new(), Resumed::default(), None);
         let checkpoint = match resume {
             Resume::Replacing(handle) => handle.filter(|_| checkpointed),
             Resume::Checkpoint if aggregate => {
                 let restored = self.checkpoints.restore(name)?;
                 let empty = restored == Restored::default();
-                positions = restored.positions.clone();
-                draining = self.restore(&mut stages, &targets, restored)?;
+                let producers = restored.positions.len();
+                let mut windows = 0;
+                for (lane, stages) in lanes.iter_mut().enumerate() {
+                    let share = lane_share(&restored, lane, workers);
+                    let (old, restored) = self.restore(stages, &targets, share, &restored)?;
+                    draining[lane] = old;
+                    windows += restored;
+                }
+                if windows > 0 || producers > 0 {
+                    tracing::info!(
+                        "pipeline `{name}`: {windows} open windows and {producers} positions restored from the checkpoint"
+                    );
+                }
                 let handle = self.checkpoints.pipeline(name);
                 if checkpointed {
+                    (positions, resumed) = Resumed::from_checkpoint(restored.positions);
                     Some(handle)
                 } else {
                     if !empty {
@@ -399,19 +463,25 @@ impl PipelineBuilder<'_> {
                         // would restore them again.
                         self.checkpoints.forget(&handle);
                     }
-                    positions.clear();
                     None
                 }
             }
             Resume::Checkpoint => checkpoint,
         };
-        let mut chain = Chain::new(stages);
-        for (index, old) in draining {
-            chain.restore_draining(index, old);
-        }
+        let chains = lanes
+            .into_iter()
+            .zip(draining)
+            .map(|(stages, draining)| {
+                let mut chain = Chain::new(stages);
+                for (index, old) in draining {
+                    chain.restore_draining(index, old);
+                }
+                chain
+            })
+            .collect();
         let setup = WorkerSetup {
             name: name.clone(),
-            chain,
+            chains,
             fanout,
             metrics: self.metrics.pipeline(name),
             stage_metrics: self
@@ -425,6 +495,7 @@ impl PipelineBuilder<'_> {
             registry: self.metrics.clone(),
             version_header: self.pipeline.version_header.clone(),
             checkpoint,
+            resumed,
             tap: self.taps.pipeline(name),
         };
         Ok(BuiltPipeline {
@@ -445,7 +516,18 @@ impl PipelineBuilder<'_> {
         stages: &mut [Stage],
         targets: &[StageTarget],
         mut restored: Restored,
-    ) -> Result<Vec<(usize, Stage)>> {
+        whole: &Restored,
+    ) -> Result<(Vec<(usize, Stage)>, usize)> {
+        // Messages count the windows of every worker, not this one's share.
+        let held = |stage: &str, draining: bool| {
+            whole.stages.get(stage).map_or(0, |s| {
+                if draining {
+                    s.draining.as_ref().map_or(0, |d| d.windows.len())
+                } else {
+                    s.current.windows.len()
+                }
+            })
+        };
         let name = &self.pipeline.name;
         let path = self.checkpoints.path().display().to_string();
         let mut draining = Vec::new();
@@ -463,7 +545,7 @@ impl PipelineBuilder<'_> {
                 bail!(
                     "pipeline `{name}`, stage `{}`: the checkpoint {path} holds {} open windows written by version {} in state layout `{}`, and the version serving now ({} {}) writes layout `{}`, which cannot read them: name a version that writes `{}` in the config, or move {path} away to drop every open window",
                     stage.name(),
-                    current.windows.len(),
+                    held(stage.name(), false),
                     version(&current.meta.version),
                     current.meta.layout.as_deref().unwrap_or_default(),
                     stage.plugin().name(),
@@ -487,7 +569,7 @@ impl PipelineBuilder<'_> {
                 anyhow::anyhow!(
                     "pipeline `{name}`, stage `{}`: the checkpoint {path} holds {} open windows that version {} was finishing after a state layout change, and the plugin registry no longer has that version: move {path} away to drop every open window",
                     stage.name(),
-                    old.windows.len(),
+                    held(stage.name(), true),
                     version(&old.meta.version)
                 )
             };
@@ -505,23 +587,17 @@ impl PipelineBuilder<'_> {
             ))?;
             draining.push((index, previous));
         }
-        if let Some((stage, saved)) = restored
+        if let Some((stage, _)) = restored
             .stages
             .iter()
             .find(|(_, s)| !s.current.windows.is_empty())
         {
             bail!(
                 "pipeline `{name}`: the checkpoint {path} holds {} open windows of stage `{stage}`, which the config no longer has: add the stage back to finish them, or move {path} away to drop every open window",
-                saved.current.windows.len()
+                held(stage, false)
             );
         }
-        if windows > 0 || !restored.positions.is_empty() {
-            tracing::info!(
-                "pipeline `{name}`: {windows} open windows and {} producers' positions restored from the checkpoint",
-                restored.positions.len()
-            );
-        }
-        Ok(draining)
+        Ok((draining, windows))
     }
 
     /// The pipeline's stages, instantiated; how each is described; as deploys see them.

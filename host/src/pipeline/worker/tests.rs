@@ -24,6 +24,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// One delivered event: its value, and the `weir-error` and `weir-stage` headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Delivered {
+    key: Option<String>,
     value: String,
     error: Option<String>,
     stage: Option<String>,
@@ -52,6 +53,7 @@ impl Destination for Probe {
             for out in batch {
                 for event in out.events() {
                     delivered.push(Delivered {
+                        key: text(event.key()),
                         value: String::from_utf8_lossy(event.value()).into_owned(),
                         error: text(event.header("weir-error")),
                         stage: text(event.header("weir-stage")),
@@ -124,11 +126,18 @@ impl Harness {
         out_open: bool,
         version_header: Option<&str>,
     ) -> Harness {
-        Harness::start_routed(stages, config, out_open, version_header, Condition::All)
+        Harness::start_routed(
+            vec![stages],
+            config,
+            out_open,
+            version_header,
+            Condition::All,
+        )
     }
 
+    /// A pipeline on one worker per stage list of `lanes`.
     fn start_routed(
-        stages: Vec<Stage>,
+        lanes: Vec<Vec<Stage>>,
         config: WorkerConfig,
         out_open: bool,
         version_header: Option<&str>,
@@ -144,13 +153,13 @@ impl Harness {
             Some(rest) => UnmatchedOut::Sink(rest.sink.clone()),
             None => UnmatchedOut::Impossible,
         };
-        let stage_metrics = stages
+        let stage_metrics = lanes[0]
             .iter()
             .map(|s| metrics.stage("p", s.name()))
             .collect();
         let pipeline = Pipeline::spawn(WorkerSetup {
             name: "p".into(),
-            chain: Chain::new(stages),
+            chains: lanes.into_iter().map(Chain::new).collect(),
             fanout: Fanout::new(
                 Arc::from("p"),
                 vec![(out.sink.clone(), condition)],
@@ -164,6 +173,7 @@ impl Harness {
             registry: metrics.clone(),
             version_header: version_header.map(str::to_owned),
             checkpoint: None,
+            resumed: Resumed::default(),
             tap: Default::default(),
         })
         .expect("a worker thread");
@@ -179,6 +189,15 @@ impl Harness {
 
     /// Hands a batch to the pipeline, as a source would; the receiver gets its outcome.
     async fn send(&self, events: &[Event]) -> oneshot::Receiver<Result<(), String>> {
+        self.send_at(None, events).await
+    }
+
+    /// Hands a batch of the stream `position` names to the pipeline.
+    async fn send_at(
+        &self,
+        position: Option<Position>,
+        events: &[Event],
+    ) -> oneshot::Receiver<Result<(), String>> {
         let (tx, rx) = oneshot::channel();
         let batch = SharedBatch::verify(encode(events)).expect("a valid batch");
         let completion = Completion::new(move |result| {
@@ -189,12 +208,27 @@ impl Harness {
             .send(Input {
                 batch,
                 completion,
-                position: None,
+                position,
                 rejected: Vec::new(),
+                batch_ms: None,
             })
             .await
             .expect("the pipeline takes batches");
         rx
+    }
+
+    /// Waits until `out` delivered `n` events; what it delivered.
+    async fn delivered(&self, n: usize) -> Vec<Delivered> {
+        within("the deliveries", async {
+            loop {
+                let delivered = self.out.delivered();
+                if delivered.len() >= n {
+                    return delivered;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
     }
 
     /// Waits until the pipeline took `n` batches in.
@@ -283,7 +317,7 @@ async fn what_a_filter_kept_reaches_the_sinks_as_a_selection_routed_as_usual() {
     let runtime = runtime();
     let gold = Condition::Headers(vec![("tier".into(), "gold".into())]);
     let h = Harness::start_routed(
-        vec![stage(&runtime, plugins::EVEN_KEY, "even", None)],
+        vec![vec![stage(&runtime, plugins::EVEN_KEY, "even", None)]],
         fast(),
         true,
         None,
@@ -466,14 +500,18 @@ async fn swap(
     let (verdict, judged) = oneshot::channel();
     h.pipeline
         .controller()
-        .swap(Swap {
-            stage: 0,
-            replacement,
-            probation: batches,
-            on_change: StateChange::Refuse,
-            done,
-            verdict: Some(verdict),
-        })
+        .swap(
+            0,
+            Swap {
+                stage: 0,
+                replacement,
+                probation: batches,
+                on_change: StateChange::Refuse,
+                done,
+                verdict: Some(verdict),
+                shared: Arc::default(),
+            },
+        )
         .expect("the worker runs");
     (within("the swap", swapped).await.expect("answered"), judged)
 }
@@ -628,7 +666,7 @@ async fn a_successor_takes_its_first_batch_once_its_predecessor_retired() {
     let successor = Pipeline::spawn_after(
         WorkerSetup {
             name: "p".into(),
-            chain: Chain::new(Vec::new()),
+            chains: vec![Chain::new(Vec::new())],
             fanout: Fanout::new(
                 Arc::from("p"),
                 vec![(h.out.sink.clone(), Condition::All)],
@@ -642,6 +680,7 @@ async fn a_successor_takes_its_first_batch_once_its_predecessor_retired() {
             registry: h.metrics.clone(),
             version_header: None,
             checkpoint: None,
+            resumed: Resumed::default(),
             tap: Default::default(),
         },
         after,
@@ -658,6 +697,7 @@ async fn a_successor_takes_its_first_batch_once_its_predecessor_retired() {
             }),
             position: None,
             rejected: Vec::new(),
+            batch_ms: None,
         })
         .await
         .expect("queued");
@@ -667,4 +707,110 @@ async fn a_successor_takes_its_first_batch_once_its_predecessor_retired() {
     assert_eq!(outcome(new).await, Ok(()));
     assert_eq!(values(&h.out.delivered()), ["old", "new"]);
     assert_eq!(successor.stop().await, Vec::<String>::new());
+}
+
+fn stream(key: &str, next: u64) -> Option<Position> {
+    Some(Position {
+        key: Arc::from(key),
+        next,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_keep_each_streams_batches_in_order_and_complete_every_one() {
+    let h = Harness::start_routed(
+        vec![Vec::new(), Vec::new()],
+        fast(),
+        true,
+        None,
+        Condition::All,
+    );
+    let streams = ["a", "b", "c", "d"];
+    let lanes: std::collections::HashSet<usize> = streams
+        .iter()
+        .map(|s| crate::pipeline::lane_of(Some(s.as_bytes()), 2))
+        .collect();
+    assert_eq!(lanes.len(), 2, "the streams reach both workers");
+    let mut outcomes = Vec::new();
+    for n in 0..25u64 {
+        for s in streams {
+            let event = Event::new(format!("{s}{n}"), n as i64);
+            outcomes.push(h.send_at(stream(s, n + 1), &[event]).await);
+        }
+    }
+    for o in outcomes {
+        assert_eq!(outcome(o).await, Ok(()));
+    }
+    let delivered = values(&h.delivered(100).await);
+    assert_eq!(delivered.len(), 100);
+    for s in streams {
+        let mine: Vec<&String> = delivered.iter().filter(|v| v.starts_with(s)).collect();
+        let sent: Vec<String> = (0..25).map(|n| format!("{s}{n}")).collect();
+        assert_eq!(mine, sent.iter().collect::<Vec<_>>(), "stream {s} in order");
+    }
+    assert_eq!(h.metrics.pipeline("p").batches_in.get(), 100);
+    assert_eq!(h.pipeline.stop().await, Vec::<String>::new());
+}
+
+/// What count-sum's windows give for `events` (sent in batches of 7 from two streams) on
+/// `workers` workers: (key, value) sorted.
+async fn window_results(workers: usize, events: &[Event]) -> Vec<(Option<String>, String)> {
+    let runtime = runtime();
+    let lanes = (0..workers)
+        .map(|_| vec![stage(&runtime, plugins::COUNT_SUM, "sums", minute())])
+        .collect();
+    let h = Harness::start_routed(lanes, fast(), true, None, Condition::All);
+    let mut outcomes = Vec::new();
+    for (n, batch) in events.chunks(7).enumerate() {
+        let s = if n % 2 == 0 { "a" } else { "b" };
+        outcomes.push(h.send_at(stream(s, n as u64 + 1), batch).await);
+    }
+    for o in outcomes {
+        assert_eq!(outcome(o).await, Ok(()));
+    }
+    // The open windows are finished at the stop.
+    assert_eq!(h.pipeline.stop().await, Vec::<String>::new());
+    let windows: std::collections::HashSet<(Option<Vec<u8>>, i64)> = events
+        .iter()
+        .map(|e| (e.key.clone(), e.timestamp_ms / 60_000))
+        .collect();
+    let mut results: Vec<(Option<String>, String)> = h
+        .delivered(windows.len())
+        .await
+        .into_iter()
+        .map(|d| (d.key, d.value))
+        .collect();
+    results.sort();
+    assert_eq!(
+        results.len(),
+        windows.len(),
+        "one result per key and minute"
+    );
+    assert!(h.dead.delivered().is_empty(), "{:?}", h.dead.delivered());
+    results
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_on_two_workers_gives_the_window_results_of_one() {
+    let events: Vec<Event> = (0..300)
+        .map(|i| {
+            Event::new(format!(r#"{{"amount":{i}}}"#), 1_000 + i * 700)
+                .with_key(format!("user-{}", i % 13))
+        })
+        .collect();
+    let lanes: std::collections::HashSet<usize> = (0..13)
+        .map(|k| crate::pipeline::lane_of(Some(format!("user-{k}").as_bytes()), 2))
+        .collect();
+    assert_eq!(lanes.len(), 2, "the keys reach both workers");
+    let one = window_results(1, &events).await;
+    let two = window_results(2, &events).await;
+    assert_eq!(one, two);
+    let counted: f64 = two
+        .iter()
+        .map(|(_, v)| {
+            let window: serde_json::Value = serde_json::from_str(v).expect("JSON");
+            window["count"].as_f64().expect("a count")
+        })
+        .sum();
+    assert_eq!(counted, 300.0, "every event folded once");
 }

@@ -684,6 +684,7 @@ impl<'c> Reader<'c> {
                 completion,
                 position: Some(position),
                 rejected,
+                batch_ms: None,
             },
         });
     }

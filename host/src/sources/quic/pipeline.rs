@@ -165,6 +165,8 @@ impl QuicPipeline {
         // The input of the moment; when it closed because a reload restarted the pipeline,
         // the new one.
         let mut input = read(&self.input).clone();
+        let producer = stream.producer().clone();
+        let key = self.position_key(&producer);
         let slot = loop {
             if self.is_removed() {
                 stream.fail(
@@ -173,7 +175,7 @@ impl QuicPipeline {
                 );
                 return Admitted::Removed;
             }
-            if let Some(slot) = input.reserve().await {
+            if let Some(slot) = input.reserve(&key).await {
                 break slot;
             }
             let current = read(&self.input).clone();
@@ -182,7 +184,6 @@ impl QuicPipeline {
             }
             input = current;
         };
-        let producer = stream.producer().clone();
         let state = self.producer(&producer);
         let mut sequences = lock(&state);
         let sequence = frame.sequence;
@@ -234,7 +235,7 @@ impl QuicPipeline {
         let batch = unsafe { SharedBatch::trusted(frame.payload) };
         // Under the producer's lock: the queue holds its batches in sequence order.
         let position = Position {
-            key: self.position_key(&producer),
+            key,
             next: sequence + 1,
         };
         slot.send(Input {
@@ -242,6 +243,7 @@ impl QuicPipeline {
             completion,
             position: Some(position),
             rejected: Vec::new(),
+            batch_ms: None,
         });
         Admitted::Taken
     }

@@ -203,6 +203,17 @@ fn a_change_in_the_shape_of_the_stages_restarts_the_pipeline() {
         d.to_string(),
         "pipeline `totals`: restarted (stage `count-sum`: another window)\n"
     );
+    let workers = |n: usize| {
+        config(&edit(
+            "[pipelines.totals]\n",
+            &format!("[pipelines.totals]\nworkers = {n}\n"),
+        ))
+    };
+    let d = ConfigDiff::new(&workers(1), &workers(3), |_, _| false);
+    assert_eq!(
+        d.to_string(),
+        "pipeline `totals`: restarted (workers 1 → 3)\n"
+    );
 }
 
 #[test]
