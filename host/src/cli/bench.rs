@@ -14,7 +14,8 @@
 //! --fanout` measures fanning out to 1, 2 and 4 sinks: see `fanout_bench.rs`; `weir bench
 //! --deploy` measures hot load: see `deploy_bench.rs`; `weir bench --checkpoint` measures what
 //! checkpointing aggregate state costs: see `checkpoint_bench.rs`; `weir bench --kafka BROKERS`
-//! measures the kafka sink against a plain rdkafka producer: see `kafka_bench.rs`.
+//! measures the kafka sink against a plain rdkafka producer: see `kafka_bench.rs`; `weir bench
+//! --workers` measures a pipeline on 2 workers against 1: see `workers_bench.rs`.
 
 use super::StageArgs;
 use super::fanout_bench::KindChoice;
@@ -32,7 +33,7 @@ use weir_format::Batch;
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// The plugin component (.wasm).
-    #[arg(required_unless_present_any = ["e2e", "fanout", "deploy", "checkpoint", "kafka"])]
+    #[arg(required_unless_present_any = ["e2e", "fanout", "deploy", "checkpoint", "kafka", "workers"])]
     plugin: Option<PathBuf>,
     /// Instead of a plugin: ingest over QUIC on loopback, weir (identity plugin, null sink)
     /// against raw quinn sending the same bytes, then weir's ack latency at half its rate.
@@ -55,6 +56,11 @@ pub struct BenchArgs {
     /// records to the broker(s) at BROKERS (`host:port`), in alternating rounds of --events.
     #[arg(long, value_name = "BROKERS", conflicts_with_all = ["plugin", "e2e", "fanout", "deploy", "checkpoint"])]
     kafka: Option<String>,
+    /// Instead of a plugin: the pipeline geo-enrich + count-sum on 1 worker and on 2,
+    /// in-process: the window results compared, then --events per round through each in
+    /// alternating rounds; the throughput ratio.
+    #[arg(long, conflicts_with_all = ["plugin", "e2e", "fanout", "deploy", "checkpoint", "kafka"])]
+    workers: bool,
     /// With --deploy or --checkpoint: seconds each throughput round lasts.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
@@ -160,6 +166,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             batch: args.batch,
             keys: args.keys,
             windows: args.windows,
+        });
+    }
+    if args.workers {
+        return super::workers_bench::run(&super::workers_bench::WorkersBenchArgs {
+            events: args.events,
+            batch: args.batch,
+            keys: args.keys,
+            size: args.size,
+            rounds: super::ingest_bench::ROUNDS,
         });
     }
     if let Some(brokers) = &args.kafka {

@@ -21,6 +21,7 @@ mod serve;
 mod tap;
 mod test;
 mod top;
+mod workers_bench;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
