@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use stream::{BATCH, Streaming, batch_of, within};
 use weir_format::Event;
 
-/// A router with one pipeline, `clicks`, into a file synced before every ack.
-fn write_config(dir: &Path, listen: SocketAddr) -> std::path::PathBuf {
+/// A router with a pipeline `clicks` into a file synced before every ack, and `sums`
+/// (count-sum on `workers` workers) into another.
+fn write_config(dir: &Path, listen: SocketAddr, workers: usize) -> std::path::PathBuf {
     let config = dir.join("weir.toml");
     std::fs::write(
         &config,
@@ -34,6 +35,7 @@ sinks = ["out"]
 
 [pipelines.sums]
 sinks = ["sums"]
+workers = {workers}
 
 [[pipelines.sums.stages]]
 plugin = "example:count-sum"
@@ -81,7 +83,7 @@ async fn acked(streaming: &Streaming, n: u64) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_streaming_through_kill_9_and_a_restart_resumes_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), free_udp_addr());
+    let config = write_config(dir.path(), free_udp_addr(), 2);
     let mut first = WeirServe::start(&config).await;
     let streaming = Streaming::start(first.addr, &first.fingerprint, "clicks", 400).await;
     acked(&streaming, 100).await;
@@ -117,7 +119,7 @@ async fn a_producer_streaming_through_kill_9_and_a_restart_resumes_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weir_serve_reloads_on_a_saved_file_on_sighup_and_on_weir_reload() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), free_udp_addr());
+    let config = write_config(dir.path(), free_udp_addr(), 2);
     let admin = "\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"reload-token\"\n";
     let text = std::fs::read_to_string(&config).expect("the config") + admin;
     std::fs::write(&config, &text).expect("write the config");
@@ -249,13 +251,17 @@ fn expected_windows(batches: u64) -> BTreeSet<(String, i64, u64, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_three_times_during_a_stream_changes_no_window_result() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), free_udp_addr());
+    let listen = free_udp_addr();
+    let config = write_config(dir.path(), listen, 2);
     let mut server = WeirServe::start(&config).await;
     let streaming =
         Streaming::start_with(server.addr, &server.fingerprint, "sums", 1500, amounts).await;
-    for at in [200, 600, 1000] {
+    // Each restart runs `sums` on another number of workers: the checkpoint's windows are
+    // shared out by key again, and what each worker count folded stays folded once.
+    for (at, workers) in [(200, 3), (600, 1), (1000, 2)] {
         acked(&streaming, at).await;
         server.kill();
+        write_config(dir.path(), listen, workers);
         server = WeirServe::start(&config).await;
     }
     let (producer, sent) = streaming.finish().await;

@@ -172,57 +172,66 @@ fn parse_lane_key(key: &str) -> (&str, usize, usize) {
 }
 
 /// Where each worker of a [`Partition::Key`] pipeline stood in each stream when it was last
-/// checkpointed: the source resumes every stream from the worker furthest behind, and an
-/// event of a batch its worker already folded is left out of that worker's part.
+/// checkpointed: the source resumes every stream from the furthest point up to which every
+/// event is folded, and an event of a batch its worker already folded is left out of that
+/// worker's part.
+///
+/// The positions of each worker count the pipeline ran with are kept apart (a restart may
+/// change `workers`), and each says something true for good: worker `w` of `n` folded every
+/// event of the stream whose key it owns, up to its position. So an event is held when any of
+/// them says so, and a stream resumes from the furthest point one of them covers for every key.
 #[derive(Debug, Default)]
 pub struct Resumed {
-    /// Per stream: the worker count the positions were written with, and each worker's next
-    /// position (`None`: that worker committed nothing of the stream).
-    streams: HashMap<Arc<str>, (usize, Vec<Option<u64>>)>,
+    /// Per stream, what each worker count says.
+    streams: HashMap<Arc<str>, Vec<Held>>,
 }
 
+/// What the workers of one count held of a stream: the count, and each worker's next position
+/// (`None`: that worker committed nothing of the stream).
+type Held = (usize, Vec<Option<u64>>);
+
 impl Resumed {
-    /// Takes the positions a checkpoint holds apart: where each stream's source resumes (the
-    /// worker furthest behind) and what each worker already holds. Positions of an earlier
-    /// worker count (a restart after `workers` changed) are used only when none were written
-    /// since: their stream's latest is the highest.
+    /// Takes the positions a checkpoint holds apart: where each stream's source resumes and
+    /// what each worker already holds.
     pub fn from_checkpoint(rows: Vec<Position>) -> (Vec<Position>, Resumed) {
-        let mut groups: HashMap<(Arc<str>, usize), Vec<Option<u64>>> = HashMap::new();
+        let mut resumed = Resumed::default();
         for Position { key, next } in rows {
             let (base, lane, lanes) = parse_lane_key(&key);
-            let slots = groups
-                .entry((Arc::from(base), lanes))
-                .or_insert_with(|| vec![None; lanes]);
-            slots[lane] = Some(next);
+            let groups = resumed.streams.entry(Arc::from(base)).or_default();
+            let at = groups
+                .iter()
+                .position(|(n, _)| *n == lanes)
+                .unwrap_or_else(|| {
+                    groups.push((lanes, vec![None; lanes]));
+                    groups.len() - 1
+                });
+            groups[at].1[lane] = Some(next);
         }
-        let mut streams: HashMap<Arc<str>, (usize, Vec<Option<u64>>)> = HashMap::new();
-        for ((base, lanes), slots) in groups {
-            let latest = |s: &[Option<u64>]| s.iter().flatten().max().copied();
-            match streams.get(&base) {
-                Some((_, kept)) if latest(kept) >= latest(&slots) => {}
-                _ => {
-                    streams.insert(base, (lanes, slots));
-                }
-            }
-        }
-        let positions = streams
+        let positions = resumed
+            .streams
             .iter()
-            .filter_map(|(key, (_, slots))| {
-                let next = slots.iter().copied().collect::<Option<Vec<u64>>>()?;
+            .filter_map(|(key, groups)| {
+                // Up to where every key is folded, by each worker count's account.
+                let next = groups
+                    .iter()
+                    .filter_map(|(_, slots)| slots.iter().copied().min().flatten())
+                    .max()?;
                 Some(Position {
                     key: key.clone(),
-                    next: next.into_iter().min()?,
+                    next,
                 })
             })
             .collect();
-        (positions, Resumed { streams })
+        (positions, resumed)
     }
 
     /// Whether the worker that owned `key` when stream `stream` was checkpointed already
     /// folded its events of the batch after which the stream resumes at `next`.
     fn holds(&self, stream: &str, key: Option<&[u8]>, next: u64) -> bool {
-        self.streams.get(stream).is_some_and(|(lanes, slots)| {
-            slots[lane_of(key, *lanes)].is_some_and(|held| next <= held)
+        self.streams.get(stream).is_some_and(|groups| {
+            groups
+                .iter()
+                .any(|(lanes, slots)| slots[lane_of(key, *lanes)].is_some_and(|held| next <= held))
         })
     }
 
@@ -531,20 +540,29 @@ mod tests {
     }
 
     #[test]
-    fn after_the_worker_count_changed_the_latest_positions_count() {
-        // Written with 2 workers, then with 3 from position 10 on.
+    fn positions_written_with_another_worker_count_still_say_what_is_held() {
+        // Written with 2 workers (worker 1 behind), then after a restart with 3, which took
+        // the stream up from 90 on.
         let (positions, resumed) = Resumed::from_checkpoint(vec![
-            at("quic/a@0/2", 8),
-            at("quic/a@1/2", 9),
-            at("quic/a@0/3", 12),
-            at("quic/a@1/3", 11),
-            at("quic/a@2/3", 12),
+            at("quic/a@0/2", 100),
+            at("quic/a@1/2", 90),
+            at("quic/a@0/3", 95),
+            at("quic/a@1/3", 93),
+            at("quic/a@2/3", 95),
         ]);
-        assert_eq!(positions, [at("quic/a", 11)]);
-        let (count, slots) = &resumed.streams["quic/a"];
         assert_eq!(
-            (*count, slots.clone()),
-            (3, vec![Some(12), Some(11), Some(12)])
+            positions,
+            [at("quic/a", 93)],
+            "every key is folded up to 93"
         );
+        for k in 0..60 {
+            let key = format!("k{k}");
+            let key = Some(key.as_bytes());
+            let by_two = lane_of(key, 2) == 0;
+            let by_three = lane_of(key, 3) != 1;
+            assert_eq!(resumed.holds("quic/a", key, 94), by_two || by_three);
+            assert_eq!(resumed.holds("quic/a", key, 99), by_two);
+            assert!(!resumed.holds("quic/a", key, 101));
+        }
     }
 }
