@@ -68,6 +68,7 @@ token = "other-token"
 
 [pipelines.clicks]
 sinks = ["clicks"]
+workers = 2
 
 [[pipelines.clicks.stages]]
 plugin = "example:drop-bots"
@@ -75,6 +76,7 @@ plugin = "example:drop-bots"
 [pipelines.restricted]
 sinks = ["discard"]
 producers = ["sensor-7"]
+workers = 1
 
 [sinks.clicks]
 type = "file"
@@ -1478,6 +1480,7 @@ fn weir_serve_prints_its_setup_and_stops_on_sigterm() {
                 "  dead letters: clicks/dead-letters: file {} (fsync on ack), when_full = block",
                 dir.path().join("data/dead-letters/clicks.jsonl").display()
             ),
+            "  workers: 2, whole batches by producer or partition".into(),
             "pipeline `restricted`:".into(),
             "  stages: none (events go to the sinks as they come)".into(),
             "  sink: discard: null (discards events), when_full = block".into(),
@@ -1487,6 +1490,7 @@ fn weir_serve_prints_its_setup_and_stops_on_sigterm() {
                     .join("data/dead-letters/restricted.jsonl")
                     .display()
             ),
+            "  workers: 1".into(),
             format!(
                 "try: weir send --to {} --pin {} --pipeline clicks --generate 1000",
                 lines[0]

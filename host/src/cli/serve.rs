@@ -77,6 +77,7 @@ async fn serve(config: Config) -> Result<()> {
             writeln!(banner, "  sink: {sink}")?;
         }
         writeln!(banner, "  dead letters: {}", pipeline.dead_letters)?;
+        writeln!(banner, "  workers: {}", pipeline.workers)?;
     }
     if let Some(addr) = server.metrics_addr() {
         writeln!(banner, "metrics: http://{addr}/metrics (Prometheus)")?;

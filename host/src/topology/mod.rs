@@ -63,6 +63,8 @@ pub struct PipelineInfo {
     pub sinks: Vec<String>,
     /// Where its dead letters go.
     pub dead_letters: String,
+    /// How many workers it runs on, and how batches are shared out among them.
+    pub workers: String,
 }
 
 /// The live instances the pool holds for `stages` stages: two per stage (its instance and a
@@ -687,11 +689,17 @@ impl PipelineBuilder<'_> {
         if let UnmatchedOut::Sink(sink) = &unmatched {
             sink.set_dead_letters(pipeline_name.clone(), dead_letters.clone());
         }
+        let aggregate = self.pipeline.stages.iter().any(|s| s.window.is_some());
         let info = PipelineInfo {
             name: name.clone(),
             stages: stage_names,
             sinks: described,
             dead_letters: describe_route(&dead_letters, None),
+            workers: match (self.pipeline.workers, aggregate) {
+                (1, _) => "1".to_owned(),
+                (n, false) => format!("{n}, whole batches by producer or partition"),
+                (n, true) => format!("{n}, each batch split by event key"),
+            },
         };
         Ok((
             Fanout::new(pipeline_name, routes, unmatched, dead_letters),
