@@ -612,6 +612,9 @@ fn write_round(
                 put_meta(stages, p, stage, 1, draining)?;
                 put_windows(windows, p, stage, draining)?;
             }
+            // Other workers may still be finishing theirs: each window they finish goes as
+            // it finishes.
+            None if change.shared => {}
             None => end_draining(windows, stages, p, stage)?,
         }
     }
@@ -622,7 +625,8 @@ fn write_round(
 /// draining version): a window folded in many of them is written once, in the table's order.
 #[derive(Default)]
 struct Latest<'r> {
-    stages: BTreeMap<(&'r str, &'r str), &'r RoleChanges>,
+    /// Per stage: its serving version's changes, and whether other workers share its state.
+    stages: BTreeMap<(&'r str, &'r str), (&'r RoleChanges, bool)>,
     windows: BTreeMap<WindowKey<'r>, (&'r str, Option<&'r [u8]>)>,
 }
 
@@ -633,7 +637,7 @@ impl<'r> Latest<'r> {
             for change in &round.changes {
                 let (p, stage) = (&*round.pipeline, change.name.as_str());
                 let current = &change.current;
-                latest.stages.insert((p, stage), current);
+                latest.stages.insert((p, stage), (current, change.shared));
                 let layout = current.layout.as_deref().unwrap_or("");
                 for (window, acc) in &current.windows {
                     latest
@@ -646,7 +650,7 @@ impl<'r> Latest<'r> {
     }
 
     fn write(self, windows: &mut Windows<'_>, stages: &mut Stages<'_>) -> Result<(), redb::Error> {
-        for ((p, stage), current) in &self.stages {
+        for ((p, stage), (current, _)) in &self.stages {
             put_meta(stages, p, stage, 0, current)?;
         }
         for (key, (layout, acc)) in self.windows {
@@ -659,7 +663,7 @@ impl<'r> Latest<'r> {
                 }
             }
         }
-        for (p, stage) in self.stages.keys() {
+        for ((p, stage), _) in self.stages.iter().filter(|(_, (_, shared))| !shared) {
             end_draining(windows, stages, p, stage)?;
         }
         Ok(())

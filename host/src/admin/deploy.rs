@@ -730,23 +730,24 @@ impl Deployer {
         let shared = Arc::new(SharedProbation::default());
         let (verdict_tx, mut verdict_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut dones = Vec::new();
+        let mut unsent = None;
         for (lane, replacement) in replacements.into_iter().enumerate() {
             let (done, swapped) = oneshot::channel();
             let (verdict, told) = oneshot::channel();
-            control
-                .swap(
-                    lane,
-                    Swap {
-                        stage: index,
-                        replacement,
-                        probation: options.probation,
-                        on_change: options.state,
-                        done,
-                        verdict: Some(verdict),
-                        shared: shared.clone(),
-                    },
-                )
-                .map_err(DeployError::Internal)?;
+            let swap = Swap {
+                stage: index,
+                replacement,
+                probation: options.probation,
+                on_change: options.state,
+                done,
+                verdict: Some(verdict),
+                shared: shared.clone(),
+            };
+            // A worker that ended: the pipeline is stopping; the workers told already go back.
+            if let Err(e) = control.swap(lane, swap) {
+                unsent = Some(e);
+                break;
+            }
             let verdict_tx = verdict_tx.clone();
             tokio::spawn(async move {
                 if let Ok(verdict) = told.await {
@@ -761,6 +762,10 @@ impl Deployer {
             swaps.push(swapped.await.map_err(|_| {
                 DeployError::Internal(format!("pipeline `{pipeline}` stopped before the swap"))
             })?);
+        }
+        if let Some(e) = unsent {
+            self.undo(&control, index, swaps, &shared, &e);
+            return Err(DeployError::Internal(e));
         }
         if let Some(refused) = swaps.iter().find_map(|s| s.as_ref().err()) {
             let message = format!("`{pipeline}/{stage}`: {}", refused.message);
@@ -873,11 +878,13 @@ impl Deployer {
                     ..
                 }) => {
                     let (done, undone) = oneshot::channel();
+                    // Windows the new version opened meanwhile, in another state layout, it
+                    // finishes beside the previous one.
                     let back = Swap {
                         stage: index,
                         replacement: previous,
                         probation: 0,
-                        on_change: StateChange::Refuse,
+                        on_change: StateChange::Drain,
                         done,
                         verdict: None,
                         shared: Arc::default(),

@@ -19,6 +19,7 @@ fn window(key: &str, start_ms: i64) -> WindowId {
 fn changes(stage: &str, windows: Vec<(WindowId, Option<&str>)>) -> Vec<StateChanges> {
     vec![StateChanges {
         stage: 0,
+        shared: false,
         name: stage.into(),
         current: RoleChanges {
             version: "a".repeat(64),
@@ -237,6 +238,32 @@ fn a_drain_that_ends_takes_its_windows_with_it() {
     let sum = &restored.stages["sum"];
     assert_eq!(sum.draining, None);
     assert_eq!(sum.current.windows, [(window("new", 1000), b"n".to_vec())]);
+}
+
+#[test]
+fn a_worker_with_no_previous_version_leaves_the_other_workers_draining_windows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let checkpoints = Checkpoints::open(dir.path()).expect("opened");
+    let p = checkpoints.pipeline("totals");
+    // Worker 1 finishes an old-layout window; worker 0 never had any.
+    let mut one = changes("sum", vec![(window("new", 1000), Some("n"))]);
+    one[0].shared = true;
+    one[0].current.layout = Some("auto:2".into());
+    one[0].draining = Some(RoleChanges {
+        version: "b".repeat(64),
+        layout: Some("auto:1".into()),
+        max_event_ms: Some(1200),
+        windows: vec![(window("old", 0), Some(b"o".to_vec()))],
+    });
+    p.round_done(p.next_round(), one, Vec::new(), Ok(()), Vec::new());
+    let mut zero = changes("sum", vec![(window("new2", 1000), Some("m"))]);
+    zero[0].shared = true;
+    zero[0].current.layout = Some("auto:2".into());
+    p.round_done(p.next_round(), zero, Vec::new(), Ok(()), Vec::new());
+    sync(&checkpoints);
+    let restored = checkpoints.restore("totals").expect("read");
+    let old = restored.stages["sum"].draining.as_ref().expect("draining");
+    assert_eq!(old.windows, [(window("old", 0), b"o".to_vec())]);
 }
 
 #[test]

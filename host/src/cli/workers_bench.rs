@@ -150,6 +150,7 @@ async fn feed(input: &PipelineInput, batches: &[SharedBatch]) -> Result<Duration
                 position: None,
                 rejected: Vec::new(),
                 batch_ms: None,
+                event_next: None,
             })
             .await;
         if handed.is_err() {

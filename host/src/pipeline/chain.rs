@@ -319,6 +319,9 @@ pub enum Verdict {
         error: String,
         /// Batches it had taken before.
         batches: u64,
+        /// Whether another worker of the pipeline rolled it back and this one followed (the
+        /// rollback is counted once, where it was decided).
+        followed: bool,
     },
 }
 
@@ -347,6 +350,9 @@ pub struct StateChanges {
     pub current: RoleChanges,
     /// The previous version, finishing the windows it opened before a layout change.
     pub draining: Option<RoleChanges>,
+    /// Whether other workers write the stage's state too (a pipeline split by key): then a
+    /// worker without a previous version says nothing of theirs.
+    pub shared: bool,
 }
 
 /// Why [`Chain::swap`] refused a replacement, and the replacement back.
@@ -421,11 +427,14 @@ impl Chain {
         shared: &Arc<SharedProbation>,
         on_change: StateChange,
     ) -> Result<Option<Stage>, Box<SwapRefused>> {
+        // Split by key, a batch reaches every worker as a part of its own: a probation of n
+        // batches is n parts for each worker, taken together.
+        let probation = probation.saturating_mul(self.lane.map_or(1, |(_, n)| n as u64));
         if let (Some(stage), Some(slot)) =
             (self.stages.get_mut(index), self.probation.get_mut(index))
             && let Some(ending) = slot.as_ref().and_then(|p| p.shared.ending())
         {
-            end_probation(stage, slot, index, ending, &mut ChainOutput::new());
+            end_probation(stage, slot, index, (ending, true), &mut ChainOutput::new());
         }
         let refuse = |message: String, replacement: Stage| {
             Err(Box::new(SwapRefused {
@@ -548,6 +557,7 @@ impl Chain {
                 name: stage.name().to_owned(),
                 current,
                 draining: draining.as_mut().and_then(role_changes),
+                shared: self.lane.is_some(),
             });
         }
         changes
@@ -822,7 +832,8 @@ fn run(
         {
             foreign_keys(stage, lane, previous, output);
         }
-        if let Some((_, time)) = batch_ms.filter(|(first, _)| *first == index) {
+        // Kept across a retry of the batch (which has no time of its own to give).
+        if let Some((_, time @ Some(_))) = batch_ms.filter(|(first, _)| *first == index) {
             for state in [Some(&mut *stage), draining.as_mut()]
                 .into_iter()
                 .flatten()
@@ -1071,7 +1082,7 @@ fn call<B>(
 ) -> Result<StageOutput<B>, PluginError> {
     // Another worker ended the probation: so does this one, before the batch.
     if let Some(ending) = probation.as_ref().and_then(|p| p.shared.ending()) {
-        end_probation(stage, probation, index, ending, output);
+        end_probation(stage, probation, index, (ending, true), output);
     }
     let Some(p) = probation.as_mut() else {
         return isolating(stage);
@@ -1128,29 +1139,36 @@ fn call<B>(
         }
     };
     let ending = match rolled_back {
-        // The previous version's output stands, and it holds the window state: it serves
-        // again, even if another worker just passed the version.
-        Some(error) => {
-            p.shared.decide(Ending::RolledBack(error.clone()));
-            Some(Ending::RolledBack(error))
-        }
+        // The previous version's output of the batch stands either way.
+        Some(error) => match p.shared.decide(Ending::RolledBack(error)) {
+            rolled_back @ Ending::RolledBack(_) => Some(rolled_back),
+            // Another worker passed the version just now: it stays here too, with the window
+            // state the previous version left.
+            Ending::Passed => {
+                if let Some(state) = p.previous.take_window_state() {
+                    stage.set_window_state(state);
+                }
+                Some(Ending::Passed)
+            }
+        },
         // A batch counts when it gave the new version events to fail on.
         None if result.is_ok() && events > 0 => p.shared.took(p.batches),
         None => None,
     };
     if let Some(ending) = ending {
-        end_probation(stage, probation, index, ending, output);
+        end_probation(stage, probation, index, (ending, false), output);
     }
     result
 }
 
 /// Ends stage `index`'s probation as `ending` says: the new version stays, or the previous one
-/// serves again (with the window state); the verdict goes to `output`.
+/// serves again (with the window state); the verdict goes to `output`. `followed`: another
+/// worker decided it.
 fn end_probation(
     stage: &mut Stage,
     probation: &mut Option<Probation>,
     index: usize,
-    ending: Ending,
+    (ending, followed): (Ending, bool),
     output: &mut ChainOutput,
 ) {
     let Some(mut p) = probation.take() else {
@@ -1174,6 +1192,7 @@ fn end_probation(
                 restored: stage.plugin().version().to_owned(),
                 error,
                 batches,
+                followed,
             });
         }
     }
@@ -1464,6 +1483,7 @@ mod tests {
                 restored,
                 error,
                 batches: 1,
+                followed: false,
             },
         ] = out.verdicts.as_slice()
         else {

@@ -16,6 +16,7 @@
 //! - A completion dropped unresolved (a worker that ended) resolves as `Err`: a source never
 //!   waits forever on a batch nobody holds.
 
+use super::config::MAX_WORKERS;
 use crate::sinks::SharedBatch;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -125,6 +126,10 @@ pub struct Input {
     /// of the whole batch, which the worker's windows reach as one worker's would. Sources
     /// leave it `None`.
     pub batch_ms: Option<i64>,
+    /// Per event, where the stream resumes after it (a Kafka record: its offset + 1), for a
+    /// source whose batches may be cut anywhere when read again; `None`: the batch's
+    /// `position` for every event (a source that resends a batch as it was, like QUIC).
+    pub event_next: Option<Vec<u64>>,
 }
 
 /// How a pipeline's batches are shared out among its workers (`workers = N`).
@@ -151,22 +156,20 @@ pub fn lane_of(key: Option<&[u8]>, lanes: usize) -> usize {
 }
 
 /// The position key worker `lane` of `lanes` records for stream `key` (a [`Partition::Key`]
-/// pipeline): `key@LANE/LANES`; with one worker, `key` itself.
+/// pipeline): `key@LANE/LANES`, one worker included, so that a stream key holding `@` (a
+/// producer's id) is never taken for a worker's.
 pub fn lane_key(key: &str, lane: usize, lanes: usize) -> Arc<str> {
-    if lanes <= 1 {
-        Arc::from(key)
-    } else {
-        Arc::from(format!("{key}@{lane}/{lanes}"))
-    }
+    Arc::from(format!("{key}@{lane}/{lanes}"))
 }
 
-/// `key@LANE/LANES` taken apart; a key without the suffix is worker 0 of 1.
+/// `key@LANE/LANES` taken apart; a key without the suffix (written before workers existed) is
+/// worker 0 of 1.
 fn parse_lane_key(key: &str) -> (&str, usize, usize) {
     key.rsplit_once('@')
         .and_then(|(base, suffix)| {
             let (lane, lanes) = suffix.split_once('/')?;
             let (lane, lanes) = (lane.parse().ok()?, lanes.parse().ok()?);
-            (lane < lanes && lanes > 1).then_some((base, lane, lanes))
+            (lane < lanes && lanes <= MAX_WORKERS).then_some((base, lane, lanes))
         })
         .unwrap_or((key, 0, 1))
 }
@@ -205,7 +208,10 @@ impl Resumed {
                     groups.push((lanes, vec![None; lanes]));
                     groups.len() - 1
                 });
-            groups[at].1[lane] = Some(next);
+            // Positions only grow: of two rows for one worker (one written before the
+            // suffix existed), the later.
+            let slot = &mut groups[at].1[lane];
+            *slot = (*slot).max(Some(next));
         }
         let positions = resumed
             .streams
@@ -226,7 +232,7 @@ impl Resumed {
     }
 
     /// Whether the worker that owned `key` when stream `stream` was checkpointed already
-    /// folded its events of the batch after which the stream resumes at `next`.
+    /// folded the event after which the stream resumes at `next`.
     fn holds(&self, stream: &str, key: Option<&[u8]>, next: u64) -> bool {
         self.streams.get(stream).is_some_and(|groups| {
             groups
@@ -369,7 +375,14 @@ impl PipelineInput {
             .position
             .as_ref()
             .is_some_and(|p| self.resumed.covers(&p.key));
-        if self.partition == Partition::Stream || (lanes == 1 && !resumed) {
+        if self.partition == Partition::Stream {
+            return vec![input];
+        }
+        if lanes == 1 && !resumed {
+            let mut input = input;
+            if let Some(p) = input.position.as_mut() {
+                p.key = lane_key(&p.key, 0, 1);
+            }
             return vec![input];
         }
         let Input {
@@ -377,16 +390,18 @@ impl PipelineInput {
             completion,
             position,
             mut rejected,
+            event_next,
             ..
         } = input;
         let mut parts: Vec<BatchBuilder> = (0..lanes).map(|_| BatchBuilder::new()).collect();
         let mut held = 0usize;
         let mut batch_ms: Option<i64> = None;
-        for event in batch.batch().iter() {
+        for (i, event) in batch.batch().iter().enumerate() {
             let key = event.key();
             batch_ms = batch_ms.max(Some(event.timestamp_ms()));
             if let Some(p) = position.as_ref().filter(|_| resumed)
-                && self.resumed.holds(&p.key, key, p.next)
+                && let next = event_next.as_ref().and_then(|n| n.get(i)).copied()
+                && self.resumed.holds(&p.key, key, next.unwrap_or(p.next))
             {
                 held += 1;
                 continue;
@@ -417,6 +432,7 @@ impl PipelineInput {
                     Vec::new()
                 },
                 batch_ms,
+                event_next: None,
             })
             .collect()
     }
@@ -488,10 +504,21 @@ mod tests {
     #[test]
     fn lane_keys_name_the_worker_and_the_worker_count() {
         assert_eq!(&*lane_key("quic/a", 1, 4), "quic/a@1/4");
-        assert_eq!(&*lane_key("quic/a", 0, 1), "quic/a");
+        assert_eq!(&*lane_key("quic/a", 0, 1), "quic/a@0/1");
         assert_eq!(parse_lane_key("quic/a@1/4"), ("quic/a", 1, 4));
+        assert_eq!(parse_lane_key("quic/a"), ("quic/a", 0, 1));
         assert_eq!(parse_lane_key("quic/a@b"), ("quic/a@b", 0, 1));
         assert_eq!(parse_lane_key("quic/a@5/4"), ("quic/a@5/4", 0, 1));
+        // A producer whose id looks like a worker's suffix is still its own stream.
+        assert_eq!(
+            parse_lane_key(&lane_key("quic/x@1/2", 0, 1)),
+            ("quic/x@1/2", 0, 1)
+        );
+        assert_eq!(
+            parse_lane_key("quic/x@0/99999999999"),
+            ("quic/x@0/99999999999", 0, 1),
+            "no worker count above the maximum"
+        );
         assert_eq!(lane_of(Some(b"k"), 1), 0);
         let lanes: std::collections::HashSet<usize> = (0..64)
             .map(|i| lane_of(Some(format!("k{i}").as_bytes()), 4))
@@ -537,6 +564,54 @@ mod tests {
         assert!(!resumed.holds("quic/a", Some(k0.as_bytes()), 8));
         assert!(!resumed.holds("quic/b", Some(k1.as_bytes()), 1));
         assert!(resumed.holds("quic/c", Some(k1.as_bytes()), 9));
+    }
+
+    /// The values of each worker's part of `input`, handed to a key-split pipeline on two
+    /// workers that resumed from `rows`.
+    fn parts_of(rows: Vec<Position>, input: Input) -> Vec<Vec<String>> {
+        let (_, resumed) = Resumed::from_checkpoint(rows);
+        let lanes: Vec<mpsc::Sender<Input>> = (0..2).map(|_| mpsc::channel(1).0).collect();
+        let pipeline = PipelineInput::new("p".into(), lanes, Partition::Key, Arc::new(resumed));
+        pipeline
+            .parts(input)
+            .iter()
+            .map(|part| {
+                part.batch
+                    .batch()
+                    .iter()
+                    .map(|e| String::from_utf8_lossy(e.value()).into_owned())
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_read_again_with_other_bounds_leaves_out_each_event_its_worker_folded() {
+        // Kafka offsets 95..=104 read again as one batch; worker 0 had folded up to 100 (its
+        // position 101), worker 1 up to 95.
+        let key = |lane| {
+            (0..)
+                .map(|i| format!("k{i}"))
+                .find(|k| lane_of(Some(k.as_bytes()), 2) == lane)
+                .expect("a key")
+        };
+        let events: Vec<Event> = (95..105u64)
+            .map(|offset| Event::new(offset.to_string(), 0).with_key(key((offset % 2) as usize)))
+            .collect();
+        let input = Input {
+            batch: SharedBatch::verify(weir_format::encode(&events)).expect("a batch"),
+            completion: Completion::ignored(),
+            position: Some(at("kafka/t/0", 105)),
+            rejected: Vec::new(),
+            batch_ms: None,
+            event_next: Some((96..106).collect()),
+        };
+        let parts = parts_of(
+            vec![at("kafka/t/0@0/2", 101), at("kafka/t/0@1/2", 96)],
+            input,
+        );
+        assert_eq!(parts[0], ["102", "104"], "worker 0 folded up to offset 100");
+        assert_eq!(parts[1], ["97", "99", "101", "103"], "worker 1 up to 95");
     }
 
     #[test]

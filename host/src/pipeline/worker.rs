@@ -301,6 +301,7 @@ impl Pipeline {
             chain.set_tap(setup.tap.clone());
             let worker = Worker {
                 name: name.clone(),
+                lane: index,
                 chain,
                 checkpoint: setup.checkpoint.clone(),
                 fanout: setup.fanout.clone(),
@@ -503,6 +504,8 @@ impl PipelineControl {
 /// A pipeline's worker, run on its own thread.
 struct Worker {
     name: Arc<str>,
+    /// Which of the pipeline's workers it is.
+    lane: usize,
     chain: Chain,
     checkpoint: Option<PipelineCheckpoint>,
     fanout: Fanout,
@@ -674,7 +677,8 @@ impl Worker {
         let on_probation = self.chain.probation(stage).is_some();
         let draining = self.chain.draining(stage);
         if result.is_ok() {
-            if let Some(metrics) = self.stage_metrics.get(stage) {
+            // Every worker swaps; the pipeline's stage counts one swap.
+            if let (0, Some(metrics)) = (self.lane, self.stage_metrics.get(stage)) {
                 metrics.swaps.inc();
                 metrics.swap_pause.observe(pause.as_secs_f64());
             }
@@ -697,6 +701,7 @@ impl Worker {
             position,
             rejected,
             batch_ms,
+            ..
         } = input;
         round.completions.push(completion);
         if !rejected.is_empty() {
@@ -875,7 +880,10 @@ impl Worker {
             let Some(metrics) = self.stage_metrics.get(run.stage) else {
                 continue;
             };
-            metrics.latency.observe(run.elapsed.as_secs_f64());
+            // A worker's empty part of a batch split by key is no call worth timing.
+            if run.events_in > 0 || run.events_out > 0 {
+                metrics.latency.observe(run.elapsed.as_secs_f64());
+            }
             metrics.events_in.inc_by(run.events_in as u64);
             metrics.events_out.inc_by(run.events_out as u64);
             metrics.errors.inc_by(run.failed as u64);
@@ -934,9 +942,10 @@ impl Worker {
                 restored,
                 error,
                 batches,
+                followed,
                 ..
             } => {
-                if let Some(metrics) = self.stage_metrics.get(stage) {
+                if let (false, Some(metrics)) = (followed, self.stage_metrics.get(stage)) {
                     metrics.rollbacks.inc();
                 }
                 tracing::error!(

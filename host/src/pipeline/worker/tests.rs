@@ -211,6 +211,7 @@ impl Harness {
                 position,
                 rejected: Vec::new(),
                 batch_ms: None,
+                event_next: None,
             })
             .await
             .expect("the pipeline takes batches");
@@ -698,6 +699,7 @@ async fn a_successor_takes_its_first_batch_once_its_predecessor_retired() {
             position: None,
             rejected: Vec::new(),
             batch_ms: None,
+            event_next: None,
         })
         .await
         .expect("queued");

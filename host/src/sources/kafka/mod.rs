@@ -627,18 +627,22 @@ impl<'c> Reader<'c> {
         let next = last.offset() + 1;
         let config = &self.shared.config;
         let mut rejected = Vec::new();
+        let mut event_next = Vec::with_capacity(messages.len());
         let now = crate::utc::now_ms();
         for message in &messages {
             let timestamp = message.timestamp().to_millis().unwrap_or(now);
             match headers(message) {
-                Ok(headers) => self.builder.push_parts(
-                    message.key(),
-                    message.payload().unwrap_or_default(),
-                    timestamp,
-                    headers,
-                    None,
-                    0,
-                ),
+                Ok(headers) => {
+                    self.builder.push_parts(
+                        message.key(),
+                        message.payload().unwrap_or_default(),
+                        timestamp,
+                        headers,
+                        None,
+                        0,
+                    );
+                    event_next.push(u64::try_from(message.offset() + 1).unwrap_or(0));
+                }
                 Err(problem) => {
                     let mut event = Event::new(message.payload().unwrap_or_default(), timestamp);
                     if let Some(key) = message.key() {
@@ -685,6 +689,7 @@ impl<'c> Reader<'c> {
                 position: Some(position),
                 rejected,
                 batch_ms: None,
+                event_next: Some(event_next),
             },
         });
     }

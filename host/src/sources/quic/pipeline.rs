@@ -244,6 +244,7 @@ impl QuicPipeline {
             position: Some(position),
             rejected: Vec::new(),
             batch_ms: None,
+            event_next: None,
         });
         Admitted::Taken
     }
