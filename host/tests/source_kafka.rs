@@ -12,9 +12,11 @@
 //! reload that restarts the
 //! pipeline keeps the source feeding it (a change of the source itself waits for a restart,
 //! and the removal of its pipeline is refused); `weir demo --kafka` runs; a source paused by a
-//! full pipeline resumes after a rebalance; and a checkpointed aggregate fed by Kafka, killed
+//! full pipeline resumes after a rebalance; a checkpointed aggregate fed by Kafka, killed
 //! with -9 mid-stream, counts every record exactly once (what the group reads again below the
-//! checkpoint's position is skipped).
+//! checkpoint's position is skipped); and three such routers in one group with fixed instance
+//! ids (static membership), one killed with -9 and restarted, write the window results of one
+//! router.
 
 #[path = "common/kafka.rs"]
 mod kafka;
@@ -975,4 +977,137 @@ async fn a_checkpointed_aggregate_killed_with_9_counts_every_record_once() {
             "sum of {key:?} ending {end}"
         );
     }
+}
+
+/// Record `n` of the keyed test: key `k{n % 12}` on partition `n % 12 % 6` (a key stays on one
+/// partition), amount `n`, event time 10 ms apart.
+fn keyed(n: u64) -> Record {
+    let key = n % 12;
+    Record {
+        partition: (key % 6) as i32,
+        key: Some(format!("k{key}").into_bytes()),
+        value: format!("{{\"amount\":{n}}}").into_bytes(),
+        headers: vec![],
+        timestamp_ms: Some(1_000_000 + 10 * n as i64),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_members_with_fixed_instance_ids_one_killed_give_the_window_results_of_one_router() {
+    const RECORDS: u64 = 3_000;
+    let broker = Broker::start();
+    create_topic(&broker.addr(), "keyed", 6).await;
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("a temp dir"))
+        .collect();
+    // Static membership: a member restarted within its session timeout takes its own
+    // partitions back, with no rebalance, and its checkpoint holds their open windows. Each
+    // window allows an hour of lateness: partitions read at different speeds make no event
+    // late.
+    let paths: Vec<std::path::PathBuf> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| {
+            let text = aggregate_config(dir.path(), &broker.addr(), "keyed")
+                .replace(
+                    "\"session.timeout.ms\" = \"6000\"",
+                    &format!(
+                        "\"session.timeout.ms\" = \"30000\", \"group.instance.id\" = \"router-{i}\""
+                    ),
+                )
+                .replace("tumbling:1s", "tumbling:1s,lateness:1h");
+            let path = dir.path().join("weir.toml");
+            std::fs::write(&path, text).expect("config written");
+            path
+        })
+        .collect();
+    let mut routers = Vec::new();
+    for path in &paths {
+        routers.push(WeirServe::start(path).await);
+    }
+    let committed_total = || -> i64 {
+        committed(&broker.addr(), "totals", "keyed", 6)
+            .iter()
+            .map(|(_, offset)| (*offset).max(0))
+            .sum()
+    };
+    for chunk in (0..RECORDS).collect::<Vec<_>>().chunks(100) {
+        let records: Vec<Record> = chunk.iter().copied().map(keyed).collect();
+        produce(&broker.addr(), "keyed", &records).await;
+        if chunk[0] == RECORDS / 2 {
+            // Router 1 goes down hard mid-stream, its windows open, and comes back on the same
+            // data directory and instance id.
+            wait_for("a third committed", (RECORDS / 3) as usize, || {
+                committed_total() as usize
+            })
+            .await;
+            routers[1].kill();
+            std::fs::rename(
+                dirs[1].path().join("windows.jsonl"),
+                dirs[1].path().join("killed.jsonl"),
+            )
+            .ok();
+            routers[1] = WeirServe::start(&paths[1]).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A record far ahead on every partition closes every window of every router.
+    let closing: Vec<Record> = (0..6).map(|p| keyed(p + 1_000_000_000)).collect();
+    produce(&broker.addr(), "keyed", &closing).await;
+
+    let mut expected: BTreeMap<(String, i64), (u64, u64)> = BTreeMap::new();
+    for n in 0..RECORDS {
+        let t = 1_000_000 + 10 * n as i64;
+        let window = expected
+            .entry((format!("k{}", n % 12), t / 1_000 * 1_000 + 999))
+            .or_default();
+        window.0 += 1;
+        window.1 += n;
+    }
+    let written = || -> Vec<Event> {
+        let mut all = Vec::new();
+        for dir in &dirs {
+            all.extend(events_of_killed(&dir.path().join("windows.jsonl")));
+            all.extend(events_of_killed(&dir.path().join("killed.jsonl")));
+        }
+        all
+    };
+    let distinct = || {
+        let mut seen: Vec<(Option<Vec<u8>>, i64)> = written()
+            .iter()
+            .map(|e| (e.key.clone(), e.timestamp_ms))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen.len()
+    };
+    wait_for("every window", expected.len(), distinct).await;
+    for router in routers {
+        router.stop().await;
+    }
+    // Every window once or, across the crash, twice with the same result: as one router
+    // would have written them.
+    let mut results: BTreeMap<(String, i64), (u64, u64)> = BTreeMap::new();
+    let mut twice = 0;
+    for event in written() {
+        let key = String::from_utf8(event.key.clone().expect("a keyed window")).expect("UTF-8");
+        let value: serde_json::Value = serde_json::from_slice(&event.value).expect("JSON");
+        let result = (
+            value["count"].as_u64().expect("a count"),
+            value["sum"].as_f64().expect("a sum") as u64,
+        );
+        if let Some(before) = results.insert((key.clone(), event.timestamp_ms), result) {
+            assert_eq!(
+                before, result,
+                "window {key} ending {} written with two results",
+                event.timestamp_ms
+            );
+            twice += 1;
+        }
+    }
+    assert_eq!(results, expected);
+    println!(
+        "three members with fixed instance ids, one killed with -9: {} windows exact, {twice} written twice",
+        expected.len()
+    );
 }
