@@ -883,14 +883,16 @@ fn aggregate_config(dir: &Path, broker: &str, topic: &str) -> String {
     )
 }
 
-/// Record `n` of the aggregate test: key `k{n % 4}`, amount `n`, event time 100 ms apart.
-fn amount(n: u64) -> Record {
+/// Record `n` of the aggregate tests: key `k{n % keys}` on partition `n % keys % partitions`
+/// (a key stays on one partition), amount `n`, event time `step_ms` apart.
+fn amount(n: u64, keys: u64, partitions: u64, step_ms: i64) -> Record {
+    let key = n % keys;
     Record {
-        partition: 0,
-        key: Some(format!("k{}", n % 4).into_bytes()),
+        partition: (key % partitions) as i32,
+        key: Some(format!("k{key}").into_bytes()),
         value: format!("{{\"amount\":{n}}}").into_bytes(),
         headers: vec![],
-        timestamp_ms: Some(1_000_000 + 100 * n as i64),
+        timestamp_ms: Some(1_000_000 + step_ms * n as i64),
     }
 }
 
@@ -914,12 +916,12 @@ async fn a_checkpointed_aggregate_killed_with_9_counts_every_record_once() {
         let addr = broker.addr();
         tokio::spawn(async move {
             for chunk in (0..RECORDS).collect::<Vec<_>>().chunks(100) {
-                let records: Vec<Record> = chunk.iter().copied().map(amount).collect();
+                let records: Vec<Record> = chunk.iter().map(|n| amount(*n, 4, 1, 100)).collect();
                 produce(&addr, "amounts", &records).await;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             // A record far ahead closes every window of the stream.
-            produce(&addr, "amounts", &[amount(RECORDS + 1_000)]).await;
+            produce(&addr, "amounts", &[amount(RECORDS + 1_000, 4, 1, 100)]).await;
         })
     };
     // Some windows closed and written: the router is in the middle of the stream.
@@ -979,17 +981,9 @@ async fn a_checkpointed_aggregate_killed_with_9_counts_every_record_once() {
     }
 }
 
-/// Record `n` of the keyed test: key `k{n % 12}` on partition `n % 12 % 6` (a key stays on one
-/// partition), amount `n`, event time 10 ms apart.
+/// Record `n` of the keyed test: twelve keys on six partitions, 10 ms apart.
 fn keyed(n: u64) -> Record {
-    let key = n % 12;
-    Record {
-        partition: (key % 6) as i32,
-        key: Some(format!("k{key}").into_bytes()),
-        value: format!("{{\"amount\":{n}}}").into_bytes(),
-        headers: vec![],
-        timestamp_ms: Some(1_000_000 + 10 * n as i64),
-    }
+    amount(n, 12, 6, 10)
 }
 
 #[tokio::test(flavor = "multi_thread")]
