@@ -13,12 +13,13 @@ use crate::admin::{AdminServer, BoxFuture, ReloadError, ReloadReport, RouterHand
 use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::metrics::{Metrics, MetricsServer};
+use crate::pipeline::PipelineInput;
 use crate::pipeline::tap::{TapReader, Taps};
 use crate::sinks::runner::{Sink, WhenFull};
 use crate::sources::SourceConfig;
 use crate::sources::kafka::KafkaSource;
 use crate::sources::quic::{self, PipelineEntry, QuicControl, QuicSource};
-use crate::topology::Topology;
+use crate::topology::{RunningPipeline, Topology};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -518,6 +519,17 @@ impl Server {
     /// The pipelines as they run now, in config order.
     pub fn pipelines(&self) -> Vec<PipelineInfo> {
         self.core.view().pipelines
+    }
+
+    /// Where pipeline `name` takes batches now, as a source hands them over (`None`: no such
+    /// pipeline): for feeding a pipeline in-process, without the network.
+    pub async fn input(&self, name: &str) -> Option<PipelineInput> {
+        let running = self.core.running.lock().await;
+        let pipelines = running.as_ref()?.topology.pipelines();
+        pipelines
+            .iter()
+            .find(|p| p.info.name == name)
+            .map(RunningPipeline::input)
     }
 
     /// The metrics (what the Prometheus endpoint serves).

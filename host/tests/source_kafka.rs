@@ -89,8 +89,7 @@ fn file_sink(path: &Path) -> String {
 }
 
 async fn start(dir: &Path, text: &str) -> Server {
-    let path = dir.join("weir.toml");
-    std::fs::write(&path, text).expect("config written");
+    let path = write_config(dir, text);
     let config = Config::load(&path).expect("a valid config");
     Server::start(config).await.expect("the router starts")
 }
@@ -117,6 +116,20 @@ async fn wait_for(what: &str, want: usize, count: impl Fn() -> usize) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `text` written as `dir/weir.toml`; its path.
+fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, text).expect("config written");
+    path
+}
+
+/// The `n` of each event, sorted.
+fn sorted_ns<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<u64> {
+    let mut ns: Vec<u64> = events.into_iter().map(n_of).collect();
+    ns.sort_unstable();
+    ns
 }
 
 fn n_of(event: &Event) -> u64 {
@@ -348,8 +361,7 @@ async fn nothing_a_sink_did_not_accept_is_committed_and_the_next_member_reads_it
     .await;
     wait_for("events in the sink", 200, || events(&out).len()).await;
     server.shutdown().await.expect("a graceful stop");
-    let mut ns: Vec<u64> = events(&out).iter().map(n_of).collect();
-    ns.sort_unstable();
+    let ns = sorted_ns(&events(&out));
     assert_eq!(ns, (0..200).collect::<Vec<_>>());
     assert_eq!(
         committed(&broker.addr(), "group", "pending", 2),
@@ -403,12 +415,7 @@ async fn two_members_share_the_partitions_across_rebalances_and_lose_nothing() {
     wait_for("the third chunk", want, total).await;
     router_b.shutdown().await.expect("a graceful stop");
 
-    let mut ns: Vec<u64> = events(&out_a)
-        .iter()
-        .chain(events(&out_b).iter())
-        .map(n_of)
-        .collect();
-    ns.sort_unstable();
+    let mut ns = sorted_ns(events(&out_a).iter().chain(&events(&out_b)));
     let read = ns.len();
     ns.dedup();
     assert_eq!(
@@ -467,11 +474,7 @@ async fn three_members_one_killed_and_restarted_lose_no_record() {
             &file_sink(&dir.join(out)),
         )
     };
-    let write = |dir: &Path, out: &str| {
-        let path = dir.join("weir.toml");
-        std::fs::write(&path, config(dir, out)).expect("config written");
-        path
-    };
+    let write = |dir: &Path, out: &str| write_config(dir, &config(dir, out));
     let mut routers = Vec::new();
     for dir in &dirs {
         routers.push(WeirServe::start(&write(dir.path(), "out.jsonl")).await);
@@ -486,8 +489,7 @@ async fn three_members_one_killed_and_restarted_lose_no_record() {
         all
     };
     let distinct = |dirs: &[tempfile::TempDir]| {
-        let mut ns: Vec<u64> = outputs(dirs).iter().map(n_of).collect();
-        ns.sort_unstable();
+        let mut ns = sorted_ns(&outputs(dirs));
         ns.dedup();
         ns.len()
     };
@@ -520,8 +522,7 @@ async fn three_members_one_killed_and_restarted_lose_no_record() {
         router.stop().await;
     }
     let all = outputs(&dirs);
-    let mut ns: Vec<u64> = all.iter().map(n_of).collect();
-    ns.sort_unstable();
+    let mut ns = sorted_ns(&all);
     let read = ns.len() as u64;
     ns.dedup();
     assert_eq!(ns, (0..RECORDS).collect::<Vec<_>>(), "a record missing");
@@ -541,12 +542,10 @@ async fn a_broker_down_at_the_start_is_waited_for_and_then_read_in_full() {
     let port = kafka::free_port();
     let brokers = format!("127.0.0.1:{port}");
     let out = dir.path().join("out.jsonl");
-    let path = dir.path().join("weir.toml");
-    std::fs::write(
-        &path,
-        config_text(dir.path(), &brokers, "late", "waiting", &file_sink(&out)),
-    )
-    .expect("config written");
+    let path = write_config(
+        dir.path(),
+        &config_text(dir.path(), &brokers, "late", "waiting", &file_sink(&out)),
+    );
     // The router starts with nothing listening on the brokers' port, and says so.
     let router = WeirServe::start_logging(&path, "warn").await;
     let complaint = router
@@ -560,8 +559,7 @@ async fn a_broker_down_at_the_start_is_waited_for_and_then_read_in_full() {
     produce(&broker.addr(), "late", &records).await;
     wait_for("events in the sink", 300, || events(&out).len()).await;
     router.stop().await;
-    let mut ns: Vec<u64> = events(&out).iter().map(n_of).collect();
-    ns.sort_unstable();
+    let ns = sorted_ns(&events(&out));
     assert_eq!(ns, (0..300).collect::<Vec<_>>());
     assert_eq!(
         committed(&broker.addr(), "waiting", "late", 2),
@@ -574,18 +572,16 @@ async fn an_unknown_topic_is_reported_and_read_once_it_exists() {
     let broker = Broker::start();
     let dir = tempfile::tempdir().expect("a temp dir");
     let out = dir.path().join("out.jsonl");
-    let path = dir.path().join("weir.toml");
-    std::fs::write(
-        &path,
-        config_text(
+    let path = write_config(
+        dir.path(),
+        &config_text(
             dir.path(),
             &broker.addr(),
             "later",
             "later",
             &file_sink(&out),
         ),
-    )
-    .expect("config written");
+    );
     // The consumer asks for no topic to be created (librdkafka's default for consumers).
     let router = WeirServe::start_logging(&path, "warn").await;
     let complaint = router
@@ -600,8 +596,7 @@ async fn an_unknown_topic_is_reported_and_read_once_it_exists() {
     produce(&broker.addr(), "later", &records).await;
     wait_for("events in the sink", 200, || events(&out).len()).await;
     router.stop().await;
-    let mut ns: Vec<u64> = events(&out).iter().map(n_of).collect();
-    ns.sort_unstable();
+    let ns = sorted_ns(&events(&out));
     assert_eq!(ns, (0..200).collect::<Vec<_>>());
 }
 
@@ -612,12 +607,10 @@ async fn a_broker_killed_mid_stream_is_waited_for_and_no_record_is_lost() {
     let brokers = broker.addr();
     create_topic(&brokers, "midway", 2).await;
     let out = dir.path().join("out.jsonl");
-    let path = dir.path().join("weir.toml");
-    std::fs::write(
-        &path,
-        config_text(dir.path(), &brokers, "midway", "midway", &file_sink(&out)),
-    )
-    .expect("config written");
+    let path = write_config(
+        dir.path(),
+        &config_text(dir.path(), &brokers, "midway", "midway", &file_sink(&out)),
+    );
     let router = WeirServe::start_logging(&path, "warn").await;
     // Times of now: the restarted broker applies its retention (a week) to what it finds.
     let now = now_ms();
@@ -779,8 +772,7 @@ async fn a_reload_that_restarts_the_pipeline_keeps_the_source_feeding_it() {
     );
 
     server.shutdown().await.expect("a graceful stop");
-    let mut ns: Vec<u64> = events(&out).iter().map(n_of).collect();
-    ns.sort_unstable();
+    let ns = sorted_ns(&events(&out));
     assert_eq!(ns, (0..1000).collect::<Vec<_>>(), "every record once");
 }
 
@@ -844,12 +836,7 @@ async fn a_source_paused_by_a_full_pipeline_resumes_after_a_rebalance() {
     .await
     .expect("the receiver starts");
     let distinct = || {
-        let mut ns: Vec<u64> = events(&received)
-            .iter()
-            .chain(events(&out_b).iter())
-            .map(n_of)
-            .collect();
-        ns.sort_unstable();
+        let mut ns = sorted_ns(events(&received).iter().chain(&events(&out_b)));
         ns.dedup();
         ns.len()
     };
@@ -902,12 +889,10 @@ async fn a_checkpointed_aggregate_killed_with_9_counts_every_record_once() {
     let broker = Broker::start();
     let dir = tempfile::tempdir().expect("a temp dir");
     create_topic(&broker.addr(), "amounts", 1).await;
-    let path = dir.path().join("weir.toml");
-    std::fs::write(
-        &path,
-        aggregate_config(dir.path(), &broker.addr(), "amounts"),
-    )
-    .expect("config written");
+    let path = write_config(
+        dir.path(),
+        &aggregate_config(dir.path(), &broker.addr(), "amounts"),
+    );
     let windows = dir.path().join("windows.jsonl");
 
     let mut router = WeirServe::start(&path).await;
@@ -1010,9 +995,7 @@ async fn three_members_with_fixed_instance_ids_one_killed_give_the_window_result
                     ),
                 )
                 .replace("tumbling:1s", "tumbling:1s,lateness:1h");
-            let path = dir.path().join("weir.toml");
-            std::fs::write(&path, text).expect("config written");
-            path
+            write_config(dir.path(), &text)
         })
         .collect();
     let mut routers = Vec::new();

@@ -1,7 +1,8 @@
 //! `weir bench --workers`: one pipeline on 1 worker against the same pipeline on 2, measured in
 //! one run, in-process. The pipeline is the plugin-heavy chain geo-enrich + count-sum (per key,
-//! one-minute tumbling windows); its batches are handed straight to the pipeline's input with a
-//! completion each, as a source does, so the figure is the pipeline's and not the network's.
+//! one-minute tumbling windows), in routers on loopback; its batches are handed straight to the
+//! pipeline's input ([`Server::input`]) with a completion each, as a source does, so the figure
+//! is the pipeline's and not the network's.
 //!
 //! 1. **Results**: the same workload goes through a 1-worker and a 2-worker pipeline, each
 //!    with a file sink; both stop (their open windows finished) and the window results must be
@@ -11,19 +12,15 @@
 //!    no event is late) and ends when every batch completed. The figure is the median of the
 //!    per-round ratios.
 
+use super::loopback;
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use weir::admin::registry::Registry;
-use weir::checkpoint::Checkpoints;
-use weir::config::Config;
-use weir::metrics::Metrics;
-use weir::pipeline::tap::Taps;
 use weir::pipeline::{Completion, Input, PipelineInput};
+use weir::server::Server;
 use weir::sinks::SharedBatch;
-use weir::topology::Topology;
 use weir::workload::WorkloadSpec;
 
 /// Arguments of `weir bench --workers`.
@@ -70,46 +67,14 @@ window = "tumbling:60s"
     )
 }
 
-/// A pipeline running in-process: its topology and what stops it.
-struct Running {
-    topology: Topology,
-    checkpoints: Arc<Checkpoints>,
-}
-
-impl Running {
-    fn start(dir: &Path, text: &str) -> Result<Running> {
-        let config = Config::parse(text, dir.join("bench.toml"))?;
-        let metrics = Metrics::new();
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
-        let registry = Registry::open(&config.data_dir)?;
-        let checkpoints = Checkpoints::open(&config.data_dir)?;
-        let taps = Arc::new(Taps::default());
-        let topology =
-            Topology::build(&config, &metrics, &registry, &checkpoints, &taps)?.start()?;
-        Ok(Running {
-            topology,
-            checkpoints,
-        })
-    }
-
-    fn input(&self) -> Result<PipelineInput> {
-        match self.topology.pipelines() {
-            [pipeline] => Ok(pipeline.input()),
-            _ => bail!("the bench config holds one pipeline"),
-        }
-    }
-
-    /// Stops the pipeline (open windows finished) and its sinks; a problem is an error.
-    async fn stop(self) -> Result<()> {
-        let mut problems = self.topology.stop_pipelines().await;
-        problems.extend(self.topology.stop_sinks().await);
-        self.checkpoints.close();
-        if !problems.is_empty() {
-            bail!("the pipeline reported problems: {problems:?}");
-        }
-        Ok(())
-    }
+/// A router on loopback from `text`, and the input of its pipeline `p`.
+async fn start(dir: &Path, text: &str) -> Result<(Server, PipelineInput)> {
+    let (server, _) = loopback::start(dir, text).await?;
+    let input = server
+        .input("p")
+        .await
+        .context("the bench config names pipeline `p`")?;
+    Ok((server, input))
 }
 
 /// The workload of round `round`: its event time starts after the previous round's ends.
@@ -171,9 +136,10 @@ async fn results(dir: &Path, args: &WorkersBenchArgs, workers: usize) -> Result<
     let dir = dir.join(format!("results-{workers}"));
     let out = dir.join("out.jsonl");
     let sink = format!("type = \"file\"\npath = \"{}\"", out.display());
-    let running = Running::start(&dir, &config_text(&dir.join("data"), workers, &sink))?;
-    feed(&running.input()?, &workload(args, 0)?).await?;
-    running.stop().await?;
+    let (server, input) = start(&dir, &config_text(&dir.join("data"), workers, &sink)).await?;
+    feed(&input, &workload(args, 0)?).await?;
+    drop(input);
+    loopback::stop(server).await?;
     let text =
         std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
@@ -214,16 +180,16 @@ async fn run_async(args: &WorkersBenchArgs) -> Result<()> {
     for workers in [1, 2] {
         let dir = dir.path().join(format!("throughput-{workers}"));
         let text = config_text(&dir.join("data"), workers, "type = \"null\"");
-        pipelines.push(Running::start(&dir, &text)?);
+        pipelines.push(start(&dir, &text).await?);
     }
     let mut ratios = Vec::new();
     let mut round = 1;
     for r in 0..args.rounds.max(1) {
         let mut rates = [0.0; 2];
-        for (i, running) in pipelines.iter().enumerate() {
+        for (i, (_, input)) in pipelines.iter().enumerate() {
             let batches = workload(args, round)?;
             round += 1;
-            let elapsed = feed(&running.input()?, &batches).await?;
+            let elapsed = feed(input, &batches).await?;
             rates[i] = args.events as f64 / elapsed.as_secs_f64();
         }
         let ratio = rates[1] / rates[0];
@@ -235,8 +201,9 @@ async fn run_async(args: &WorkersBenchArgs) -> Result<()> {
         );
         ratios.push(ratio);
     }
-    for running in pipelines {
-        running.stop().await?;
+    for (server, input) in pipelines {
+        drop(input);
+        loopback::stop(server).await?;
     }
     ratios.sort_by(f64::total_cmp);
     let median = ratios[ratios.len() / 2];

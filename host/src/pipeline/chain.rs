@@ -213,6 +213,8 @@ pub struct Chain {
     tap: Option<Arc<PipelineTap>>,
     /// Which worker of how many runs it, in a pipeline split by key.
     lane: Option<(usize, usize)>,
+    /// Its first aggregate stage (a swap never changes a stage's kind).
+    first_aggregate: Option<usize>,
 }
 
 /// What [`Chain::swap`] does when an aggregate's new version declares another state layout
@@ -376,13 +378,22 @@ impl Chain {
     pub fn new(stages: Vec<Stage>) -> Self {
         let probation = stages.iter().map(|_| None).collect();
         let draining = stages.iter().map(|_| None).collect();
+        let first_aggregate = stages
+            .iter()
+            .position(|s| s.plugin().kind() == PluginKind::Aggregate);
         Chain {
             stages,
             probation,
             draining,
             tap: None,
             lane: None,
+            first_aggregate,
         }
+    }
+
+    /// Its first aggregate stage, if it has one.
+    pub fn first_aggregate(&self) -> Option<usize> {
+        self.first_aggregate
     }
 
     /// The chain runs on worker `lane` of `lanes` of a pipeline split by key: an aggregate
@@ -406,20 +417,10 @@ impl Chain {
     /// accumulators is refused, or, with [`StateChange::Drain`], swapped in beside the previous
     /// one, which finishes the windows it opened. Either way a version with another layout is
     /// not on probation: the previous version could not take over windows it cannot read.
+    ///
+    /// The probation is `shared` with the pipeline's other workers (see the module docs); a
+    /// probation another worker already ended is ended here first.
     pub fn swap(
-        &mut self,
-        index: usize,
-        replacement: Stage,
-        probation: u64,
-        on_change: StateChange,
-    ) -> Result<Option<Stage>, Box<SwapRefused>> {
-        let shared = Arc::default();
-        self.swap_shared(index, replacement, probation, &shared, on_change)
-    }
-
-    /// [`Chain::swap`] on one of a pipeline's workers: its probation is `shared` with the
-    /// other workers'. A probation another worker already ended is ended here first.
-    pub fn swap_shared(
         &mut self,
         index: usize,
         mut replacement: Stage,
@@ -641,10 +642,6 @@ impl Chain {
         first: First<'_, '_>,
         batch_ms: Option<i64>,
     ) -> Result<ChainOutput, Box<ChainError>> {
-        let aggregate = self
-            .stages
-            .iter()
-            .position(|s| s.plugin().kind() == PluginKind::Aggregate);
         let first_stage = stage.min(self.stages.len());
         let mut output = ChainOutput::new();
         let slots = Slots {
@@ -653,7 +650,7 @@ impl Chain {
             draining: &mut self.draining[first_stage..],
             tap: self.tap.as_deref().filter(|t| t.is_read()),
             lane: self.lane,
-            batch_ms: aggregate.map(|index| (index, batch_ms)),
+            batch_ms: self.first_aggregate.map(|index| (index, batch_ms)),
         };
         match run(slots, first_stage, first, &mut output) {
             Ok(events) => {
@@ -1344,7 +1341,7 @@ mod tests {
         let version = new.plugin().version().to_owned();
         assert!(
             chain
-                .swap(1, new, 2, StateChange::Refuse)
+                .swap(1, new, 2, &Arc::default(), StateChange::Refuse)
                 .expect("swapped")
                 .is_none()
         );
@@ -1397,7 +1394,7 @@ mod tests {
         let version = new.plugin().version().to_owned();
         assert!(
             chain
-                .swap(0, new, 2, StateChange::Refuse)
+                .swap(0, new, 2, &Arc::default(), StateChange::Refuse)
                 .expect("swapped")
                 .is_none()
         );
@@ -1433,6 +1430,7 @@ mod tests {
                     0,
                     stage(&runtime, plugins::DROP_BOTS),
                     1,
+                    &Arc::default(),
                     StateChange::Refuse
                 )
                 .expect("swapped")
@@ -1458,7 +1456,7 @@ mod tests {
         let new_version = new.plugin().version().to_owned();
         assert!(
             chain
-                .swap(0, new, 10, StateChange::Refuse)
+                .swap(0, new, 10, &Arc::default(), StateChange::Refuse)
                 .expect("swapped")
                 .is_none()
         );
@@ -1502,7 +1500,7 @@ mod tests {
         let new = stage(&runtime, plugins::PANIC_ON_MARK);
         assert!(
             chain
-                .swap(0, new, 3, StateChange::Refuse)
+                .swap(0, new, 3, &Arc::default(), StateChange::Refuse)
                 .expect("swapped")
                 .is_none()
         );
@@ -1526,7 +1524,7 @@ mod tests {
         let new = stage(&runtime, plugins::BAD_FINISH);
         assert!(
             chain
-                .swap(0, new, 5, StateChange::Refuse)
+                .swap(0, new, 5, &Arc::default(), StateChange::Refuse)
                 .expect("swapped")
                 .is_none()
         );
@@ -1547,6 +1545,7 @@ mod tests {
                 0,
                 stage(&runtime, plugins::COUNT_SUM),
                 0,
+                &Arc::default(),
                 StateChange::Refuse,
             )
             .expect_err("an aggregate for a filter stage");
@@ -1566,6 +1565,7 @@ mod tests {
                     0,
                     stage(&runtime, plugins::DROP_BOTS),
                     4,
+                    &Arc::default(),
                     StateChange::Refuse
                 )
                 .expect("ok")
@@ -1576,6 +1576,7 @@ mod tests {
                 0,
                 stage(&runtime, plugins::IDENTITY),
                 0,
+                &Arc::default(),
                 StateChange::Refuse,
             )
             .expect_err("on probation");
@@ -1591,6 +1592,7 @@ mod tests {
                 9,
                 stage(&runtime, plugins::IDENTITY),
                 0,
+                &Arc::default(),
                 StateChange::Refuse,
             )
             .expect_err("no such stage");
@@ -1658,7 +1660,7 @@ mod tests {
         );
         assert!(
             chain
-                .swap(0, b, 0, StateChange::Refuse)
+                .swap(0, b, 0, &Arc::default(), StateChange::Refuse)
                 .expect("swapped")
                 .is_some()
         );
@@ -1682,7 +1684,7 @@ mod tests {
             "{a} {w}"
         );
         let refused = chain
-            .swap(0, wide, 5, StateChange::Refuse)
+            .swap(0, wide, 5, &Arc::default(), StateChange::Refuse)
             .expect_err("another layout");
         assert!(
             refused.message.contains(&format!(
@@ -1695,7 +1697,13 @@ mod tests {
         // never read what the new one writes.
         let mut fresh = Chain::new(vec![stage(&runtime, plugins::TALLY_A)]);
         let previous = fresh
-            .swap(0, refused.replacement, 5, StateChange::Refuse)
+            .swap(
+                0,
+                refused.replacement,
+                5,
+                &Arc::default(),
+                StateChange::Refuse,
+            )
             .expect("swapped");
         assert!(previous.is_some(), "the previous version is not kept");
         assert_eq!(fresh.probation(0), None);
@@ -1709,7 +1717,7 @@ mod tests {
         let wide = stage(&runtime, plugins::TALLY_WIDE);
         assert!(
             chain
-                .swap(0, wide, 5, StateChange::Drain)
+                .swap(0, wide, 5, &Arc::default(), StateChange::Drain)
                 .expect("swapped")
                 .is_none()
         );
@@ -1743,7 +1751,7 @@ mod tests {
             .map(|_| {
                 let mut chain = Chain::new(vec![stage(runtime, plugins::IDENTITY)]);
                 let new = stage(runtime, plugins::PANIC_ON_MARK);
-                let swapped = chain.swap_shared(0, new, batches, shared, StateChange::Refuse);
+                let swapped = chain.swap(0, new, batches, shared, StateChange::Refuse);
                 assert!(swapped.expect("swapped").is_none(), "on probation");
                 chain
             })
@@ -1808,7 +1816,7 @@ mod tests {
         );
         // A worker that never took a batch of it ends the probation at its next swap.
         let mut idle = Chain::new(vec![stage(&runtime, plugins::IDENTITY)]);
-        idle.swap_shared(
+        idle.swap(
             0,
             stage(&runtime, plugins::PANIC_ON_MARK),
             5,
@@ -1818,7 +1826,8 @@ mod tests {
         .expect("swapped");
         let again = stage(&runtime, plugins::DROP_BOTS);
         assert!(
-            idle.swap(0, again, 0, StateChange::Refuse).is_ok(),
+            idle.swap(0, again, 0, &Arc::default(), StateChange::Refuse)
+                .is_ok(),
             "no longer on probation"
         );
     }

@@ -278,11 +278,7 @@ impl Pipeline {
             });
         }
         let workers = setup.chains.len().max(1);
-        let partition = if setup.chains.iter().any(|c| {
-            c.stages()
-                .iter()
-                .any(|s| s.plugin().kind() == PluginKind::Aggregate)
-        }) {
+        let partition = if setup.chains.iter().any(|c| c.first_aggregate().is_some()) {
             Partition::Key
         } else {
             Partition::Stream
@@ -668,7 +664,7 @@ impl Worker {
         let waiting = !self.input.is_empty();
         let result = self
             .chain
-            .swap_shared(stage, replacement, probation, &shared, on_change);
+            .swap(stage, replacement, probation, &shared, on_change);
         let from = match (waiting, self.last_batch_end) {
             (true, Some(end)) => end.min(started),
             _ => started,

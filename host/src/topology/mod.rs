@@ -368,32 +368,34 @@ impl RunningPipeline {
     }
 }
 
-/// The share of a checkpoint's windows that worker `lane` of `lanes` owns (their key's), for
-/// every stage; positions are the pipeline's business, not a worker's.
-fn lane_share(restored: &Restored, lane: usize, lanes: usize) -> Restored {
-    let own = |state: &RestoredState| RestoredState {
-        meta: state.meta.clone(),
-        windows: state
-            .windows
-            .iter()
-            .filter(|(id, _)| lane_of(id.key.as_deref(), lanes) == lane)
-            .cloned()
-            .collect(),
-    };
-    Restored {
-        stages: restored
-            .stages
-            .iter()
-            .map(|(name, stage)| {
-                let share = RestoredStage {
-                    current: own(&stage.current),
-                    draining: stage.draining.as_ref().map(own),
-                };
-                (name.clone(), share)
+/// A checkpoint's windows shared out among `lanes` workers, each its keys', in one pass; the
+/// positions are the pipeline's business, not a worker's.
+fn lane_shares(stages: BTreeMap<String, RestoredStage>, lanes: usize) -> Vec<Restored> {
+    let mut shares: Vec<Restored> = (0..lanes).map(|_| Restored::default()).collect();
+    let split = |state: RestoredState| {
+        let mut parts: Vec<RestoredState> = (0..lanes)
+            .map(|_| RestoredState {
+                meta: state.meta.clone(),
+                windows: Vec::new(),
             })
-            .collect(),
-        positions: Vec::new(),
+            .collect();
+        for (id, acc) in state.windows {
+            parts[lane_of(id.key.as_deref(), lanes)]
+                .windows
+                .push((id, acc));
+        }
+        parts
+    };
+    for (name, stage) in stages {
+        let mut draining = stage.draining.map(|d| split(d).into_iter());
+        for (share, current) in shares.iter_mut().zip(split(stage.current)) {
+            let draining = draining.as_mut().and_then(Iterator::next);
+            share
+                .stages
+                .insert(name.clone(), RestoredStage { current, draining });
+        }
     }
+    shares
 }
 
 /// Another worker's instances of `stages`: the same plugin versions, each initialized with its
@@ -442,12 +444,24 @@ impl PipelineBuilder<'_> {
             Resume::Checkpoint if aggregate => {
                 let restored = self.checkpoints.restore(name)?;
                 let empty = restored == Restored::default();
-                let producers = restored.positions.len();
+                let Restored {
+                    stages: saved,
+                    positions: rows,
+                } = restored;
+                let producers = rows.len();
+                // Messages count the windows of every worker, not one worker's share.
+                let held: BTreeMap<String, (usize, usize)> = saved
+                    .iter()
+                    .map(|(stage, s)| {
+                        let draining = s.draining.as_ref().map_or(0, |d| d.windows.len());
+                        (stage.clone(), (s.current.windows.len(), draining))
+                    })
+                    .collect();
                 let mut windows = 0;
-                for (lane, stages) in lanes.iter_mut().enumerate() {
-                    let share = lane_share(&restored, lane, workers);
-                    let (old, restored) = self.restore(stages, &targets, share, &restored)?;
-                    draining[lane] = old;
+                let shares = lane_shares(saved, workers);
+                for ((stages, share), old) in lanes.iter_mut().zip(shares).zip(&mut draining) {
+                    let (previous, restored) = self.restore(stages, &targets, share, &held)?;
+                    *old = previous;
                     windows += restored;
                 }
                 if windows > 0 || producers > 0 {
@@ -457,7 +471,7 @@ impl PipelineBuilder<'_> {
                 }
                 let handle = self.checkpoints.pipeline(name);
                 if checkpointed {
-                    (positions, resumed) = Resumed::from_checkpoint(restored.positions);
+                    (positions, resumed) = Resumed::from_checkpoint(rows);
                     Some(handle)
                 } else {
                     if !empty {
@@ -513,22 +527,20 @@ impl PipelineBuilder<'_> {
     /// returns the previous versions that were finishing their windows after a layout change,
     /// to go back beside them. What a stage's serving version cannot read, and windows of a
     /// stage the config no longer has, are errors saying what to do: never a silent reset.
+    /// `restored` is one worker's share; `counts`, the pipeline's windows per stage (serving,
+    /// draining), for the messages.
     fn restore(
         &mut self,
         stages: &mut [Stage],
         targets: &[StageTarget],
         mut restored: Restored,
-        whole: &Restored,
+        counts: &BTreeMap<String, (usize, usize)>,
     ) -> Result<(Vec<(usize, Stage)>, usize)> {
-        // Messages count the windows of every worker, not this one's share.
+        // The pipeline's windows of a stage: (serving, draining).
         let held = |stage: &str, draining: bool| {
-            whole.stages.get(stage).map_or(0, |s| {
-                if draining {
-                    s.draining.as_ref().map_or(0, |d| d.windows.len())
-                } else {
-                    s.current.windows.len()
-                }
-            })
+            counts
+                .get(stage)
+                .map_or(0, |(current, old)| if draining { *old } else { *current })
         };
         let name = &self.pipeline.name;
         let path = self.checkpoints.path().display().to_string();
