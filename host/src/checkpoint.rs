@@ -51,6 +51,11 @@ type WindowKey<'a> = (&'a str, &'a str, i64, i64, Option<&'a [u8]>);
 const WINDOWS: TableDefinition<WindowKey<'static>, (&str, &[u8])> = TableDefinition::new("windows");
 /// (pipeline, stage, role: 0 serving, 1 draining) → [`StageMeta`] (postcard).
 const STAGES: TableDefinition<(&str, &str, u8), &[u8]> = TableDefinition::new("stages");
+/// (pipeline, stage, role, workers, worker) → that worker's event time: workers of one
+/// pipeline reach each batch's event time one after the other, and a worker restarts from its
+/// own (see [`RestoredState::event_time`]).
+const EVENT_TIMES: TableDefinition<(&str, &str, u8, u32, u32), i64> =
+    TableDefinition::new("event_times");
 /// (pipeline, position key) → where that source resumes.
 const POSITIONS: TableDefinition<(&str, &str), u64> = TableDefinition::new("positions");
 /// "format" → [`FORMAT`].
@@ -63,17 +68,34 @@ pub struct StageMeta {
     pub version: String,
     /// The layout id of its accumulators.
     pub layout: Option<String>,
-    /// Its event time.
+    /// Its event time, in a file written before each worker's was kept apart
+    /// ([`EVENT_TIMES`]); `None` in files written since.
     pub max_event_ms: Option<i64>,
 }
 
 /// One version's windows as a checkpoint holds them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestoredState {
-    /// The version, its layout and event time.
+    /// The version, its layout and (in an older file) event time.
     pub meta: StageMeta,
+    /// Each worker's event time, by (workers, worker).
+    pub event_times: BTreeMap<(usize, usize), i64>,
     /// Its open windows and their accumulators.
     pub windows: Vec<(WindowId, Vec<u8>)>,
+}
+
+impl RestoredState {
+    /// The event time worker `lane` of `lanes` restarts from: its own, when the pipeline ran
+    /// on as many workers; otherwise the least any worker reached (its keys were some other
+    /// workers', and an event none of them judged late yet is not late); in a file written
+    /// before workers kept theirs apart, the stage's.
+    pub fn event_time(&self, lane: usize, lanes: usize) -> Option<i64> {
+        self.event_times
+            .get(&(lanes, lane))
+            .or_else(|| self.event_times.values().min())
+            .copied()
+            .or(self.meta.max_event_ms)
+    }
 }
 
 /// One aggregate stage as a checkpoint holds it.
@@ -243,6 +265,9 @@ impl Checkpoints {
             }
             txn.open_table(WINDOWS).map_err(|e| unreadable(&path, e))?;
             txn.open_table(STAGES).map_err(|e| unreadable(&path, e))?;
+            // A file written before workers kept their event times apart gets the table.
+            txn.open_table(EVENT_TIMES)
+                .map_err(|e| unreadable(&path, e))?;
             txn.open_table(POSITIONS)
                 .map_err(|e| unreadable(&path, e))?;
         }
@@ -295,9 +320,28 @@ impl Checkpoints {
             metas.insert((stage.to_owned(), role), meta);
         }
         let mut restored = Restored::default();
+        let mut times: BTreeMap<(String, u8), BTreeMap<(usize, usize), i64>> = BTreeMap::new();
+        let event_times = txn
+            .open_table(EVENT_TIMES)
+            .map_err(|e| unreadable(path, e))?;
+        for row in event_times
+            .range((pipeline, "", 0u8, 0u32, 0u32)..)
+            .map_err(|e| unreadable(path, e))?
+        {
+            let (key, value) = row.map_err(|e| unreadable(path, e))?;
+            let (p, stage, role, lanes, lane) = key.value();
+            if p != pipeline {
+                break;
+            }
+            times
+                .entry((stage.to_owned(), role))
+                .or_default()
+                .insert((lanes as usize, lane as usize), value.value());
+        }
         for ((stage, role), meta) in &metas {
             let state = RestoredState {
                 meta: meta.clone(),
+                event_times: times.remove(&(stage.clone(), *role)).unwrap_or_default(),
                 windows: Vec::new(),
             };
             let entry = restored
@@ -565,7 +609,10 @@ impl Writer {
         let txn = self.db.begin_write()?;
         {
             let mut windows = txn.open_table(WINDOWS)?;
-            let mut stages = txn.open_table(STAGES)?;
+            let mut stages = Stages {
+                metas: txn.open_table(STAGES)?,
+                times: txn.open_table(EVENT_TIMES)?,
+            };
             let mut positions = txn.open_table(POSITIONS)?;
             let draining = rounds
                 .iter()
@@ -605,16 +652,16 @@ fn write_round(
     let p: &str = &round.pipeline;
     for change in &round.changes {
         let stage = change.name.as_str();
-        put_meta(stages, p, stage, 0, &change.current)?;
+        stages.put(p, stage, 0, change.lane, &change.current)?;
         put_windows(windows, p, stage, &change.current)?;
         match &change.draining {
             Some(draining) => {
-                put_meta(stages, p, stage, 1, draining)?;
+                stages.put(p, stage, 1, change.lane, draining)?;
                 put_windows(windows, p, stage, draining)?;
             }
             // Other workers may still be finishing theirs: each window they finish goes as
             // it finishes.
-            None if change.shared => {}
+            None if change.shared() => {}
             None => end_draining(windows, stages, p, stage)?,
         }
     }
@@ -625,8 +672,8 @@ fn write_round(
 /// draining version): a window folded in many of them is written once, in the table's order.
 #[derive(Default)]
 struct Latest<'r> {
-    /// Per stage: its serving version's changes, and whether other workers share its state.
-    stages: BTreeMap<(&'r str, &'r str), (&'r RoleChanges, bool)>,
+    /// Per stage and worker: its serving version's changes.
+    stages: BTreeMap<(&'r str, &'r str, (usize, usize)), &'r RoleChanges>,
     windows: BTreeMap<WindowKey<'r>, (&'r str, Option<&'r [u8]>)>,
 }
 
@@ -637,7 +684,7 @@ impl<'r> Latest<'r> {
             for change in &round.changes {
                 let (p, stage) = (&*round.pipeline, change.name.as_str());
                 let current = &change.current;
-                latest.stages.insert((p, stage), (current, change.shared));
+                latest.stages.insert((p, stage, change.lane), current);
                 let layout = current.layout.as_deref().unwrap_or("");
                 for (window, acc) in &current.windows {
                     latest
@@ -650,8 +697,8 @@ impl<'r> Latest<'r> {
     }
 
     fn write(self, windows: &mut Windows<'_>, stages: &mut Stages<'_>) -> Result<(), redb::Error> {
-        for ((p, stage), (current, _)) in &self.stages {
-            put_meta(stages, p, stage, 0, current)?;
+        for ((p, stage, lane), current) in &self.stages {
+            stages.put(p, stage, 0, *lane, current)?;
         }
         for (key, (layout, acc)) in self.windows {
             match acc {
@@ -663,7 +710,9 @@ impl<'r> Latest<'r> {
                 }
             }
         }
-        for ((p, stage), _) in self.stages.iter().filter(|(_, (_, shared))| !shared) {
+        // With other workers sharing its state, a stage's previous version ends window by
+        // window.
+        for (p, stage, _) in self.stages.keys().filter(|(_, _, (_, lanes))| *lanes == 1) {
             end_draining(windows, stages, p, stage)?;
         }
         Ok(())
@@ -696,25 +745,64 @@ fn uncommitted(round: RoundMessage, ended: Ended) {
 }
 
 type Windows<'t> = redb::Table<'t, WindowKey<'static>, (&'static str, &'static [u8])>;
-type Stages<'t> = redb::Table<'t, (&'static str, &'static str, u8), &'static [u8]>;
+/// The stages' records: each version's, and each worker's event time.
+struct Stages<'t> {
+    metas: redb::Table<'t, (&'static str, &'static str, u8), &'static [u8]>,
+    times: redb::Table<'t, (&'static str, &'static str, u8, u32, u32), i64>,
+}
 
-/// Writes one version's record.
-fn put_meta(
-    stages: &mut Stages<'_>,
-    pipeline: &str,
-    stage: &str,
-    role: u8,
-    changes: &RoleChanges,
-) -> Result<(), redb::Error> {
-    let meta = StageMeta {
-        version: changes.version.clone(),
-        layout: changes.layout.clone(),
-        max_event_ms: changes.max_event_ms,
-    };
-    // Serializing plain owned data into a Vec cannot fail.
-    let bytes = postcard::to_allocvec(&meta).unwrap_or_default();
-    stages.insert((pipeline, stage, role), bytes.as_slice())?;
-    Ok(())
+impl Stages<'_> {
+    /// Writes one version's record and worker `lane.0` of `lane.1`'s event time.
+    fn put(
+        &mut self,
+        pipeline: &str,
+        stage: &str,
+        role: u8,
+        (lane, lanes): (usize, usize),
+        changes: &RoleChanges,
+    ) -> Result<(), redb::Error> {
+        let meta = StageMeta {
+            version: changes.version.clone(),
+            layout: changes.layout.clone(),
+            max_event_ms: None,
+        };
+        // Serializing plain owned data into a Vec cannot fail.
+        let bytes = postcard::to_allocvec(&meta).unwrap_or_default();
+        self.metas
+            .insert((pipeline, stage, role), bytes.as_slice())?;
+        if let Some(ms) = changes.max_event_ms {
+            // Worker counts are at most MAX_WORKERS.
+            let at = (pipeline, stage, role, lanes as u32, lane as u32);
+            self.times.insert(at, ms)?;
+        }
+        Ok(())
+    }
+
+    /// Removes one version's record and its workers' event times.
+    fn remove(
+        &mut self,
+        pipeline: &str,
+        stage: &str,
+        role: u8,
+    ) -> Result<Option<StageMeta>, redb::Error> {
+        let meta = self
+            .metas
+            .remove((pipeline, stage, role))?
+            .and_then(|m| postcard::from_bytes(m.value()).ok());
+        let mut lanes: Vec<(u32, u32)> = Vec::new();
+        for row in self.times.range((pipeline, stage, role, 0u32, 0u32)..)? {
+            let (key, _) = row?;
+            let (p, s, r, n, w) = key.value();
+            if p != pipeline || s != stage || r != role {
+                break;
+            }
+            lanes.push((n, w));
+        }
+        for (n, w) in lanes {
+            self.times.remove((pipeline, stage, role, n, w))?;
+        }
+        Ok(meta)
+    }
 }
 
 /// Writes one version's changed windows.
@@ -747,11 +835,10 @@ fn end_draining(
     pipeline: &str,
     stage: &str,
 ) -> Result<(), redb::Error> {
-    let Some(meta) = stages.remove((pipeline, stage, 1u8))? else {
+    let Some(meta) = stages.remove(pipeline, stage, 1)? else {
         return Ok(());
     };
-    let meta: Option<StageMeta> = postcard::from_bytes(meta.value()).ok();
-    let layout = meta.and_then(|m| m.layout).unwrap_or_default();
+    let layout = meta.layout.unwrap_or_default();
     let start: WindowKey<'_> = (pipeline, stage, i64::MIN, i64::MIN, None);
     let mut stale: Vec<(i64, i64, Option<Vec<u8>>)> = Vec::new();
     for row in windows.range(start..)? {
@@ -791,7 +878,7 @@ fn delete_pipeline(
         windows.remove((pipeline, s.as_str(), end_ms, start_ms, k.as_deref()))?;
     }
     let mut metas: Vec<(String, u8)> = Vec::new();
-    for row in stages.range((pipeline, "", 0u8)..)? {
+    for row in stages.metas.range((pipeline, "", 0u8)..)? {
         let (key, _) = row?;
         let (p, s, role) = key.value();
         if p != pipeline {
@@ -800,7 +887,7 @@ fn delete_pipeline(
         metas.push((s.to_owned(), role));
     }
     for (s, role) in metas {
-        stages.remove((pipeline, s.as_str(), role))?;
+        stages.remove(pipeline, &s, role)?;
     }
     let mut sources: Vec<String> = Vec::new();
     for row in positions.range((pipeline, "")..)? {

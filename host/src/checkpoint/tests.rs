@@ -19,7 +19,7 @@ fn window(key: &str, start_ms: i64) -> WindowId {
 fn changes(stage: &str, windows: Vec<(WindowId, Option<&str>)>) -> Vec<StateChanges> {
     vec![StateChanges {
         stage: 0,
-        shared: false,
+        lane: (0, 1),
         name: stage.into(),
         current: RoleChanges {
             version: "a".repeat(64),
@@ -103,7 +103,7 @@ fn rounds_are_committed_in_order_and_acked_only_once_committed() {
     assert_eq!(*log.lock().expect("log"), [(0, Ok(())), (1, Ok(()))]);
     let restored = checkpoints.restore("totals").expect("read");
     let sum = &restored.stages["sum"];
-    assert_eq!(sum.current.meta.max_event_ms, Some(1500));
+    assert_eq!(sum.current.event_time(0, 1), Some(1500));
     assert_eq!(sum.current.meta.layout.as_deref(), Some("auto:1"));
     assert_eq!(
         sum.current.windows,
@@ -247,7 +247,7 @@ fn a_worker_with_no_previous_version_leaves_the_other_workers_draining_windows()
     let p = checkpoints.pipeline("totals");
     // Worker 1 finishes an old-layout window; worker 0 never had any.
     let mut one = changes("sum", vec![(window("new", 1000), Some("n"))]);
-    one[0].shared = true;
+    one[0].lane = (1, 2);
     one[0].current.layout = Some("auto:2".into());
     one[0].draining = Some(RoleChanges {
         version: "b".repeat(64),
@@ -257,13 +257,49 @@ fn a_worker_with_no_previous_version_leaves_the_other_workers_draining_windows()
     });
     p.round_done(p.next_round(), one, Vec::new(), Ok(()), Vec::new());
     let mut zero = changes("sum", vec![(window("new2", 1000), Some("m"))]);
-    zero[0].shared = true;
+    zero[0].lane = (0, 2);
     zero[0].current.layout = Some("auto:2".into());
     p.round_done(p.next_round(), zero, Vec::new(), Ok(()), Vec::new());
     sync(&checkpoints);
     let restored = checkpoints.restore("totals").expect("read");
     let old = restored.stages["sum"].draining.as_ref().expect("draining");
     assert_eq!(old.windows, [(window("old", 0), b"o".to_vec())]);
+}
+
+#[test]
+fn each_worker_restarts_from_its_own_event_time_and_other_worker_counts_from_the_least() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let checkpoints = Checkpoints::open(dir.path()).expect("opened");
+    let p = checkpoints.pipeline("totals");
+    // Worker 1 of 2 is a batch ahead of worker 0 when the router stops.
+    for (lane, ms) in [(0, 1500), (1, 2500)] {
+        let mut round = changes("sum", Vec::new());
+        round[0].lane = (lane, 2);
+        round[0].current.max_event_ms = Some(ms);
+        p.round_done(p.next_round(), round, Vec::new(), Ok(()), Vec::new());
+    }
+    sync(&checkpoints);
+    let sum = &checkpoints.restore("totals").expect("read").stages["sum"];
+    assert_eq!(sum.current.event_time(0, 2), Some(1500));
+    assert_eq!(sum.current.event_time(1, 2), Some(2500));
+    // On three workers, or one, no worker judges late what worker 0 had not reached.
+    assert_eq!(sum.current.event_time(2, 3), Some(1500));
+    assert_eq!(sum.current.event_time(0, 1), Some(1500));
+    assert_eq!(sum.current.meta.max_event_ms, None);
+}
+
+#[test]
+fn a_file_written_before_workers_kept_their_event_times_apart_gives_the_stages() {
+    let state = RestoredState {
+        meta: StageMeta {
+            version: "a".repeat(64),
+            layout: None,
+            max_event_ms: Some(700),
+        },
+        event_times: BTreeMap::new(),
+        windows: Vec::new(),
+    };
+    assert_eq!(state.event_time(1, 2), Some(700));
 }
 
 #[test]

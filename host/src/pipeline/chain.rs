@@ -352,9 +352,17 @@ pub struct StateChanges {
     pub current: RoleChanges,
     /// The previous version, finishing the windows it opened before a layout change.
     pub draining: Option<RoleChanges>,
-    /// Whether other workers write the stage's state too (a pipeline split by key): then a
-    /// worker without a previous version says nothing of theirs.
-    pub shared: bool,
+    /// The worker whose state this is, of how many: `(0, 1)` for a pipeline on one worker.
+    /// Each worker's event time is its own (how far it got); with other workers writing the
+    /// stage's state too, a worker without a previous version says nothing of theirs.
+    pub lane: (usize, usize),
+}
+
+impl StateChanges {
+    /// Whether other workers write the stage's state too (a pipeline split by key).
+    pub fn shared(&self) -> bool {
+        self.lane.1 > 1
+    }
 }
 
 /// Why [`Chain::swap`] refused a replacement, and the replacement back.
@@ -558,7 +566,7 @@ impl Chain {
                 name: stage.name().to_owned(),
                 current,
                 draining: draining.as_mut().and_then(role_changes),
-                shared: self.lane.is_some(),
+                lane: self.lane.unwrap_or((0, 1)),
             });
         }
         changes

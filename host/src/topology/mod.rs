@@ -29,7 +29,9 @@ pub use reload::DRAIN;
 
 use crate::admin::deploy::{PipelineTarget, StageTarget};
 use crate::admin::registry::Registry;
-use crate::checkpoint::{Checkpoints, PipelineCheckpoint, Restored, RestoredStage, RestoredState};
+use crate::checkpoint::{
+    Checkpoints, PipelineCheckpoint, Restored, RestoredStage, RestoredState, StageMeta,
+};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::config::{PipelineConfig, PluginSource, StageSpec, dead_letter_file};
@@ -368,14 +370,18 @@ impl RunningPipeline {
     }
 }
 
-/// A checkpoint's windows shared out among `lanes` workers, each its keys', in one pass; the
-/// positions are the pipeline's business, not a worker's.
+/// A checkpoint's windows shared out among `lanes` workers, each its keys' and its event time,
+/// in one pass; the positions are the pipeline's business, not a worker's.
 fn lane_shares(stages: BTreeMap<String, RestoredStage>, lanes: usize) -> Vec<Restored> {
     let mut shares: Vec<Restored> = (0..lanes).map(|_| Restored::default()).collect();
     let split = |state: RestoredState| {
         let mut parts: Vec<RestoredState> = (0..lanes)
-            .map(|_| RestoredState {
-                meta: state.meta.clone(),
+            .map(|lane| RestoredState {
+                meta: StageMeta {
+                    max_event_ms: state.event_time(lane, lanes),
+                    ..state.meta.clone()
+                },
+                event_times: BTreeMap::new(),
                 windows: Vec::new(),
             })
             .collect();
@@ -859,4 +865,53 @@ fn describe_route(sink: &Sink, condition: Option<&Condition>) -> String {
         sink.describe(),
         sink.buffer().when_full.as_str()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::WindowId;
+
+    #[test]
+    fn a_checkpoint_is_shared_out_by_key_and_each_worker_gets_its_own_event_time() {
+        let window = |key: &str| WindowId {
+            key: Some(key.as_bytes().to_vec()),
+            start_ms: 0,
+            end_ms: 1000,
+        };
+        let keys = ["k0", "k1", "k2", "k3", "k4", "k5"];
+        let stage = RestoredStage {
+            current: RestoredState {
+                meta: StageMeta {
+                    version: "a".repeat(64),
+                    layout: None,
+                    max_event_ms: None,
+                },
+                event_times: BTreeMap::from([((2, 0), 900), ((2, 1), 1400)]),
+                windows: keys
+                    .iter()
+                    .map(|k| (window(k), k.as_bytes().to_vec()))
+                    .collect(),
+            },
+            draining: None,
+        };
+        let shares = lane_shares(BTreeMap::from([("sum".to_owned(), stage)]), 2);
+        for (lane, (share, ms)) in shares.iter().zip([900, 1400]).enumerate() {
+            let state = &share.stages["sum"].current;
+            assert_eq!(state.meta.max_event_ms, Some(ms), "worker {lane}");
+            let mine: Vec<&str> = keys
+                .iter()
+                .copied()
+                .filter(|k| lane_of(Some(k.as_bytes()), 2) == lane)
+                .collect();
+            let held: Vec<&str> = state
+                .windows
+                .iter()
+                .map(|(id, _)| {
+                    std::str::from_utf8(id.key.as_deref().unwrap_or_default()).unwrap_or("")
+                })
+                .collect();
+            assert_eq!(held, mine, "worker {lane}");
+        }
+    }
 }
