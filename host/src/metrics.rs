@@ -28,6 +28,7 @@
 //! | `weir_stage_events_out_total` | counter | `pipeline`, `stage` | events the stage passed on |
 //! | `weir_stage_dropped_events_total` | counter | `pipeline`, `stage` | events the stage filtered out |
 //! | `weir_stage_failed_events_total` | counter | `pipeline`, `stage` | events the stage failed on, which were dead-lettered |
+//! | `weir_stage_batches_retried_total` | counter | `pipeline`, `stage` | batches whose call failed as a whole (a trap, the deadline, the memory cap) and that were retried event by event |
 //! | `weir_stage_latency_seconds` | histogram | `pipeline`, `stage` | seconds the stage spent on one batch |
 //! | `weir_stage_swaps_total` | counter | `pipeline`, `stage` | plugin versions swapped in (deploys and rollbacks) |
 //! | `weir_stage_rollbacks_total` | counter | `pipeline`, `stage` | versions rolled back automatically after failing on probation |
@@ -231,6 +232,8 @@ pub struct StageMetrics {
     pub dropped: Counter,
     /// Events the stage failed on, which were dead-lettered.
     pub errors: Counter,
+    /// Batches retried event by event after the call on the whole batch failed.
+    pub retried: Counter,
     /// Seconds the stage spent on one batch.
     pub latency: Histogram,
     /// Plugin versions swapped in.
@@ -305,6 +308,7 @@ struct StageFamilies {
     events_out: Family<StageLabels, Counter>,
     dropped: Family<StageLabels, Counter>,
     errors: Family<StageLabels, Counter>,
+    retried: Family<StageLabels, Counter>,
     latency: HistogramFamily<StageLabels>,
     swaps: Family<StageLabels, Counter>,
     rollbacks: Family<StageLabels, Counter>,
@@ -401,6 +405,7 @@ impl Metrics {
             events_out: Family::default(),
             dropped: Family::default(),
             errors: Family::default(),
+            retried: Family::default(),
             latency: histogram_family(),
             swaps: Family::default(),
             rollbacks: Family::default(),
@@ -429,6 +434,11 @@ impl Metrics {
                 "stage_failed_events",
                 "Events the stage failed on, which were dead-lettered",
                 &s.errors,
+            ),
+            (
+                "stage_batches_retried",
+                "Batches whose call failed as a whole and that were retried event by event",
+                &s.retried,
             ),
         ] {
             registry.register(name, help, family.clone());
@@ -650,6 +660,7 @@ impl Metrics {
             events_out: f.events_out.get_or_create_owned(&labels),
             dropped: f.dropped.get_or_create_owned(&labels),
             errors: f.errors.get_or_create_owned(&labels),
+            retried: f.retried.get_or_create_owned(&labels),
             latency: f.latency.get_or_create_owned(&labels),
             swaps: f.swaps.get_or_create_owned(&labels),
             rollbacks: f.rollbacks.get_or_create_owned(&labels),
@@ -846,6 +857,7 @@ mod tests {
                 "weir_stage_events_out counter",
                 "weir_stage_dropped_events counter",
                 "weir_stage_failed_events counter",
+                "weir_stage_batches_retried counter",
                 "weir_stage_latency_seconds histogram",
                 "weir_stage_swaps counter",
                 "weir_stage_rollbacks counter",

@@ -22,10 +22,16 @@ fn line(n: usize) -> &'static str {
 
 /// Runs `weir ARGS` in `dir`.
 fn weir(dir: &Path, args: &[&str]) -> Output {
+    weir_with(dir, args, &[])
+}
+
+/// Runs `weir ARGS` in `dir` with environment variables `env` set.
+fn weir_with(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(args)
         .current_dir(dir)
         .env("WEIR_LOG", "warn")
+        .envs(env.iter().copied())
         .output()
         .expect("run weir")
 }
@@ -84,6 +90,51 @@ fn test_prints_exactly_the_kept_events() {
     assert_eq!(out, expected);
     assert!(
         err.contains("weir test: 6 events in, 4 out, 0 dead-lettered, 0 late (1 stage)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_plugin_is_compiled_once_and_a_damaged_cache_entry_is_compiled_again() {
+    let dir = scratch();
+    let cache = dir.path().join("compiled");
+    let run = |cache: &Path| {
+        let args = ["test", plugins::DROP_BOTS, "--input", "events.jsonl"];
+        let output = weir_with(dir.path(), &args, &[("WEIR_CACHE_DIR", cache)]);
+        let err = stderr(&output);
+        (ok(output), err)
+    };
+    let (kept, err) = run(&cache);
+    let compiled = format!("compiled (kept in {})", cache.display());
+    assert!(err.contains(&compiled), "{err}");
+    let (again, err) = run(&cache);
+    assert_eq!(again, kept);
+    assert!(err.contains("loaded from the compile cache in"), "{err}");
+
+    // One bit flipped in the compiled code: noticed, never run, compiled again.
+    let entries: Vec<PathBuf> = std::fs::read_dir(&cache)
+        .expect("the cache directory")
+        .map(|e| e.expect("an entry").path())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let mut bytes = std::fs::read(&entries[0]).expect("the entry");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&entries[0], bytes).expect("damage the entry");
+    let (recompiled, err) = run(&cache);
+    assert_eq!(recompiled, kept);
+    assert!(
+        err.contains("is corrupted (its checksum does not match); compiling again"),
+        "{err}"
+    );
+    assert!(err.contains(&compiled), "{err}");
+    let (_, err) = run(&cache);
+    assert!(err.contains("loaded from the compile cache in"), "{err}");
+
+    let (uncached, err) = run(Path::new(""));
+    assert_eq!(uncached, kept);
+    assert!(
+        err.contains("compiled (no compile cache: WEIR_CACHE_DIR is empty)"),
         "{err}"
     );
 }
@@ -192,6 +243,24 @@ fn test_reports_a_poison_event_and_delivers_the_rest() {
     assert!(
         err.contains("weir test: 3 events in, 2 out, 1 dead-lettered, 0 late (1 stage)"),
         "{err}"
+    );
+    // The batch ran event by event, and the run says so.
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(
+        warnings[0].starts_with("warning: stage `panic_on_mark` (plugin `panic_on_mark` "),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[0].contains(": 1 of 1 batches failed as a whole and were retried event by event, one call per event (the first: plugin `panic_on_mark` "),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[0].contains("trapped: wasm trap: "),
+        "{}",
+        warnings[0]
     );
 }
 
@@ -381,6 +450,35 @@ fn bench_reports_both_sides_and_their_ratio() {
         "{out}"
     );
     assert!(rows[3].starts_with("  wasm / native: "), "{out}");
+}
+
+#[test]
+fn bench_says_loudly_when_batches_ran_event_by_event() {
+    let dir = scratch();
+    let out = ok(weir(
+        dir.path(),
+        &[
+            "bench",
+            plugins::TRAP_ALWAYS,
+            "--events",
+            "30",
+            "--batch",
+            "10",
+        ],
+    ));
+    let warning = out
+        .lines()
+        .find(|l| l.starts_with("  WARNING: "))
+        .unwrap_or_else(|| panic!("no warning in {out}"));
+    assert!(
+        warning.starts_with("  WARNING: 3 of 3 batches (100.0%) failed as a whole and were retried event by event, one call per event (the first: plugin `trap_always` "),
+        "{warning}"
+    );
+    assert!(
+        warning.ends_with("the wasm figures above include those retries: give the stage a longer deadline (--deadline-ms) or smaller batches (--batch)"),
+        "{warning}"
+    );
+    assert!(out.contains("  dead letters: 30 "), "{out}");
 }
 
 #[test]

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use weir::baseline::{NativeAggregate, NativeEnrich, NativeFilter};
-use weir::runtime::{PluginKind, Runtime, RuntimeConfig};
+use weir::runtime::PluginKind;
 use weir::workload::WorkloadSpec;
 use weir_format::Batch;
 
@@ -210,8 +210,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         ..WorkloadSpec::default()
     };
     let batches = spec.batches(args.batch);
-    let runtime = Runtime::new(RuntimeConfig::default())?;
-    let plugin = runtime.load_file(plugin)?;
+    let runtime = super::author_runtime()?;
+    let plugin = super::load_plugin(&runtime, plugin, "bench")?;
     eprintln!(
         "weir bench: {} `{}` {}, {} events of {} B in batches of {}, {} keys",
         plugin.kind(),
@@ -237,19 +237,25 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .context("one stage")?;
     let mut wasm = Side::new()?;
     let mut dead = 0;
+    // Batches retried event by event, and why the first one was.
+    let mut retried: Option<(usize, String)> = None;
     for batch in &batches {
         let start = Instant::now();
-        let (out, dead_letters) = if plugin.kind() == PluginKind::Filter {
+        let (out, dead_letters, why) = if plugin.kind() == PluginKind::Filter {
             let view = Batch::verify(batch)?;
             let output = stage.filter_kept(&view, None)?;
             let out = output.batch.map_or(view.len(), |kept| kept.count());
-            (out, output.dead_letters.len())
+            (out, output.dead_letters.len(), output.retried)
         } else {
             let output = stage.process(batch)?;
-            (events_in(&output.batch), output.dead_letters.len())
+            let out = events_in(&output.batch);
+            (out, output.dead_letters.len(), output.retried)
         };
         wasm.record(start.elapsed(), out)?;
         dead += dead_letters;
+        if let Some(why) = why {
+            retried.get_or_insert((0, why)).0 += 1;
+        }
     }
 
     let mut native = Side::new()?;
@@ -290,6 +296,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     );
     if dead > 0 {
         println!("  dead letters: {dead} (the plugin failed on these events; see the log)");
+    }
+    if let Some((count, why)) = retried {
+        let pct = 100.0 * count as f64 / batches.len().max(1) as f64;
+        println!(
+            "  WARNING: {count} of {} batches ({pct:.1}%) failed as a whole and were retried event by event, one call per event (the first: {why}); the wasm figures above include those retries: give the stage a longer deadline (--deadline-ms) or smaller batches (--batch)",
+            batches.len()
+        );
     }
     Ok(())
 }

@@ -26,9 +26,11 @@ mod workers_bench;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use weir::pipeline::{Stage, WindowConfig};
-use weir::runtime::{Limits, Plugin, PluginKind, Runtime, RuntimeConfig, StageConfig};
+use weir::runtime::{
+    CompileCache, Limits, Plugin, PluginKind, Runtime, RuntimeConfig, StageConfig,
+};
 
 /// weir: a stream router that runs events through sandboxed WebAssembly plugins.
 #[derive(Debug, Parser)]
@@ -181,10 +183,39 @@ fn admin_runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// The runtime of the commands a plugin's author runs (`weir build`, `test`, `bench`): it keeps
+/// compiled plugins in the user's compile cache ([`CompileCache::user_dir`]), so that a plugin
+/// is compiled once per version, not at every run.
+fn author_runtime() -> Result<Runtime> {
+    Ok(Runtime::new(RuntimeConfig {
+        cache_dir: CompileCache::user_dir(),
+        ..RuntimeConfig::default()
+    })?)
+}
+
+/// Loads the plugin at `path`, saying on stderr, as `weir COMMAND`, whether it was compiled or
+/// came from the compile cache, and how long that took.
+fn load_plugin(runtime: &Runtime, path: &Path, command: &str) -> Result<Plugin> {
+    let started = Instant::now();
+    let plugin = runtime.load_file(path)?;
+    let took = started.elapsed().as_secs_f64() * 1e3;
+    let how = match (&runtime.config().cache_dir, plugin.from_cache()) {
+        (_, true) => "loaded from the compile cache".to_owned(),
+        (Some(dir), false) => format!("compiled (kept in {})", dir.display()),
+        (None, false) => "compiled (no compile cache: WEIR_CACHE_DIR is empty)".to_owned(),
+    };
+    eprintln!(
+        "weir {command}: {} `{}` {} {how} in {took:.0} ms",
+        plugin.kind(),
+        plugin.name(),
+        plugin.version()
+    );
+    Ok(plugin)
+}
+
 fn build(dir: &Path, out: Option<&Path>) -> Result<()> {
     let wasm = build::compile(dir)?;
-    let runtime = Runtime::new(RuntimeConfig::default())?;
-    let plugin = runtime.load_file(&wasm)?;
+    let plugin = load_plugin(&author_runtime()?, &wasm, "build")?;
     let file_name = wasm
         .file_name()
         .context("component path has no file name")?;

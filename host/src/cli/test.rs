@@ -4,15 +4,16 @@
 //! The input is read and checked whole before any plugin runs, so a malformed line fails the
 //! run (naming the file and line) without partial output. Events are cut into batches of
 //! `--batch`. Dead letters and late events go to stderr, each naming the stage, plugin, version
-//! and (for the first stage) the input line; a summary line closes the run. Dead letters are
+//! and (for the first stage) the input line; a summary line closes the run, and a warning for
+//! each stage whose batches failed as a whole and ran event by event. Dead letters are
 //! the plugin's failures on particular events, not a failure of the run: the exit code is 0.
 
 use super::StageArgs;
 use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use weir::pipeline::{Chain, ChainOutput};
-use weir::runtime::{Runtime, RuntimeConfig};
+use weir::pipeline::{Chain, ChainOutput, Stage};
 use weir::utc::now_ms;
 use weir_format::json::{event_ref_to_line, event_to_line, parse_line};
 use weir_format::{Batch, BatchBuilder, Event};
@@ -63,12 +64,12 @@ pub fn run(args: &TestArgs) -> Result<()> {
         bail!("--batch must be at least 1");
     }
     let input = read_input(&args.input)?;
-    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let runtime = super::author_runtime()?;
     let plugins = args
         .plugins
         .iter()
-        .map(|path| runtime.load_file(path))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|path| super::load_plugin(&runtime, path, "test"))
+        .collect::<Result<Vec<_>>>()?;
     let mut chain = Chain::new(args.stage.stages(&plugins)?);
     let first_stage = chain.stages().first().map(|s| s.name().to_owned());
 
@@ -98,6 +99,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let flushed = chain.flush()?;
     report.record(&flushed, &[], &mut out, |_, _| None, &args.input)?;
     out.flush().context("writing output")?;
+    warn_retried(
+        chain.stages(),
+        &report.retried,
+        input.len().div_ceil(args.batch),
+    );
     eprintln!(
         "weir test: {} events in, {} out, {} dead-lettered, {} late ({} stage{})",
         input.len(),
@@ -116,6 +122,8 @@ struct Report {
     out: usize,
     dead: usize,
     late: usize,
+    /// Per stage index: batches retried event by event, and why the first one was.
+    retried: BTreeMap<usize, (usize, String)>,
 }
 
 impl Report {
@@ -161,6 +169,35 @@ impl Report {
             );
         }
         self.late += output.late.len();
+        for run in &output.runs {
+            if let Some(why) = &run.retried {
+                self.retried
+                    .entry(run.stage)
+                    .or_insert_with(|| (0, why.clone()))
+                    .0 += 1;
+            }
+        }
         Ok(())
+    }
+}
+
+/// Says loudly, for each stage whose batches failed as a whole and were retried event by
+/// event, how many and why: every event came out, but at the speed of one call per event.
+pub(super) fn warn_retried(
+    stages: &[Stage],
+    retried: &BTreeMap<usize, (usize, String)>,
+    batches: usize,
+) {
+    for (stage, (count, why)) in retried {
+        let Some(stage) = stages.get(*stage) else {
+            continue;
+        };
+        let plugin = stage.plugin();
+        eprintln!(
+            "warning: stage `{}` (plugin `{}` {}): {count} of {batches} batches failed as a whole and were retried event by event, one call per event (the first: {why}); a batch too big for the stage's deadline (--deadline-ms) runs event by event every time: give it a longer deadline or smaller batches (--batch)",
+            stage.name(),
+            plugin.name(),
+            plugin.version()
+        );
     }
 }

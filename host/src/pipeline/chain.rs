@@ -152,6 +152,7 @@ impl ChainOutput {
             events_out,
             failed: out.dead_letters.len(),
             late: out.late.len(),
+            retried: out.retried,
             elapsed: started.elapsed(),
         });
         self.dead_letters.extend(out.dead_letters);
@@ -176,6 +177,9 @@ pub struct StageRun {
     pub failed: usize,
     /// Events too late for any of its windows.
     pub late: usize,
+    /// Why the call on the whole batch failed, when the batch was then retried event by event
+    /// (see [`StageOutput::retried`]).
+    pub retried: Option<String>,
     /// How long the call took.
     pub elapsed: Duration,
 }
@@ -1067,6 +1071,7 @@ fn joined(first: StageOutput, second: StageOutput) -> StageOutput {
         batch: batch.finish(),
         dead_letters,
         late,
+        retried: first.retried.or(second.retried),
     }
 }
 

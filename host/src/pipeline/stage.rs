@@ -101,6 +101,11 @@ pub struct StageOutput<B = Vec<u8>> {
     pub dead_letters: Vec<DeadLetter>,
     /// Aggregates only: events too late for any open window.
     pub late: Vec<LateEvent>,
+    /// Why the call on the whole batch (or on every finished window) failed, when it was
+    /// retried event by event (window by window): a cost `weir test`, `weir bench` and the
+    /// metrics report, since a batch that always fails as a whole (a deadline too short for
+    /// it) runs event by event at a fraction of its speed.
+    pub retried: Option<String>,
 }
 
 /// What a filter kept of its input batch: `None` for every event, else the events whose bit
@@ -113,6 +118,7 @@ impl<B> StageOutput<B> {
             batch,
             dead_letters: Vec::new(),
             late: Vec::new(),
+            retried: None,
         }
     }
 }
@@ -361,7 +367,7 @@ impl Stage {
         let mut journal = state.journal();
         let mut output = StageOutput::new(Vec::new());
         let finished = state.take_all();
-        let result = match self.finish_windows(finished, &mut journal, &mut output.dead_letters) {
+        let result = match self.finish_windows(finished, &mut journal, &mut output) {
             Ok(batch) => {
                 output.batch = batch;
                 Ok(output)
@@ -382,6 +388,7 @@ impl Stage {
             batch: kept_batch(&mut self.builder, input, out.batch.as_ref()),
             dead_letters: out.dead_letters,
             late: out.late,
+            retried: out.retried,
         })
     }
 
@@ -490,6 +497,7 @@ impl Stage {
         {
             return Err(e);
         }
+        let retried = failure.map(|e| e.to_string());
         let mut dead_letters = Vec::new();
         for (j, i) in picked.into_iter().enumerate() {
             let Some(event) = input.get(i) else { continue };
@@ -506,6 +514,7 @@ impl Stage {
             batch: (kept.count() < n).then_some(kept),
             dead_letters,
             late: Vec::new(),
+            retried,
         })
     }
 
@@ -515,11 +524,11 @@ impl Stage {
         input: &Batch<'_>,
     ) -> Result<StageOutput, PluginError> {
         let n = input.len();
-        match self.instance.enrich_counted(batch, n) {
+        let retried = match self.instance.enrich_counted(batch, n) {
             Ok(out) => return Ok(StageOutput::new(out)),
-            Err(e) if e.is_event_failure() && self.isolate => {}
+            Err(e) if e.is_event_failure() && self.isolate => e.to_string(),
             Err(e) => return Err(e),
-        }
+        };
         let mut dead_letters = Vec::new();
         let mut budget = self.output_budget();
         for (i, event) in input.iter().enumerate() {
@@ -545,6 +554,7 @@ impl Stage {
             batch: self.builder.finish(),
             dead_letters,
             late: Vec::new(),
+            retried: Some(retried),
         })
     }
 
@@ -622,6 +632,7 @@ impl Stage {
                 }
             }
             Err(e) if e.is_event_failure() && self.isolate => {
+                output.retried = Some(e.to_string());
                 for (i, event) in input.iter().enumerate() {
                     let plan = plan(
                         state,
@@ -647,7 +658,7 @@ impl Stage {
         }
         state.reach_batch_time();
         let finished = state.take_finished();
-        output.batch = self.finish_windows(finished, journal, &mut output.dead_letters)?;
+        output.batch = self.finish_windows(finished, journal, &mut output)?;
         Ok(output)
     }
 
@@ -701,12 +712,13 @@ impl Stage {
     }
 
     /// Calls `finish` on windows taken out of the state; isolates a window whose `finish`
-    /// fails. On `Err` the windows are noted in the journal, to go back into the state.
+    /// fails (its dead letters and why into `output`). On `Err` the windows are noted in the
+    /// journal, to go back into the state.
     fn finish_windows(
         &mut self,
         finished: Vec<(WindowId, Vec<u8>)>,
         journal: &mut Journal,
-        dead_letters: &mut Vec<DeadLetter>,
+        output: &mut StageOutput,
     ) -> Result<Vec<u8>, PluginError> {
         if finished.is_empty() {
             return Ok(self.builder.finish());
@@ -715,7 +727,7 @@ impl Stage {
             .into_iter()
             .map(|(id, acc)| window(id, Some(acc)))
             .collect();
-        let result = self.finish_all(&windows, dead_letters);
+        let result = self.finish_all(&windows, output);
         if result.is_err() {
             journal.taken(windows.into_iter().map(|w| {
                 let (id, acc) = unwindow(w);
@@ -728,11 +740,13 @@ impl Stage {
     fn finish_all(
         &mut self,
         windows: &[Window],
-        dead_letters: &mut Vec<DeadLetter>,
+        output: &mut StageOutput,
     ) -> Result<Vec<u8>, PluginError> {
         match self.instance.finish(windows) {
             Ok(out) => return Ok(out),
-            Err(e) if e.is_event_failure() && self.isolate => {}
+            Err(e) if e.is_event_failure() && self.isolate => {
+                output.retried.get_or_insert_with(|| e.to_string());
+            }
             Err(e) => return Err(e),
         }
         let mut budget = self.output_budget();
@@ -752,7 +766,7 @@ impl Stage {
                     Err(e) => return Err(e),
                 }
             };
-            dead_letters.push(DeadLetter {
+            output.dead_letters.push(DeadLetter {
                 event: Event {
                     key: w.key.clone(),
                     value: w.acc.clone().unwrap_or_default(),

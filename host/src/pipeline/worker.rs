@@ -883,6 +883,9 @@ impl Worker {
             metrics.events_in.inc_by(run.events_in as u64);
             metrics.events_out.inc_by(run.events_out as u64);
             metrics.errors.inc_by(run.failed as u64);
+            if run.retried.is_some() {
+                metrics.retried.inc();
+            }
             // An aggregate folds its input into windows: nothing of it is dropped.
             let aggregate = self
                 .chain

@@ -109,6 +109,14 @@ impl CompileCache {
         CompileCache { dir: dir.into() }
     }
 
+    /// The cache of the commands a plugin's author runs (`weir build`, `test`, `bench`):
+    /// `$WEIR_CACHE_DIR`, else `$XDG_CACHE_HOME/weir/compiled`, else
+    /// `$HOME/.cache/weir/compiled`; `None` (compile at every load) when `WEIR_CACHE_DIR` is
+    /// set empty or there is no home.
+    pub fn user_dir() -> Option<PathBuf> {
+        user_dir_from(|name| std::env::var_os(name))
+    }
+
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -177,6 +185,17 @@ impl CompileCache {
     }
 }
 
+/// [`CompileCache::user_dir`] with the environment read through `var`.
+fn user_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let set = |name| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = var("WEIR_CACHE_DIR") {
+        return (!dir.is_empty()).then(|| PathBuf::from(dir));
+    }
+    set("XDG_CACHE_HOME")
+        .or_else(|| set("HOME").map(|home| home.join(".cache")))
+        .map(|cache| cache.join("weir").join("compiled"))
+}
+
 /// The artifact of a cache entry, or what is wrong with it.
 fn check(entry: &[u8]) -> Result<&[u8], &'static str> {
     if entry.len() < HEADER || &entry[..MAGIC.len()] != MAGIC {
@@ -200,6 +219,34 @@ mod tests {
         assert_eq!(Digest::parse(&d.hex()), Some(d));
         assert_eq!(Digest::parse("ba7816bf"), None);
         assert_eq!(Digest::parse(&"g".repeat(64)), None);
+    }
+
+    #[test]
+    fn the_user_cache_is_weir_cache_dir_then_xdg_then_home() {
+        fn env(vars: &[(&str, &str)]) -> Option<PathBuf> {
+            user_dir_from(|name| {
+                vars.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            })
+        }
+        let all = [
+            ("WEIR_CACHE_DIR", "/w"),
+            ("XDG_CACHE_HOME", "/x"),
+            ("HOME", "/h"),
+        ];
+        assert_eq!(env(&all), Some(PathBuf::from("/w")));
+        assert_eq!(env(&all[1..]), Some(PathBuf::from("/x/weir/compiled")));
+        assert_eq!(
+            env(&all[2..]),
+            Some(PathBuf::from("/h/.cache/weir/compiled"))
+        );
+        assert_eq!(env(&[("WEIR_CACHE_DIR", ""), ("HOME", "/h")]), None);
+        assert_eq!(
+            env(&[("XDG_CACHE_HOME", ""), ("HOME", "/h")]),
+            Some(PathBuf::from("/h/.cache/weir/compiled"))
+        );
+        assert_eq!(env(&[]), None);
     }
 
     #[test]

@@ -454,6 +454,9 @@ async fn a_stage_that_never_runs_again_turns_its_input_into_dead_letters_once() 
         "{error}"
     );
     assert_eq!(h.metrics.pipeline("p").dead_letters.get(), 3);
+    // The poison event made `marks` run its batch event by event, once.
+    assert_eq!(h.metrics.stage("p", "marks").retried.get(), 1);
+    assert_eq!(h.metrics.stage("p", "sums").retried.get(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
