@@ -28,7 +28,7 @@
 //! | `weir_stage_events_out_total` | counter | `pipeline`, `stage` | events the stage passed on |
 //! | `weir_stage_dropped_events_total` | counter | `pipeline`, `stage` | events the stage filtered out |
 //! | `weir_stage_failed_events_total` | counter | `pipeline`, `stage` | events the stage failed on, which were dead-lettered |
-//! | `weir_stage_batches_retried_total` | counter | `pipeline`, `stage` | batches whose call failed as a whole (a trap, the deadline, the memory cap) and that were retried event by event |
+//! | `weir_stage_batches_retried_total` | counter | `pipeline`, `stage` | batches (or end-of-input flushes) whose call failed as a whole (a trap, the deadline, the memory cap, an error the plugin returned, output that does not verify) and that were retried event by event |
 //! | `weir_stage_latency_seconds` | histogram | `pipeline`, `stage` | seconds the stage spent on one batch |
 //! | `weir_stage_swaps_total` | counter | `pipeline`, `stage` | plugin versions swapped in (deploys and rollbacks) |
 //! | `weir_stage_rollbacks_total` | counter | `pipeline`, `stage` | versions rolled back automatically after failing on probation |

@@ -25,15 +25,24 @@ fn weir(dir: &Path, args: &[&str]) -> Output {
     weir_with(dir, args, &[])
 }
 
-/// Runs `weir ARGS` in `dir` with environment variables `env` set.
+/// Runs `weir ARGS` in `dir` with environment variables `env` set. The compile cache is this
+/// test binary's own (shared by its tests), not the user's, unless `env` names another.
 fn weir_with(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(args)
         .current_dir(dir)
         .env("WEIR_LOG", "warn")
+        .env("WEIR_CACHE_DIR", compile_cache())
         .envs(env.iter().copied())
         .output()
         .expect("run weir")
+}
+
+/// The compile cache of this test binary's runs of weir.
+fn compile_cache() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("a temp dir"))
+        .path()
 }
 
 fn stdout(output: &Output) -> String {
@@ -134,7 +143,9 @@ fn a_plugin_is_compiled_once_and_a_damaged_cache_entry_is_compiled_again() {
     let (uncached, err) = run(Path::new(""));
     assert_eq!(uncached, kept);
     assert!(
-        err.contains("compiled (no compile cache: WEIR_CACHE_DIR is empty)"),
+        err.contains(
+            "compiled (no compile cache: WEIR_CACHE_DIR is empty, or there is no home directory)"
+        ),
         "{err}"
     );
 }
@@ -248,17 +259,17 @@ fn test_reports_a_poison_event_and_delivers_the_rest() {
     let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning: ")).collect();
     assert_eq!(warnings.len(), 1, "{err}");
     assert!(
-        warnings[0].starts_with("warning: stage `panic_on_mark` (plugin `panic_on_mark` "),
-        "{}",
-        warnings[0]
-    );
-    assert!(
-        warnings[0].contains(": 1 of 1 batches failed as a whole and were retried event by event, one call per event (the first: plugin `panic_on_mark` "),
+        warnings[0].starts_with("warning: stage `panic_on_mark`: 1 of 1 calls failed as a whole and were retried event by event, one call per event (the first: plugin `panic_on_mark` "),
         "{}",
         warnings[0]
     );
     assert!(
         warnings[0].contains("trapped: wasm trap: "),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[0].ends_with("give the stage a longer deadline (--deadline-ms), more memory (--memory-mib) or smaller batches (--batch)"),
         "{}",
         warnings[0]
     );
@@ -435,7 +446,7 @@ fn bench_reports_both_sides_and_their_ratio() {
         ],
     ));
     let rows: Vec<&str> = out.lines().collect();
-    assert_eq!(rows.len(), 4, "{out}");
+    assert_eq!(rows.len(), 5, "{out}");
     assert!(
         rows[0].contains("events/s") && rows[0].contains("batch p99"),
         "{out}"
@@ -450,6 +461,10 @@ fn bench_reports_both_sides_and_their_ratio() {
         "{out}"
     );
     assert!(rows[3].starts_with("  wasm / native: "), "{out}");
+    assert_eq!(
+        rows[4],
+        "  (native: drop-bots's work as a Rust closure, see weir::baseline)"
+    );
 }
 
 #[test]
@@ -475,7 +490,7 @@ fn bench_says_loudly_when_batches_ran_event_by_event() {
         "{warning}"
     );
     assert!(
-        warning.ends_with("the wasm figures above include those retries: give the stage a longer deadline (--deadline-ms) or smaller batches (--batch)"),
+        warning.ends_with("the wasm figures above include those retries; a batch that fails as a whole every time (one too big for the stage's deadline or memory cap) runs event by event every time: give the stage a longer deadline (--deadline-ms), more memory (--memory-mib) or smaller batches (--batch)"),
         "{warning}"
     );
     assert!(out.contains("  dead letters: 30 "), "{out}");
@@ -689,13 +704,11 @@ fn scaffold(dir: &Path, kind: &str, name: &str) -> PathBuf {
     let created = ok(weir(dir, &["new", kind, name]));
     assert!(created.starts_with("created "), "{created}");
     let target = plugin_target_dir();
-    let build = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["build", name])
-        .current_dir(dir)
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .expect("run weir build");
-    let built = ok(build);
+    let built = ok(weir_with(
+        dir,
+        &["build", name],
+        &[("CARGO_TARGET_DIR", &target)],
+    ));
     let wasm = dir.join(format!("{}.wasm", name.replace('-', "_")));
     assert!(
         built.starts_with(&format!(
@@ -740,6 +753,32 @@ fn new_build_test_bench_a_filter() {
         .collect();
     assert_eq!(kept.len(), 3);
     assert_eq!(out.lines().collect::<Vec<_>>(), kept);
+
+    // The crate itself: its component beside its own code run natively, on the same batches.
+    let target = plugin_target_dir();
+    let bench = ok(weir_with(
+        dir.path(),
+        &[
+            "bench",
+            "big-orders",
+            "--events",
+            "5000",
+            "--with",
+            "min_amount=500",
+        ],
+        &[("CARGO_TARGET_DIR", &target)],
+    ));
+    let rows: Vec<&str> = bench.lines().collect();
+    assert_eq!(rows.len(), 5, "{bench}");
+    let events_out = |row: &str| row.split_whitespace().last().map(str::to_owned);
+    assert!(rows[1].starts_with("  plugin (wasm)"), "{bench}");
+    assert!(rows[2].starts_with("  native, own code"), "{bench}");
+    assert_eq!(events_out(rows[1]), events_out(rows[2]), "{bench}");
+    assert_ne!(events_out(rows[1]).as_deref(), Some("5000"), "{bench}");
+    assert_eq!(
+        rows[4],
+        "  (native: `big_orders`'s own code built for this machine with the plugin's release profile, over the same batches)"
+    );
     let error = error_line(weir(dir.path(), &["new", "filter", "big-orders"]));
     assert_eq!(error, "error: ./big-orders already exists");
 }

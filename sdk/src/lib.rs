@@ -102,6 +102,18 @@ pub mod __private {
     /// with `Batch::trusted` on the buffer the host verified.
     pub use weir_format::Batch;
 
+    /// How many of `n` events a filter's keep-bitmap keeps.
+    pub fn kept(bits: &[u8], n: usize) -> usize {
+        (0..n)
+            .filter(|i| bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
+            .count()
+    }
+
+    /// How many events an output batch holds (0 when it is not one).
+    pub fn events(bytes: &[u8]) -> usize {
+        Batch::verify(bytes).map_or(0, |b| b.len())
+    }
+
     /// The host interface, shared by the plugin's own bindings (`with:` in its `generate!`).
     #[cfg(target_arch = "wasm32")]
     pub use crate::bindings::weir::plugin::host;

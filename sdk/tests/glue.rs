@@ -20,6 +20,9 @@ fn generated_functions_run_on_verified_batches() {
     let buf = testing::batch(&events);
     let bits = __weir_filter(Batch::verify(&buf).unwrap()).unwrap();
     assert_eq!(bits, [0b0101_0101, 0b01]);
+    // The entry `weir bench CRATE_DIR` calls: the events kept.
+    assert_eq!(__weir_native::call(&buf), Ok(5));
+    assert!(__weir_native::call(b"junk").is_err());
 
     // Junk does not become a `Batch` natively: it is an error before the plugin runs.
     for junk in [&b""[..], b"junk", &[0xff; 64], &buf[..buf.len() / 2]] {

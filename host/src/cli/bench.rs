@@ -1,13 +1,16 @@
 //! `weir bench PLUGIN.wasm --events N --size B --batch N`: measures a plugin batch by batch on
 //! generated events, then native Rust doing the same work over the same batches, in the same
-//! run, and prints both with their ratio.
+//! run, and prints both with their ratio. `weir bench CRATE_DIR` builds the crate's component
+//! and measures it beside the crate's own code built natively (`native_bench.rs`): the same
+//! work on both sides, whatever the plugin.
 //!
 //! The plugin side is what a pipeline pays per batch: the batch verified (as ingest does once),
 //! then for a filter [`weir::pipeline::Stage::filter_kept`] (copy in, one call, the keep-bitmap
 //! checked: a filter's output is a selection of its input), for the other kinds
 //! [`weir::pipeline::Stage::process`] (copy in, one call, the output batch checked). The
-//! native side is [`weir::baseline`]: the example plugin of the same kind, which produces the
-//! same output (a keep-bitmap, or the output batch) in-process from the verified batch. Both are timed per batch after a warm-up pass on a separate instance;
+//! native side of a component is [`weir::baseline`]: the example plugin of the same kind, which
+//! produces the same output (a keep-bitmap, or the output batch) in-process from the verified
+//! batch; for another plugin that is other work, and the output says so. Both are timed per batch after a warm-up pass on a separate instance;
 //! events/s and ns/event come from the total time, p50/p99 from the per-batch times.
 //!
 //! `weir bench --e2e` measures ingest over QUIC instead: see `ingest_bench.rs`; `weir bench
@@ -32,7 +35,9 @@ use weir_format::Batch;
 /// Arguments of `weir bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// The plugin component (.wasm).
+    /// The plugin component (.wasm), or a plugin crate's directory: its component is built
+    /// (as `weir build` does) and, for a filter or an enrich, its own code is also built for
+    /// this machine and timed natively over the same batches.
     #[arg(required_unless_present_any = ["e2e", "fanout", "deploy", "checkpoint", "kafka", "workers"])]
     plugin: Option<PathBuf>,
     /// Instead of a plugin: ingest over QUIC on loopback, weir (identity plugin, null sink)
@@ -210,8 +215,21 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         ..WorkloadSpec::default()
     };
     let batches = spec.batches(args.batch);
+    let (component, native_crate) = if plugin.is_dir() {
+        let dir = super::build::crate_dir(plugin)?;
+        (super::build::compile(&dir)?, Some(dir))
+    } else {
+        (plugin.clone(), None)
+    };
     let runtime = super::author_runtime()?;
-    let plugin = super::load_plugin(&runtime, plugin, "bench")?;
+    let plugin = super::load_plugin(&runtime, &component, "bench")?;
+    if native_crate.is_some() && plugin.kind() == PluginKind::Aggregate {
+        bail!(
+            "plugin `{}` is an aggregate: `weir bench CRATE_DIR` runs filters and enrich functions natively, not yet an aggregate's folds (their windows are the host's); bench its component, `weir bench {}`, whose native column is count-sum's work",
+            plugin.name(),
+            component.display()
+        );
+    }
     eprintln!(
         "weir bench: {} `{}` {}, {} events of {} B in batches of {}, {} keys",
         plugin.kind(),
@@ -259,10 +277,26 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 
     let mut native = Side::new()?;
-    let native_of = match plugin.kind() {
-        PluginKind::Filter => "drop-bots",
-        PluginKind::Enrich => "geo-enrich",
-        PluginKind::Aggregate => "count-sum",
+    if let Some(dir) = &native_crate {
+        let exe = super::native_bench::build(dir)?;
+        let withs = args.stage.withs()?;
+        let config = args
+            .stage
+            .config(&withs, plugin.name(), plugin.name().to_owned())?;
+        for (took, out) in super::native_bench::run(&exe, &batches, &config.values, dir)? {
+            native.record(took, out)?;
+        }
+        print_sides(&wasm, &native, "native, own code", args.events);
+        println!(
+            "  (native: `{}`'s own code built for this machine with the plugin's release profile, over the same batches)",
+            plugin.name()
+        );
+        return report(dead, retried, batches.len());
+    }
+    let (native_of, twin) = match plugin.kind() {
+        PluginKind::Filter => ("drop-bots", "drop_bots"),
+        PluginKind::Enrich => ("geo-enrich", "geo_enrich"),
+        PluginKind::Aggregate => ("count-sum", "count_sum"),
     };
     let table = match args.stage.value("table")? {
         Some(json) => {
@@ -284,24 +318,41 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         native.record(start.elapsed(), out)?;
     }
 
+    print_sides(&wasm, &native, "native Rust", args.events);
+    if plugin.name() == twin {
+        println!("  (native: {native_of}'s work as a Rust closure, see weir::baseline)");
+    } else {
+        println!(
+            "  (native: {native_of}'s work as a Rust closure, not this plugin's: `weir bench CRATE_DIR` on the plugin's crate times its own code natively)"
+        );
+    }
+    report(dead, retried, batches.len())
+}
+
+/// The table: the plugin's row, the native row (labelled `native`), their ratio.
+fn print_sides(wasm: &Side, native: &Side, label: &str, events: u64) {
     println!(
         "  {:<16}{:>12}{:>12}{:>14}{:>14}{:>12}",
         "", "events/s", "ns/event", "batch p50", "batch p99", "events out"
     );
-    println!("{}", wasm.row("plugin (wasm)", args.events));
-    println!("{}", native.row("native Rust", args.events));
+    println!("{}", wasm.row("plugin (wasm)", events));
+    println!("{}", native.row(label, events));
     println!(
-        "  wasm / native: {:.2}x   (native: {native_of}'s work as a Rust closure, see weir::baseline)",
-        wasm.ns_per_event(args.events) / native.ns_per_event(args.events).max(1e-9)
+        "  wasm / native: {:.2}x",
+        wasm.ns_per_event(events) / native.ns_per_event(events).max(1e-9)
     );
+}
+
+/// What the component failed on, and the batches it ran event by event.
+fn report(dead: usize, retried: Option<(usize, String)>, batches: usize) -> Result<()> {
     if dead > 0 {
         println!("  dead letters: {dead} (the plugin failed on these events; see the log)");
     }
     if let Some((count, why)) = retried {
-        let pct = 100.0 * count as f64 / batches.len().max(1) as f64;
+        let pct = 100.0 * count as f64 / batches.max(1) as f64;
         println!(
-            "  WARNING: {count} of {} batches ({pct:.1}%) failed as a whole and were retried event by event, one call per event (the first: {why}); the wasm figures above include those retries: give the stage a longer deadline (--deadline-ms) or smaller batches (--batch)",
-            batches.len()
+            "  WARNING: {count} of {batches} batches ({pct:.1}%) failed as a whole and were retried event by event, one call per event (the first: {why}); the wasm figures above include those retries; {}",
+            super::test::RETRY_ADVICE
         );
     }
     Ok(())

@@ -32,59 +32,80 @@ fn check_target(dir: &Path) -> Result<()> {
 
 /// Builds the crate in `dir` and returns the path of its component in cargo's target directory.
 pub fn compile(dir: &Path) -> Result<PathBuf> {
-    let manifest = dir.join("Cargo.toml");
-    if !manifest.is_file() {
-        bail!("{} has no Cargo.toml: not a plugin crate", dir.display());
-    }
-    // cargo runs in the plugin's directory (its toolchain file and .cargo/config apply).
-    let dir = &dir
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", dir.display()))?;
-    let manifest = dir.join("Cargo.toml");
+    let dir = &crate_dir(dir)?;
     check_target(dir)?;
-    let mut child = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["build", "--release", "--target", PLUGIN_TARGET])
-        .args([
-            "--message-format",
-            "json-render-diagnostics",
-            "--manifest-path",
-        ])
-        .arg(&manifest)
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot run cargo")?;
-    let mut wasm = None;
-    let stdout = child.stdout.take().context("cargo's stdout")?;
-    for line in std::io::BufReader::new(stdout).lines() {
-        let line = line.context("reading cargo's output")?;
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if message["reason"] != "compiler-artifact" {
-            continue;
-        }
-        let cdylib = message["target"]["kind"]
-            .as_array()
-            .is_some_and(|kinds| kinds.iter().any(|k| k == "cdylib"));
-        let file = message["filenames"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|f| f.as_str())
-            .find(|f| f.ends_with(".wasm"));
-        if let (true, Some(file)) = (cdylib, file) {
-            wasm = Some(PathBuf::from(file));
-        }
-    }
-    let status = child.wait().context("waiting for cargo")?;
-    if !status.success() {
-        bail!("cargo build failed in {} ({status})", dir.display());
-    }
+    let wasm = cargo_build(
+        dir,
+        &dir.join("Cargo.toml"),
+        &["--target", PLUGIN_TARGET],
+        |message| {
+            let cdylib = message["target"]["kind"]
+                .as_array()
+                .is_some_and(|kinds| kinds.iter().any(|k| k == "cdylib"));
+            let file = message["filenames"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f.as_str())
+                .find(|f| f.ends_with(".wasm"));
+            file.filter(|_| cdylib).map(PathBuf::from)
+        },
+    )?;
     wasm.with_context(|| {
         format!(
             "cargo built no .wasm in {}: the crate needs `crate-type = [\"cdylib\"]`",
             dir.display()
         )
     })
+}
+
+/// `dir`, absolute, once it is known to hold a crate.
+pub fn crate_dir(dir: &Path) -> Result<PathBuf> {
+    if !dir.join("Cargo.toml").is_file() {
+        bail!("{} has no Cargo.toml: not a plugin crate", dir.display());
+    }
+    dir.canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))
+}
+
+/// Runs `cargo build --release ARGS --manifest-path MANIFEST` in `dir` (its toolchain file and
+/// .cargo/config apply; cargo's diagnostics stream through) and returns the last artifact
+/// `pick` takes from cargo's messages.
+pub fn cargo_build(
+    dir: &Path,
+    manifest: &Path,
+    args: &[&str],
+    pick: impl Fn(&serde_json::Value) -> Option<PathBuf>,
+) -> Result<Option<PathBuf>> {
+    let mut child = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["build", "--release"])
+        .args(args)
+        .args([
+            "--message-format",
+            "json-render-diagnostics",
+            "--manifest-path",
+        ])
+        .arg(manifest)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo")?;
+    let mut artifact = None;
+    let stdout = child.stdout.take().context("cargo's stdout")?;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo's output")?;
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if message["reason"] == "compiler-artifact"
+            && let Some(path) = pick(&message)
+        {
+            artifact = Some(path);
+        }
+    }
+    let status = child.wait().context("waiting for cargo")?;
+    if !status.success() {
+        bail!("cargo build failed in {} ({status})", dir.display());
+    }
+    Ok(artifact)
 }

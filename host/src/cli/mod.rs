@@ -12,6 +12,7 @@ mod ingest_bench;
 mod kafka_bench;
 mod kafka_pipe_bench;
 mod loopback;
+mod native_bench;
 mod new;
 mod plugins;
 mod reload;
@@ -202,7 +203,10 @@ fn load_plugin(runtime: &Runtime, path: &Path, command: &str) -> Result<Plugin> 
     let how = match (&runtime.config().cache_dir, plugin.from_cache()) {
         (_, true) => "loaded from the compile cache".to_owned(),
         (Some(dir), false) => format!("compiled (kept in {})", dir.display()),
-        (None, false) => "compiled (no compile cache: WEIR_CACHE_DIR is empty)".to_owned(),
+        (None, false) => {
+            "compiled (no compile cache: WEIR_CACHE_DIR is empty, or there is no home directory)"
+                .to_owned()
+        }
     };
     eprintln!(
         "weir {command}: {} `{}` {} {how} in {took:.0} ms",
@@ -325,13 +329,25 @@ impl StageArgs {
             .map_err(Into::into)
     }
 
+    fn withs(&self) -> Result<Vec<With>> {
+        self.with.iter().map(|w| parse_with(w)).collect()
+    }
+
+    /// The config of a stage named `name` running plugin `plugin`: its limits and the `--with`
+    /// values for every plugin or for this one.
+    fn config(&self, withs: &[With], plugin: &str, name: String) -> Result<StageConfig> {
+        let mut config = StageConfig::new(name).limits(self.limits()?);
+        for with in withs {
+            if with.plugin.as_deref().is_none_or(|p| p == plugin) {
+                config = config.with_json(with.key.clone(), with.json.clone());
+            }
+        }
+        Ok(config)
+    }
+
     /// Builds one stage per plugin, in order, named after the plugins (`name#2` for a repeat).
     fn stages(&self, plugins: &[Plugin]) -> Result<Vec<Stage>> {
-        let withs = self
-            .with
-            .iter()
-            .map(|w| parse_with(w))
-            .collect::<Result<Vec<_>>>()?;
+        let withs = self.withs()?;
         for with in &withs {
             if let Some(target) = &with.plugin
                 && !plugins.iter().any(|p| p.name() == target)
@@ -357,12 +373,7 @@ impl StageArgs {
                 0 => plugin.name().to_owned(),
                 n => format!("{}#{}", plugin.name(), n + 1),
             };
-            let mut config = StageConfig::new(name).limits(self.limits()?);
-            for with in &withs {
-                if with.plugin.as_deref().is_none_or(|p| p == plugin.name()) {
-                    config = config.with_json(with.key.clone(), with.json.clone());
-                }
-            }
+            let config = self.config(&withs, plugin.name(), name)?;
             if aggregate(plugin) && window.is_none() {
                 bail!(
                     "plugin `{}` is an aggregate: pass --window (e.g. --window tumbling:60s)",

@@ -99,11 +99,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let flushed = chain.flush()?;
     report.record(&flushed, &[], &mut out, |_, _| None, &args.input)?;
     out.flush().context("writing output")?;
-    warn_retried(
-        chain.stages(),
-        &report.retried,
-        input.len().div_ceil(args.batch),
-    );
+    warn_retried(chain.stages(), &report);
     eprintln!(
         "weir test: {} events in, {} out, {} dead-lettered, {} late ({} stage{})",
         input.len(),
@@ -122,7 +118,9 @@ struct Report {
     out: usize,
     dead: usize,
     late: usize,
-    /// Per stage index: batches retried event by event, and why the first one was.
+    /// Per stage index: its calls (a batch, or the flush at the end of input).
+    calls: BTreeMap<usize, usize>,
+    /// Per stage index: calls retried event by event, and why the first one was.
     retried: BTreeMap<usize, (usize, String)>,
 }
 
@@ -170,6 +168,10 @@ impl Report {
         }
         self.late += output.late.len();
         for run in &output.runs {
+            // A flush with no window to finish calls no plugin.
+            if run.events_in + run.events_out + run.failed > 0 || run.retried.is_some() {
+                *self.calls.entry(run.stage).or_default() += 1;
+            }
             if let Some(why) = &run.retried {
                 self.retried
                     .entry(run.stage)
@@ -181,23 +183,20 @@ impl Report {
     }
 }
 
-/// Says loudly, for each stage whose batches failed as a whole and were retried event by
-/// event, how many and why: every event came out, but at the speed of one call per event.
-pub(super) fn warn_retried(
-    stages: &[Stage],
-    retried: &BTreeMap<usize, (usize, String)>,
-    batches: usize,
-) {
-    for (stage, (count, why)) in retried {
-        let Some(stage) = stages.get(*stage) else {
+/// Says loudly, for each stage whose calls failed as a whole and were retried event by event,
+/// how many and why: every event came out, but at the speed of one call per event.
+fn warn_retried(stages: &[Stage], report: &Report) {
+    for (stage, (count, why)) in &report.retried {
+        let Some(name) = stages.get(*stage).map(Stage::name) else {
             continue;
         };
-        let plugin = stage.plugin();
+        let calls = report.calls.get(stage).copied().unwrap_or(*count);
         eprintln!(
-            "warning: stage `{}` (plugin `{}` {}): {count} of {batches} batches failed as a whole and were retried event by event, one call per event (the first: {why}); a batch too big for the stage's deadline (--deadline-ms) runs event by event every time: give it a longer deadline or smaller batches (--batch)",
-            stage.name(),
-            plugin.name(),
-            plugin.version()
+            "warning: stage `{name}`: {count} of {calls} calls failed as a whole and were retried event by event, one call per event (the first: {why}); {}",
+            RETRY_ADVICE
         );
     }
 }
+
+/// What to do about batches that run event by event, after the first reason.
+pub(super) const RETRY_ADVICE: &str = "a batch that fails as a whole every time (one too big for the stage's deadline or memory cap) runs event by event every time: give the stage a longer deadline (--deadline-ms), more memory (--memory-mib) or smaller batches (--batch)";

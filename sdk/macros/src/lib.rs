@@ -8,6 +8,10 @@
 //!   author's function; they compile on every target, so a mistake shows up in `cargo test`.
 //!   They take a `Batch` (a verified view), not bytes, so they are sound to call from any safe
 //!   code: natively a buffer becomes a `Batch` only through `Batch::verify`;
+//! - off `wasm32`, a public module `__weir_native` (filters and enrich functions): `init` and
+//!   `call`, one batch's bytes verified and run through the `__weir_*` function, returning the
+//!   events out. `weir bench CRATE_DIR` builds a small native program on the plugin crate (an
+//!   rlib too) that calls them, to time the plugin's own code natively beside its component;
 //! - on `wasm32` only, a module `__weir_component` with `wit_bindgen::generate!` for the one
 //!   world of the attribute (read from the workspace's `wit/` folder, whose absolute path is
 //!   computed here from this crate's location) and the `export!` of an implementation that
@@ -140,7 +144,7 @@ fn expand_fn(attr: TokenStream2, item: ItemFn, kind: Kind) -> syn::Result<TokenS
         (Kind::Enrich, true) => quote!(|event, out, config| #name(event, out, config)),
         (Kind::Enrich, false) => quote!(|event, out, _config| #name(event, out)),
     };
-    let (glue, export) = match kind {
+    let (glue, export, count) = match kind {
         Kind::Filter => (
             quote! {
                 #[doc(hidden)]
@@ -156,6 +160,10 @@ fn expand_fn(attr: TokenStream2, item: ItemFn, kind: Kind) -> syn::Result<TokenS
                     // SAFETY: the host verified `batch` before the call (weir-sdk's `runtime`).
                     super::__weir_filter(unsafe { ::weir_sdk::__private::Batch::trusted(&batch) })
                 }
+            },
+            quote! {
+                let n = batch.len();
+                super::__weir_filter(batch).map(|bits| ::weir_sdk::__private::kept(&bits, n))
             },
         ),
         Kind::Enrich => (
@@ -174,6 +182,9 @@ fn expand_fn(attr: TokenStream2, item: ItemFn, kind: Kind) -> syn::Result<TokenS
                     super::__weir_enrich(unsafe { ::weir_sdk::__private::Batch::trusted(&batch) })
                 }
             },
+            quote! {
+                super::__weir_enrich(batch).map(|out| ::weir_sdk::__private::events(&out))
+            },
         ),
     };
     let common = common(&config_ty);
@@ -183,6 +194,24 @@ fn expand_fn(attr: TokenStream2, item: ItemFn, kind: Kind) -> syn::Result<TokenS
         #common
         #glue
         #component
+
+        /// The plugin called natively, as `weir bench CRATE_DIR` does beside its component.
+        #[doc(hidden)]
+        #[cfg(not(target_arch = "wasm32"))]
+        pub mod __weir_native {
+            /// Builds the config from (key, JSON) pairs, as the component's `init`.
+            pub fn init(
+                config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
+            ) -> ::std::result::Result<(), ::std::string::String> {
+                super::__weir_init(config)
+            }
+
+            /// Runs one batch (its bytes verified first) through the plugin; the events out.
+            pub fn call(bytes: &[u8]) -> ::std::result::Result<usize, ::std::string::String> {
+                let batch = ::weir_sdk::__private::Batch::verify(bytes).map_err(|e| e.to_string())?;
+                #count
+            }
+        }
     })
 }
 
