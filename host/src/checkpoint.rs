@@ -37,8 +37,9 @@ use std::time::{Duration, Instant};
 
 /// The file under the data directory.
 pub const FILE: &str = "checkpoints.redb";
-/// The layout of the tables this build writes and reads.
-const FORMAT: u32 = 1;
+/// The layout of the tables this build writes and reads: 2 keeps each worker's event time
+/// ([`EVENT_TIMES`]); a file of format 1 (one event time per stage) is read and upgraded.
+const FORMAT: u32 = 2;
 /// The least time from one commit to the next: the rounds that come meanwhile join the next
 /// one (a window they all wrote is written once, one `fsync` for all), for at most that much
 /// more time before their acks.
@@ -85,14 +86,21 @@ pub struct RestoredState {
 }
 
 impl RestoredState {
-    /// The event time worker `lane` of `lanes` restarts from: its own, when the pipeline ran
-    /// on as many workers; otherwise the least any worker reached (its keys were some other
-    /// workers', and an event none of them judged late yet is not late); in a file written
-    /// before workers kept theirs apart, the stage's.
+    /// The event time worker `lane` of `lanes` restarts from: its own, when it wrote one;
+    /// else, when the pipeline last ran on another number of workers, the least any of them
+    /// reached (its keys were some of theirs, and an event none of them judged late yet is not
+    /// late); else, in a file of format 1, the stage's; else none (it folded nothing yet).
+    /// Never another worker's of the same count: that one may be batches ahead.
     pub fn event_time(&self, lane: usize, lanes: usize) -> Option<i64> {
         self.event_times
             .get(&(lanes, lane))
-            .or_else(|| self.event_times.values().min())
+            .or_else(|| {
+                self.event_times
+                    .iter()
+                    .filter(|((n, _), _)| *n != lanes)
+                    .map(|(_, ms)| ms)
+                    .min()
+            })
             .copied()
             .or(self.meta.max_event_ms)
     }
@@ -251,7 +259,7 @@ impl Checkpoints {
                 .map_err(|e| unreadable(&path, e))?
                 .map(|v| v.value());
             match format {
-                None => {
+                None | Some(1) => {
                     meta.insert("format", &FORMAT)
                         .map_err(|e| unreadable(&path, e))?;
                 }
@@ -265,7 +273,6 @@ impl Checkpoints {
             }
             txn.open_table(WINDOWS).map_err(|e| unreadable(&path, e))?;
             txn.open_table(STAGES).map_err(|e| unreadable(&path, e))?;
-            // A file written before workers kept their event times apart gets the table.
             txn.open_table(EVENT_TIMES)
                 .map_err(|e| unreadable(&path, e))?;
             txn.open_table(POSITIONS)
@@ -406,6 +413,49 @@ impl Checkpoints {
             });
         }
         Ok(restored)
+    }
+
+    /// Replaces `pipeline`'s event times with those its workers start from (`lanes` workers;
+    /// per stage, role and worker), at a start from the checkpoint: from then on the file holds
+    /// the event times of this run's workers only, not those of an earlier run on another
+    /// number of workers (stale, once this run folds further).
+    pub fn start_event_times(
+        &self,
+        pipeline: &str,
+        lanes: usize,
+        times: &[(&str, u8, usize, i64)],
+    ) -> Result<(), CheckpointError> {
+        let path = &self.path;
+        let fail = |e: redb::Error| unreadable(path, e);
+        let txn = self.db.begin_write().map_err(|e| fail(e.into()))?;
+        {
+            let mut table = txn.open_table(EVENT_TIMES).map_err(|e| fail(e.into()))?;
+            let mut stale: Vec<(String, u8, u32, u32)> = Vec::new();
+            for row in table
+                .range((pipeline, "", 0u8, 0u32, 0u32)..)
+                .map_err(|e| fail(e.into()))?
+            {
+                let (key, _) = row.map_err(|e| fail(e.into()))?;
+                let (p, stage, role, n, w) = key.value();
+                if p != pipeline {
+                    break;
+                }
+                stale.push((stage.to_owned(), role, n, w));
+            }
+            for (stage, role, n, w) in &stale {
+                table
+                    .remove((pipeline, stage.as_str(), *role, *n, *w))
+                    .map_err(|e| fail(e.into()))?;
+            }
+            // Worker counts are at most MAX_WORKERS.
+            for &(stage, role, lane, ms) in times {
+                table
+                    .insert((pipeline, stage, role, lanes as u32, lane as u32), ms)
+                    .map_err(|e| fail(e.into()))?;
+            }
+        }
+        txn.commit().map_err(|e| fail(e.into()))?;
+        Ok(())
     }
 
     /// A handle for a new pipeline `pipeline` (a reload restarting one passes the old handle

@@ -286,6 +286,19 @@ fn each_worker_restarts_from_its_own_event_time_and_other_worker_counts_from_the
     assert_eq!(sum.current.event_time(2, 3), Some(1500));
     assert_eq!(sum.current.event_time(0, 1), Some(1500));
     assert_eq!(sum.current.meta.max_event_ms, None);
+
+    // A restart on three workers starts them from 1500: the file then holds their event times
+    // only, and a worker of three that wrote none gets none, not another's (it may be ahead).
+    checkpoints
+        .start_event_times("totals", 3, &[("sum", 0, 0, 1500), ("sum", 0, 1, 1500)])
+        .expect("written");
+    let sum = &checkpoints.restore("totals").expect("read").stages["sum"];
+    assert_eq!(
+        sum.current.event_times,
+        BTreeMap::from([((3, 0), 1500), ((3, 1), 1500)])
+    );
+    assert_eq!(sum.current.event_time(2, 3), None);
+    assert_eq!(sum.current.event_time(1, 2), Some(1500));
 }
 
 #[test]
@@ -300,6 +313,35 @@ fn a_file_written_before_workers_kept_their_event_times_apart_gives_the_stages()
         windows: Vec::new(),
     };
     assert_eq!(state.event_time(1, 2), Some(700));
+}
+
+#[test]
+fn a_file_of_format_1_is_upgraded_and_one_of_a_later_format_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write_format = |format: u32| {
+        let db = Database::create(dir.path().join(FILE)).expect("a file");
+        let txn = db.begin_write().expect("a transaction");
+        txn.open_table(META)
+            .expect("the table")
+            .insert("format", &format)
+            .expect("written");
+        txn.commit().expect("committed");
+    };
+    write_format(1);
+    let checkpoints = Checkpoints::open(dir.path()).expect("upgraded");
+    assert_eq!(
+        checkpoints.restore("totals").expect("read"),
+        Restored::default()
+    );
+    drop(checkpoints);
+    write_format(3);
+    let error = Checkpoints::open(dir.path()).expect_err("refused");
+    assert!(
+        error
+            .to_string()
+            .contains("format 3, and this build reads format 2"),
+        "{error}"
+    );
 }
 
 #[test]

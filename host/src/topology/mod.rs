@@ -465,6 +465,20 @@ impl PipelineBuilder<'_> {
                     .collect();
                 let mut windows = 0;
                 let shares = lane_shares(saved, workers);
+                // Each worker's event time, as it starts: (stage, role, worker, ms).
+                let times: Vec<(String, u8, usize, i64)> = shares
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(lane, share)| {
+                        share.stages.iter().flat_map(move |(stage, s)| {
+                            let roles = [Some(&s.current), s.draining.as_ref()];
+                            roles.into_iter().enumerate().filter_map(move |(role, r)| {
+                                let ms = r?.meta.max_event_ms?;
+                                Some((stage.clone(), role as u8, lane, ms))
+                            })
+                        })
+                    })
+                    .collect();
                 for ((stages, share), old) in lanes.iter_mut().zip(shares).zip(&mut draining) {
                     let (previous, restored) = self.restore(stages, &targets, share, &held)?;
                     *old = previous;
@@ -477,6 +491,11 @@ impl PipelineBuilder<'_> {
                 }
                 let handle = self.checkpoints.pipeline(name);
                 if checkpointed {
+                    let times: Vec<(&str, u8, usize, i64)> = times
+                        .iter()
+                        .map(|(stage, role, lane, ms)| (stage.as_str(), *role, *lane, *ms))
+                        .collect();
+                    self.checkpoints.start_event_times(name, workers, &times)?;
                     (positions, resumed) = Resumed::from_checkpoint(rows);
                     Some(handle)
                 } else {
