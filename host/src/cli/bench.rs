@@ -278,12 +278,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     let mut native = Side::new()?;
     if let Some(dir) = &native_crate {
-        let exe = super::native_bench::build(dir)?;
+        let program = super::native_bench::build(dir)?;
         let withs = args.stage.withs()?;
         let config = args
             .stage
             .config(&withs, plugin.name(), plugin.name().to_owned())?;
-        for (took, out) in super::native_bench::run(&exe, &batches, &config.values, dir)? {
+        for (took, out) in super::native_bench::run(&program, &batches, &config.values)? {
             native.record(took, out)?;
         }
         print_sides(&wasm, &native, "native, own code", args.events);

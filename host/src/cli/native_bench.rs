@@ -4,7 +4,8 @@
 //! A plugin crate is an rlib as well as a cdylib, and `#[weir_sdk::filter]` and
 //! `#[weir_sdk::enrich]` give it, off wasm32, a public module `__weir_native`: `init`, and
 //! `call` (a batch's bytes verified and run through the plugin; the events out). This module
-//! writes a small program that depends on the crate (in `CRATE_DIR/target/weir-bench-native`),
+//! writes a small program that depends on the crate (in `TARGET/weir-bench-native/CRATE`, with
+//! TARGET the crate's target directory: `CARGO_TARGET_DIR`, else `CRATE_DIR/target`),
 //! builds it with the release profile plugins use (`opt-level = 3`, LTO, one codegen unit,
 //! `panic = "abort"`), hands it the stage's config and the batches in one file, and reads back
 //! one line per batch: nanoseconds and events out. Like the component, it is timed batch by
@@ -84,8 +85,17 @@ fn run() -> Result<(), String> {
 }
 "#;
 
-/// Writes and builds the program for the crate in `dir` (absolute); its executable.
-pub fn build(dir: &Path) -> Result<PathBuf> {
+/// The directory of the program for the crate `name` in `dir`, and cargo's target directory
+/// (the plugin's other builds go there too).
+fn places(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| dir.join("target"), PathBuf::from);
+    (target.join("weir-bench-native").join(name), target)
+}
+
+/// Writes and builds the program for the crate in `dir` (absolute); its executable and the
+/// directory it works in.
+pub fn build(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let manifest = dir.join("Cargo.toml");
     let text = std::fs::read_to_string(&manifest)
         .with_context(|| format!("cannot read {}", manifest.display()))?;
@@ -99,7 +109,7 @@ pub fn build(dir: &Path) -> Result<PathBuf> {
         bail!("{}: no [package] name", manifest.display());
     };
     let program = format!("weir-bench-native-{name}");
-    let work = dir.join("target").join("weir-bench-native");
+    let (work, target) = places(dir, name);
     std::fs::create_dir_all(work.join("src"))
         .with_context(|| format!("cannot create {}", work.display()))?;
     let cargo_toml = format!(
@@ -115,9 +125,18 @@ pub fn build(dir: &Path) -> Result<PathBuf> {
     };
     write(work.join("Cargo.toml"), &cargo_toml)?;
     write(work.join("src").join("main.rs"), MAIN)?;
-    // With the plugin's other builds: CARGO_TARGET_DIR when set, else the crate's target/.
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| dir.join("target"), PathBuf::from);
+    // The plugin's own lock file (its crate's, or its workspace's), so that the program builds
+    // the versions the component was built with, without asking the registry.
+    let lock = work.join("Cargo.lock");
+    if !lock.is_file()
+        && let Some(theirs) = dir
+            .ancestors()
+            .map(|d| d.join("Cargo.lock"))
+            .find(|l| l.is_file())
+    {
+        std::fs::copy(&theirs, &lock)
+            .with_context(|| format!("cannot copy {} to {}", theirs.display(), lock.display()))?;
+    }
     let target = target.display().to_string();
     let exe = cargo_build(
         dir,
@@ -129,16 +148,17 @@ pub fn build(dir: &Path) -> Result<PathBuf> {
                 .flatten()
         },
     )?;
-    exe.with_context(|| format!("cargo built no program `{program}` in {}", work.display()))
+    let exe =
+        exe.with_context(|| format!("cargo built no program `{program}` in {}", work.display()))?;
+    Ok((exe, work))
 }
 
-/// Runs the program `exe` over `batches` with the stage's config `values`; per batch, how long
-/// the plugin took and the events out.
+/// Runs the program `exe` (working in `work`) over `batches` with the stage's config `values`;
+/// per batch, how long the plugin took and the events out.
 pub fn run(
-    exe: &Path,
+    (exe, work): &(PathBuf, PathBuf),
     batches: &[Vec<u8>],
     values: &[(String, String)],
-    dir: &Path,
 ) -> Result<Vec<(Duration, usize)>> {
     // Little-endian u32 counts and lengths, as the program reads them.
     fn number(input: &mut Vec<u8>, n: usize) -> Result<()> {
@@ -161,10 +181,7 @@ pub fn run(
     for batch in batches {
         item(&mut input, batch)?;
     }
-    let file = dir
-        .join("target")
-        .join("weir-bench-native")
-        .join("batches.bin");
+    let file = work.join("batches.bin");
     std::fs::write(&file, &input).with_context(|| format!("cannot write {}", file.display()))?;
     let output = Command::new(exe)
         .arg(&file)
