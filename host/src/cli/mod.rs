@@ -3,6 +3,7 @@
 
 mod bench;
 mod build;
+mod build_python;
 mod checkpoint_bench;
 mod demo;
 mod deploy;
@@ -59,12 +60,14 @@ enum Command {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
-    /// Build a plugin crate into a WASI 0.2 component and check that it loads.
+    /// Build a plugin (a Rust crate, or a Python app.py) into a WASI 0.2 component and check
+    /// that it loads.
     Build {
-        /// The plugin crate's directory.
+        /// The plugin's directory: a Rust crate (Cargo.toml), or a Python plugin (app.py, built
+        /// with componentize-py, which weir installs).
         #[arg(default_value = ".")]
         dir: PathBuf,
-        /// Where to copy the component (default: ./CRATE_NAME.wasm).
+        /// Where to copy the component (default: ./NAME.wasm).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -218,7 +221,11 @@ fn load_plugin(runtime: &Runtime, path: &Path, command: &str) -> Result<Plugin> 
 }
 
 fn build(dir: &Path, out: Option<&Path>) -> Result<()> {
-    let wasm = build::compile(dir)?;
+    let wasm = if build_python::is_python(dir) {
+        build_python::compile(dir)?
+    } else {
+        build::compile(dir)?
+    };
     let plugin = load_plugin(&author_runtime()?, &wasm, "build")?;
     let file_name = wasm
         .file_name()

@@ -1,0 +1,164 @@
+//! The example plugins written in Python (plugins/python: drop-bots and geo-enrich), built by
+//! `weir build` (which installs componentize-py itself, pinned, once per machine), give exactly
+//! the outputs of the Rust ones in `weir test`, alone and in a chain mixing the two languages.
+//!
+//! Needs python3 with venv and pip (.ci/run installs them) and PyPI for componentize-py.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+mod plugins {
+    include!(concat!(env!("OUT_DIR"), "/plugin_paths.rs"));
+}
+
+/// The repository root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+        .to_path_buf()
+}
+
+/// A folder of the target directory, kept across runs: weir's tools (componentize-py's venv)
+/// and compile cache for these tests.
+fn kept(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("CARGO_TARGET_TMPDIR is inside the target directory")
+        .join(name)
+}
+
+/// Runs `weir ARGS` in `dir`.
+fn weir_output(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .current_dir(dir)
+        .env("WEIR_LOG", "warn")
+        .env("WEIR_TOOLS_DIR", kept("weir-tools"))
+        .env("WEIR_CACHE_DIR", kept("weir-compile-cache"))
+        .output()
+        .expect("run weir")
+}
+
+/// Runs `weir ARGS` in `dir`; fails the test unless it succeeds.
+fn weir(dir: &Path, args: &[&str]) -> Output {
+    let output = weir_output(dir, args);
+    assert!(
+        output.status.success(),
+        "weir {args:?} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// The Python examples, built once per test process: (drop-bots, geo-enrich).
+fn built() -> &'static (PathBuf, PathBuf) {
+    static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let out = kept("python-plugins");
+        std::fs::create_dir_all(&out).expect("a folder for the components");
+        let build = |name: &str| {
+            let wasm = out.join(format!("{name}_py.wasm"));
+            let dir = root().join("plugins/python").join(name);
+            let output = weir(
+                &root(),
+                &[
+                    "build",
+                    &dir.display().to_string(),
+                    "--out",
+                    &wasm.display().to_string(),
+                ],
+            );
+            let printed = String::from_utf8_lossy(&output.stdout);
+            assert!(printed.starts_with("built "), "{printed}");
+            wasm
+        };
+        (build("drop-bots"), build("geo-enrich"))
+    })
+}
+
+const TABLE: &str =
+    r#"table={ US = "United States", FR = "France", DE = "Germany", JP = "Japan" }"#;
+
+/// `weir test PLUGINS... --input clicks.jsonl --with TABLE`: what it prints on stdout.
+fn test_output(plugins: &[&Path]) -> String {
+    let fixtures = root().join("host/tests/fixtures");
+    let mut args: Vec<String> = plugins.iter().map(|p| p.display().to_string()).collect();
+    args.extend([
+        "--input".into(),
+        "clicks.jsonl".into(),
+        "--with".into(),
+        TABLE.into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut full = vec!["test"];
+    full.extend(args);
+    String::from_utf8(weir(&fixtures, &full).stdout).expect("UTF-8")
+}
+
+#[test]
+fn drop_bots_in_python_keeps_exactly_what_the_rust_one_keeps() {
+    let (drop_bots, _) = built();
+    let rust = test_output(&[Path::new(plugins::DROP_BOTS)]);
+    assert_eq!(rust.lines().count(), 4, "{rust}");
+    assert_eq!(test_output(&[drop_bots]), rust);
+}
+
+#[test]
+fn geo_enrich_in_python_gives_exactly_the_rust_ones_events() {
+    let (_, geo) = built();
+    let rust = test_output(&[Path::new(plugins::GEO_ENRICH)]);
+    assert_eq!(rust.lines().count(), 6, "{rust}");
+    assert!(rust.contains(r#""country":"France""#), "{rust}");
+    assert_eq!(test_output(&[geo]), rust);
+}
+
+#[test]
+fn a_chain_mixing_rust_and_python_gives_the_all_rust_chains_output() {
+    let (drop_bots, geo) = built();
+    let rust = test_output(&[
+        Path::new(plugins::DROP_BOTS),
+        Path::new(plugins::GEO_ENRICH),
+    ]);
+    assert_eq!(rust.lines().count(), 4, "{rust}");
+    assert_eq!(
+        test_output(&[Path::new(plugins::DROP_BOTS), geo]),
+        rust,
+        "Rust filter, Python enrich"
+    );
+    assert_eq!(
+        test_output(&[drop_bots, Path::new(plugins::GEO_ENRICH)]),
+        rust,
+        "Python filter, Rust enrich"
+    );
+}
+
+#[test]
+fn a_python_error_names_the_file_and_line_and_a_module_without_a_decorator_is_refused() {
+    // componentize-py is installed by then (one install at a time).
+    built();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let app = dir.path().join("app.py");
+    let error = |text: &str| {
+        std::fs::write(&app, text).expect("write app.py");
+        let output = weir_output(dir.path(), &["build", "."]);
+        assert_eq!(output.status.code(), Some(1));
+        String::from_utf8_lossy(&output.stderr).trim().to_owned()
+    };
+    assert_eq!(
+        error("import weir\n\n@weir.filter\ndef keep(event, config)\n    return True\n"),
+        format!(
+            "error: componentize-py could not build {}: SyntaxError: expected ':' (app.py, line 4)",
+            app.canonicalize().expect("app.py").display()
+        )
+    );
+    assert_eq!(
+        error("def keep(event, config):\n    return True\n"),
+        format!(
+            "error: {}: no @weir.filter or @weir.enrich: the module must decorate its plugin function with one (see docs/PLUGINS.md, Python)",
+            app.canonicalize().expect("app.py").display()
+        )
+    );
+}
