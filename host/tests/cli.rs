@@ -777,7 +777,7 @@ fn new_build_test_bench_a_filter() {
     assert_ne!(events_out(rows[1]).as_deref(), Some("5000"), "{bench}");
     assert_eq!(
         rows[4],
-        "  (native: `big_orders`'s own code built for this machine with the plugin's release profile, over the same batches)"
+        "  (native: `big_orders`'s own code in Rust, built for this machine with the plugin's release profile, over the same batches)"
     );
     let error = error_line(weir(dir.path(), &["new", "filter", "big-orders"]));
     assert_eq!(error, "error: ./big-orders already exists");

@@ -162,3 +162,32 @@ fn a_python_error_names_the_file_and_line_and_a_module_without_a_decorator_is_re
         )
     );
 }
+
+#[test]
+fn bench_of_a_python_plugin_runs_its_own_code_in_cpython_beside_the_component() {
+    built();
+    let dir = root()
+        .join("plugins/python/drop-bots")
+        .display()
+        .to_string();
+    let output = weir(
+        &root(),
+        &["bench", &dir, "--events", "3000", "--batch", "256"],
+    );
+    let out = String::from_utf8_lossy(&output.stdout);
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows.len(), 5, "{out}");
+    // One event in ten is a crawler: both sides keep 2700 of 3000.
+    assert!(
+        rows[1].starts_with("  plugin (wasm)") && rows[1].ends_with(" 2700"),
+        "{out}"
+    );
+    assert!(
+        rows[2].starts_with("  native, own code") && rows[2].ends_with(" 2700"),
+        "{out}"
+    );
+    assert_eq!(
+        rows[4],
+        "  (native: `drop_bots`'s own code in CPython, run by python3 with the same SDK, over the same batches)"
+    );
+}

@@ -215,17 +215,25 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         ..WorkloadSpec::default()
     };
     let batches = spec.batches(args.batch);
-    let (component, native_crate) = if plugin.is_dir() {
+    // A plugin's folder: its component, and its own code to run natively.
+    let (component, own_code) = if plugin.is_dir() && super::build_python::is_python(plugin) {
+        let dir = plugin
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", plugin.display()))?;
+        let wasm = super::build_python::compile(&dir)?;
+        let sdk = super::build_python::sdk_dir(&dir);
+        (wasm, Some(Own::Python(dir, sdk)))
+    } else if plugin.is_dir() {
         let dir = super::build::crate_dir(plugin)?;
-        (super::build::compile(&dir)?, Some(dir))
+        (super::build::compile(&dir)?, Some(Own::Rust(dir)))
     } else {
         (plugin.clone(), None)
     };
     let runtime = super::author_runtime()?;
     let plugin = super::load_plugin(&runtime, &component, "bench")?;
-    if native_crate.is_some() && plugin.kind() == PluginKind::Aggregate {
+    if own_code.is_some() && plugin.kind() == PluginKind::Aggregate {
         bail!(
-            "plugin `{}` is an aggregate: `weir bench CRATE_DIR` runs filters and enrich functions natively, not yet an aggregate's folds (their windows are the host's); bench its component, `weir bench {}`, whose native column is count-sum's work",
+            "plugin `{}` is an aggregate: `weir bench DIR` runs filters and enrich functions natively, not yet an aggregate's folds (their windows are the host's); bench its component, `weir bench {}`, whose native column is count-sum's work",
             plugin.name(),
             component.display()
         );
@@ -277,8 +285,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 
     let mut native = Side::new()?;
-    if let Some(dir) = &native_crate {
-        let program = super::native_bench::build(dir)?;
+    if let Some(own) = &own_code {
+        let program = match own {
+            Own::Rust(dir) => super::native_bench::build(dir)?,
+            Own::Python(dir, sdk) => super::native_bench::python(dir, sdk)?,
+        };
         let withs = args.stage.withs()?;
         let config = args
             .stage
@@ -287,9 +298,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             native.record(took, out)?;
         }
         print_sides(&wasm, &native, "native, own code", args.events);
+        let how = match own {
+            Own::Rust(_) => "built for this machine with the plugin's release profile",
+            Own::Python(..) => "run by python3 with the same SDK",
+        };
         println!(
-            "  (native: `{}`'s own code built for this machine with the plugin's release profile, over the same batches)",
-            plugin.name()
+            "  (native: `{}`'s own code in {}, {how}, over the same batches)",
+            plugin.name(),
+            program.language
         );
         return report(dead, retried, batches.len());
     }
@@ -327,6 +343,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     report(dead, retried, batches.len())
+}
+
+/// A plugin given by its folder: a Rust crate, or a Python plugin (and its SDK's folder).
+enum Own {
+    Rust(PathBuf),
+    Python(PathBuf, PathBuf),
 }
 
 /// The table: the plugin's row, the native row (labelled `native`), their ratio.

@@ -131,10 +131,21 @@ fn componentize_py() -> Result<PathBuf> {
     Ok(program)
 }
 
-/// Writes weir's WIT and Python SDK under `dir`; (the WIT folder, the SDK's parent folder).
+/// Where the build of the Python plugin in `dir` puts weir's WIT and SDK.
+fn support_dir(dir: &Path) -> PathBuf {
+    dir.join("target").join("weir-support")
+}
+
+/// The folder holding the SDK (`weir/`) that the plugin in `dir` was built with.
+pub fn sdk_dir(dir: &Path) -> PathBuf {
+    support_dir(dir).join("sdk")
+}
+
+/// Writes weir's WIT and Python SDK for the plugin in `dir`; (the WIT folder, the SDK's parent
+/// folder).
 fn support(dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    let wit = dir.join("wit");
-    let sdk = dir.join("sdk");
+    let wit = support_dir(dir).join("wit");
+    let sdk = sdk_dir(dir);
     let package = sdk.join("weir");
     for folder in [&wit, &package] {
         std::fs::create_dir_all(folder)
@@ -162,9 +173,8 @@ pub fn compile(dir: &Path) -> Result<PathBuf> {
         .context("the plugin's folder has no name")?
         .to_string_lossy()
         .replace('-', "_");
-    let target = dir.join("target");
-    let (wit, sdk) = support(&target.join("weir-support"))?;
-    let wasm = target.join(format!("{name}.wasm"));
+    let (wit, sdk) = support(dir)?;
+    let wasm = dir.join("target").join(format!("{name}.wasm"));
     let program = componentize_py()?;
     let output = Command::new(&program)
         .arg("-d")
