@@ -21,6 +21,10 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
 _I64 = struct.Struct("<q")
+# Bound once: every field read goes through these.
+_u16 = _U16.unpack_from
+_u32 = _U32.unpack_from
+_i32 = _I32.unpack_from
 
 IDENTIFIER = b"WEIR"
 
@@ -31,17 +35,17 @@ class BatchError(ValueError):
 
 def _field(buf, table, index):
     """The absolute position of field `index` of the table at `table`, or 0 when absent."""
-    vtable = table - _I32.unpack_from(buf, table)[0]
+    vtable = table - _i32(buf, table)[0]
     entry = 4 + 2 * index
-    if entry >= _U16.unpack_from(buf, vtable)[0]:
+    if entry >= _u16(buf, vtable)[0]:
         return 0
-    offset = _U16.unpack_from(buf, vtable + entry)[0]
+    offset = _u16(buf, vtable + entry)[0]
     return table + offset if offset else 0
 
 
 def _target(buf, at):
     """Where the unsigned offset stored at `at` points."""
-    return at + _U32.unpack_from(buf, at)[0]
+    return at + _u32(buf, at)[0]
 
 
 def _bytes(buf, table, index):
@@ -49,9 +53,9 @@ def _bytes(buf, table, index):
     at = _field(buf, table, index)
     if not at:
         return None
-    vector = _target(buf, at)
+    vector = at + _u32(buf, at)[0]
     start = vector + 4
-    return bytes(buf[start : start + _U32.unpack_from(buf, vector)[0]])
+    return buf[start : start + _u32(buf, vector)[0]]
 
 
 class Event:
@@ -107,10 +111,14 @@ class Event:
         if not at:
             return None
         wanted = name.encode("utf-8")
-        vector = _target(buf, at)
-        for i in range(_U32.unpack_from(buf, vector)[0]):
-            header = _target(buf, vector + 4 + 4 * i)
-            if _bytes(buf, header, 0) == wanted:
+        size = len(wanted)
+        vector = at + _u32(buf, at)[0]
+        for slot in range(vector + 4, vector + 4 + 4 * _u32(buf, vector)[0], 4):
+            header = slot + _u32(buf, slot)[0]
+            # The name's length first: only a name as long as the wanted one is compared.
+            named = _field(buf, header, 0)
+            text = named + _u32(buf, named)[0]
+            if _u32(buf, text)[0] == size and buf[text + 4 : text + 4 + size] == wanted:
                 return _bytes(buf, header, 1) or b""
         return None
 
