@@ -38,11 +38,10 @@ fn weir_with(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
         .expect("run weir")
 }
 
-/// The compile cache of this test binary's runs of weir.
-fn compile_cache() -> &'static Path {
-    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("a temp dir"))
-        .path()
+/// The compile cache of this test binary's runs of weir, kept under the target directory
+/// (Rust components build byte for byte the same, so it holds one entry per plugin).
+fn compile_cache() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-compile-cache")
 }
 
 fn stdout(output: &Output) -> String {

@@ -57,6 +57,9 @@ fn weir(dir: &Path, args: &[&str]) -> Output {
 fn built() -> &'static (PathBuf, PathBuf) {
     static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BUILT.get_or_init(|| {
+        // componentize-py's builds differ byte for byte from run to run: each run's components
+        // are new versions, so the cache starts empty rather than growing.
+        let _ = std::fs::remove_dir_all(kept("weir-compile-cache"));
         let out = kept("python-plugins");
         std::fs::create_dir_all(&out).expect("a folder for the components");
         let build = |name: &str| {

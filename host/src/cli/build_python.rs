@@ -4,7 +4,8 @@
 //!
 //! componentize-py is installed by weir itself, pinned, into a venv of its own under the tools
 //! directory (`$WEIR_TOOLS_DIR`, else `$XDG_CACHE_HOME/weir/tools`, else `~/.cache/weir/tools`),
-//! once: a stamp file in the venv records the version it holds. python3 with the venv module
+//! once (a lock file next to it makes concurrent builds wait for one install): a stamp file in
+//! the venv records the version it holds. python3 with the venv module
 //! is the one thing needed beforehand, and a missing one is an error saying what to install.
 
 use anyhow::{Context, Result, bail};
@@ -98,7 +99,21 @@ fn componentize_py() -> Result<PathBuf> {
     let venv = tools_dir()?.join(format!("componentize-py-{COMPONENTIZE_PY}"));
     let program = venv.join("bin").join("componentize-py");
     let stamp = venv.join("weir-installed");
-    if program.is_file() && stamp.is_file() {
+    let installed = || program.is_file() && stamp.is_file();
+    if installed() {
+        return Ok(program);
+    }
+    // One install at a time (another weir may be installing): a lock the system releases when
+    // its holder ends, however it ends. A venv cannot be moved once made, so it is made in place.
+    let tools = tools_dir()?;
+    std::fs::create_dir_all(&tools)
+        .with_context(|| format!("cannot create {}", tools.display()))?;
+    let lock_path = tools.join(format!("componentize-py-{COMPONENTIZE_PY}.lock"));
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("cannot create {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+    if installed() {
         return Ok(program);
     }
     eprintln!(

@@ -70,20 +70,27 @@ plugin = app.WitWorld.weir_plugin
 settings = weir.parse_config(config)
 if hasattr(app.WitWorld, "filter"):
     def call(batch):
-        bits = weir.keep_bitmap(plugin.function, settings, batch)
-        n = len(weir.Batch(batch))
-        return sum(bits[i >> 3] >> (i & 7) & 1 for i in range(n))
+        return weir.keep_bitmap(plugin.function, settings, batch)
+
+    def count(batch, bits):
+        return sum(bits[i >> 3] >> (i & 7) & 1 for i in range(len(weir.Batch(batch))))
 else:
     def call(batch):
-        return len(weir.Batch(weir.enrich_batch(plugin.function, settings, batch)))
+        return weir.enrich_batch(plugin.function, settings, batch)
+
+    def count(batch, output):
+        return len(weir.Batch(output))
+# What the plugin prints goes to stderr: stdout carries the timings.
+out, sys.stdout = sys.stdout, sys.stderr
 for batch in batches[:16]:
     call(batch)
 lines = []
 for batch in batches:
     start = time.perf_counter_ns()
-    events = call(batch)
-    lines.append("%d %d" % (time.perf_counter_ns() - start, events))
-print("\n".join(lines))
+    result = call(batch)
+    took = time.perf_counter_ns() - start
+    lines.append("%d %d" % (took, count(batch, result)))
+out.write("\n".join(lines) + "\n")
 "#;
 
 /// The Python plugin in `dir` (absolute), run by `python3` with the SDK in `sdk`.
@@ -168,12 +175,17 @@ fn run() -> Result<(), String> {
 }
 "#;
 
-/// The directory of the program for the crate `name` in `dir`, and cargo's target directory
-/// (the plugin's other builds go there too).
-fn places(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| dir.join("target"), PathBuf::from);
-    (target.join("weir-bench-native").join(name), target)
+/// The directory of the program for the crate `name` in `dir`, and the target directory it is
+/// built in: `CARGO_TARGET_DIR` (where the component was built), else the crate's `target/`.
+fn places(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        // Relative to where weir runs (cargo itself runs in the crate's folder).
+        Some(set) => std::env::current_dir()
+            .context("cannot read the current directory")?
+            .join(set),
+        None => dir.join("target"),
+    };
+    Ok((target.join("weir-bench-native").join(name), target))
 }
 
 /// Writes and builds the program for the crate in `dir` (absolute).
@@ -191,7 +203,7 @@ pub fn build(dir: &Path) -> Result<Program> {
         bail!("{}: no [package] name", manifest.display());
     };
     let program = format!("weir-bench-native-{name}");
-    let (work, target) = places(dir, name);
+    let (work, target) = places(dir, name)?;
     std::fs::create_dir_all(work.join("src"))
         .with_context(|| format!("cannot create {}", work.display()))?;
     let cargo_toml = format!(
@@ -207,14 +219,13 @@ pub fn build(dir: &Path) -> Result<Program> {
     };
     write(work.join("Cargo.toml"), &cargo_toml)?;
     write(work.join("src").join("main.rs"), MAIN)?;
-    // The plugin's own lock file (its crate's, or its workspace's), so that the program builds
-    // the versions the component was built with, without asking the registry.
+    // The plugin's own lock file (its crate's, or its workspace's), as it is now, so that the
+    // program builds the versions the component was built with, without asking the registry.
     let lock = work.join("Cargo.lock");
-    if !lock.is_file()
-        && let Some(theirs) = dir
-            .ancestors()
-            .map(|d| d.join("Cargo.lock"))
-            .find(|l| l.is_file())
+    if let Some(theirs) = dir
+        .ancestors()
+        .map(|d| d.join("Cargo.lock"))
+        .find(|l| l.is_file())
     {
         std::fs::copy(&theirs, &lock)
             .with_context(|| format!("cannot copy {} to {}", theirs.display(), lock.display()))?;
@@ -278,7 +289,12 @@ pub fn run(
         .args(rest)
         .arg(&file)
         .output()
-        .with_context(|| format!("cannot run {}", exe.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot run {} (a Python plugin's native side needs python3; a Rust one, the program built above)",
+                exe.display()
+            )
+        })?;
     if !output.status.success() {
         bail!(
             "the plugin's own code failed natively ({}): {}",
@@ -294,7 +310,13 @@ pub fn run(
             Some((Duration::from_nanos(ns.parse().ok()?), events.parse().ok()?))
         })
         .collect::<Option<_>>()
-        .with_context(|| format!("{} printed what weir bench cannot read", exe.display()))?;
+        .with_context(|| {
+            format!(
+                "{} printed what weir bench cannot read:\n{}",
+                exe.display(),
+                text.lines().take(5).collect::<Vec<_>>().join("\n")
+            )
+        })?;
     if times.len() != batches.len() {
         bail!(
             "{} timed {} batches of {}",

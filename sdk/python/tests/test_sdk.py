@@ -60,6 +60,15 @@ class Batches(unittest.TestCase):
         with self.assertRaises(IndexError):
             batch[3]
 
+    def test_only_text_and_bytes_are_written(self):
+        builder = BatchBuilder()
+        for bad in [dict(value=5), dict(headers=[("n", 5)]), dict(route=7), dict(key=1.5)]:
+            with self.assertRaises(TypeError):
+                builder.push(**bad)
+        builder.push(value=bytearray(b"v"), headers=[(b"n", memoryview(b"h"))], route=b"r")
+        (event,) = Batch(builder.finish())
+        self.assertEqual((event.value, event.headers, event.route), (b"v", [("n", b"h")], "r"))
+
     def test_an_empty_batch_and_a_foreign_buffer(self):
         self.assertEqual(len(Batch(BatchBuilder().finish())), 0)
         for junk in [b"", b"junk", b"\0\0\0\0NOPE"]:

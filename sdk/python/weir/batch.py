@@ -204,8 +204,8 @@ class BatchBuilder:
                 _as_bytes(value),
                 None if key is None else _as_bytes(key),
                 int(timestamp_ms),
-                [(str(n).encode("utf-8"), _as_bytes(v)) for n, v in headers],
-                None if route is None else str(route).encode("utf-8"),
+                [(_as_bytes(n), _as_bytes(v)) for n, v in headers],
+                None if route is None else _as_bytes(route),
                 int(source),
             )
         )
@@ -282,6 +282,10 @@ class BatchBuilder:
 
 
 def _as_bytes(data):
+    """`data` as bytes: str is UTF-8 encoded, bytes-like taken as is; anything else (a number,
+    None) is a TypeError rather than bytes nobody meant."""
     if isinstance(data, str):
         return data.encode("utf-8")
-    return bytes(data)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError("expected str or bytes, got %s %r" % (type(data).__name__, data))
