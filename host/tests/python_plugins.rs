@@ -194,3 +194,66 @@ fn bench_of_a_python_plugin_runs_its_own_code_in_cpython_beside_the_component() 
         "  (native: `drop_bots`'s own code in CPython, run by python3 with the same SDK, over the same batches)"
     );
 }
+
+#[test]
+fn new_scaffolds_a_python_filter_that_passes_its_own_test_builds_and_runs() {
+    built();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let created = weir(
+        dir.path(),
+        &["new", "filter", "big-orders", "--lang", "python"],
+    );
+    assert!(
+        String::from_utf8_lossy(&created.stdout).starts_with("created Filter plugin `big-orders`"),
+        "{}",
+        String::from_utf8_lossy(&created.stdout)
+    );
+    let own_test = Command::new("python3")
+        .args(["-m", "unittest"])
+        .current_dir(dir.path().join("big-orders"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .expect("python3 runs");
+    assert!(
+        own_test.status.success(),
+        "the scaffold's own test failed:\n{}",
+        String::from_utf8_lossy(&own_test.stderr)
+    );
+    weir(dir.path(), &["build", "big-orders"]);
+    let out = weir(
+        dir.path(),
+        &[
+            "test",
+            "big_orders.wasm",
+            "--input",
+            "big-orders/sample.jsonl",
+            "--with",
+            "min_amount=10",
+        ],
+    );
+    let sample =
+        std::fs::read_to_string(dir.path().join("big-orders/sample.jsonl")).expect("the sample");
+    let kept: Vec<&str> = sample
+        .lines()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("JSON");
+            v["value"]["amount"].as_f64().is_some_and(|a| a >= 10.0)
+        })
+        .collect();
+    assert_eq!(kept.len(), 3);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        kept
+    );
+    let refused = weir_output(
+        dir.path(),
+        &["new", "aggregate", "totals", "--lang", "python"],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stderr).trim(),
+        "error: `totals`: the Python SDK has no aggregates yet (filters and enrich functions): write an aggregate in Rust (`--lang rust`)"
+    );
+}

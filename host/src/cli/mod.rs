@@ -51,14 +51,18 @@ enum Command {
     New {
         /// The plugin kind.
         kind: new::Kind,
-        /// Crate name (also the directory created).
+        /// Plugin name (also the directory created).
         name: String,
-        /// Create the crate inside this directory instead of the current one.
+        /// Create the plugin inside this directory instead of the current one.
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Path of the weir-sdk crate to depend on (default: the SDK weir was built with).
+        /// Path of the weir-sdk crate to depend on (default: the SDK weir was built with; a
+        /// Python plugin takes its `python/` folder).
         #[arg(long)]
         sdk: Option<PathBuf>,
+        /// The language to write the plugin in (Python: filters and enrich functions).
+        #[arg(long, value_enum, default_value_t = new::Lang::Rust)]
+        lang: new::Lang,
     },
     /// Build a plugin (a Rust crate, or a Python app.py) into a WASI 0.2 component and check
     /// that it loads.
@@ -114,8 +118,9 @@ pub fn run(cli: Cli) -> Result<()> {
             name,
             dir,
             sdk,
+            lang,
         } => {
-            let root = new::run(kind, &name, dir.as_deref(), sdk.as_deref())?;
+            let root = new::run(kind, &name, dir.as_deref(), sdk.as_deref(), lang)?;
             println!("created {kind:?} plugin `{name}` in {}", root.display());
             println!("next: weir build {}", root.display());
             Ok(())

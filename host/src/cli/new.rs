@@ -1,5 +1,9 @@
-//! `weir new filter|enrich|aggregate NAME`: scaffolds a plugin crate that builds as-is and
-//! passes its own test.
+//! `weir new filter|enrich|aggregate NAME [--lang rust|python]`: scaffolds a plugin that builds
+//! as-is and passes its own test.
+//!
+//! A Python plugin (filters and enrich functions) is a folder with `app.py`, `test_app.py` (its
+//! native test: `python3 -m unittest`, with weir's Python SDK from this checkout on its path)
+//! and `sample.jsonl`; `weir build` makes its component.
 //!
 //! The templates live in host/templates/ and are compiled into the binary. The new crate depends
 //! on weir-sdk by path: the SDK of the checkout this binary was built from (weir-sdk is not on
@@ -39,6 +43,32 @@ impl Kind {
     }
 }
 
+/// The language a plugin is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lang {
+    /// A crate on weir-sdk, built with cargo.
+    Rust,
+    /// `app.py` on weir's Python SDK, built with componentize-py.
+    Python,
+}
+
+/// A Python plugin's templates: app.py and its test.
+fn python_templates(kind: Kind, name: &str) -> Result<(&'static str, &'static str)> {
+    match kind {
+        Kind::Filter => Ok((
+            include_str!("../../templates/python/filter/app.py.tmpl"),
+            include_str!("../../templates/python/filter/test_app.py.tmpl"),
+        )),
+        Kind::Enrich => Ok((
+            include_str!("../../templates/python/enrich/app.py.tmpl"),
+            include_str!("../../templates/python/enrich/test_app.py.tmpl"),
+        )),
+        Kind::Aggregate => bail!(
+            "`{name}`: the Python SDK has no aggregates yet (filters and enrich functions): write an aggregate in Rust (`--lang rust`)"
+        ),
+    }
+}
+
 const SAMPLE: &str = include_str!("../../templates/sample.jsonl");
 
 /// The SDK this binary was built with.
@@ -63,8 +93,18 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 /// Creates `dir/NAME` (or `./NAME`) and returns its path.
-pub fn run(kind: Kind, name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> Result<PathBuf> {
+pub fn run(
+    kind: Kind,
+    name: &str,
+    dir: Option<&Path>,
+    sdk: Option<&Path>,
+    lang: Lang,
+) -> Result<PathBuf> {
     check_name(name)?;
+    let python = match lang {
+        Lang::Python => Some(python_templates(kind, name)?),
+        Lang::Rust => None,
+    };
     let root = dir.unwrap_or(Path::new(".")).join(name);
     if root.exists() {
         bail!("{} already exists", root.display());
@@ -73,6 +113,12 @@ pub fn run(kind: Kind, name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> Re
     let sdk = sdk
         .canonicalize()
         .with_context(|| format!("weir-sdk not found at {}: pass --sdk PATH", sdk.display()))?;
+    // Python plugins take the SDK's Python package, beside the crate.
+    let sdk = if python.is_some() {
+        sdk.join("python")
+    } else {
+        sdk
+    };
     let crate_name = name.replace('-', "_");
     let fill = |template: &str| {
         template
@@ -80,6 +126,23 @@ pub fn run(kind: Kind, name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> Re
             .replace("{{crate_name}}", &crate_name)
             .replace("{{sdk_path}}", &sdk.display().to_string())
     };
+    if let Some((app, test)) = python {
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("cannot create {}", root.display()))?;
+        for (path, text) in [
+            (root.join("app.py"), fill(app)),
+            (root.join("test_app.py"), fill(test)),
+            (root.join("sample.jsonl"), SAMPLE.to_owned()),
+            (
+                root.join(".gitignore"),
+                "/target\n__pycache__/\n".to_owned(),
+            ),
+        ] {
+            std::fs::write(&path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        return Ok(root);
+    }
     let (cargo_toml, lib_rs) = kind.templates();
     let src = root.join("src");
     std::fs::create_dir_all(&src).with_context(|| format!("cannot create {}", src.display()))?;
