@@ -20,8 +20,8 @@
 //! measures the kafka sink against a plain rdkafka producer: see `kafka_bench.rs`; `weir bench
 //! --workers` measures a pipeline on 2 workers against 1: see `workers_bench.rs`.
 
-use super::StageArgs;
 use super::fanout_bench::KindChoice;
+use super::{PluginDir, StageArgs};
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use std::collections::HashMap;
@@ -216,16 +216,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let batches = spec.batches(args.batch);
     // A plugin's folder: its component, and its own code to run natively.
-    let (component, own_code) = if plugin.is_dir() && super::build_python::is_python(plugin) {
-        let dir = plugin
-            .canonicalize()
-            .with_context(|| format!("cannot resolve {}", plugin.display()))?;
-        let wasm = super::build_python::compile(&dir)?;
-        let sdk = super::build_python::sdk_dir(&dir);
-        (wasm, Some(Own::Python(dir, sdk)))
-    } else if plugin.is_dir() {
-        let dir = super::build::crate_dir(plugin)?;
-        (super::build::compile(&dir)?, Some(Own::Rust(dir)))
+    let (component, own_code) = if plugin.is_dir() {
+        let own = PluginDir::open(plugin)?;
+        (own.compile()?, Some(own))
     } else {
         (plugin.clone(), None)
     };
@@ -287,8 +280,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut native = Side::new()?;
     if let Some(own) = &own_code {
         let program = match own {
-            Own::Rust(dir) => super::native_bench::build(dir)?,
-            Own::Python(dir, sdk) => super::native_bench::python(dir, sdk)?,
+            PluginDir::Rust(dir) => super::native_bench::build(dir)?,
+            PluginDir::Python(dir) => {
+                super::native_bench::python(dir, &super::build_python::sdk_dir(dir))?
+            }
         };
         let withs = args.stage.withs()?;
         let config = args
@@ -299,8 +294,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         print_sides(&wasm, &native, "native, own code", args.events);
         let how = match own {
-            Own::Rust(_) => "built for this machine with the plugin's release profile",
-            Own::Python(..) => "run by python3 with the same SDK",
+            PluginDir::Rust(_) => "built for this machine with the plugin's release profile",
+            PluginDir::Python(_) => "run by python3 with the same SDK",
         };
         println!(
             "  (native: `{}`'s own code in {}, {how}, over the same batches)",
@@ -343,12 +338,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     report(dead, retried, batches.len())
-}
-
-/// A plugin given by its folder: a Rust crate, or a Python plugin (and its SDK's folder).
-enum Own {
-    Rust(PathBuf),
-    Python(PathBuf, PathBuf),
 }
 
 /// The table: the plugin's row, the native row (labelled `native`), their ratio.

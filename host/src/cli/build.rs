@@ -30,9 +30,9 @@ fn check_target(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds the crate in `dir` and returns the path of its component in cargo's target directory.
+/// Builds the crate in `dir` (absolute: [`crate_dir`]) and returns the path of its component
+/// in cargo's target directory.
 pub fn compile(dir: &Path) -> Result<PathBuf> {
-    let dir = &crate_dir(dir)?;
     check_target(dir)?;
     let wasm = cargo_build(
         dir,

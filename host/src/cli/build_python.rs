@@ -67,14 +67,10 @@ fn world(app: &Path) -> Result<&'static str> {
 
 /// Where weir keeps the tools it installs.
 fn tools_dir() -> Result<PathBuf> {
-    let var = |name| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    var("WEIR_TOOLS_DIR")
-        .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("weir").join("tools")))
-        .or_else(|| var("HOME").map(|h| h.join(".cache").join("weir").join("tools")))
+    std::env::var_os("WEIR_TOOLS_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| weir::runtime::weir_cache_home().map(|weir| weir.join("tools")))
         .context("no directory for weir's tools: set WEIR_TOOLS_DIR (or HOME)")
 }
 
@@ -176,12 +172,9 @@ fn support(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((wit, sdk))
 }
 
-/// Builds the Python plugin in `dir`: the component, in `dir/target/NAME.wasm`, NAME being the
+/// Builds the Python plugin in `dir` (absolute): the component, in `dir/target/NAME.wasm`, NAME being the
 /// folder's name with `-` as `_`.
 pub fn compile(dir: &Path) -> Result<PathBuf> {
-    let dir = &dir
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", dir.display()))?;
     let kind = world(&dir.join("app.py"))?;
     let name = dir
         .file_name()

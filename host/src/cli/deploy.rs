@@ -16,8 +16,8 @@ use weir::admin::client::DeployRequest;
 pub struct DeployArgs {
     /// The stage: `PIPELINE/STAGE`, as `weir plugins` lists it.
     target: String,
-    /// The component (`.wasm`), or a plugin crate's directory (built with `weir build`'s
-    /// rules first).
+    /// The component (`.wasm`), or a plugin's folder, a crate or a Python app.py (built with
+    /// `weir build`'s rules first).
     path: PathBuf,
     /// Batches the new version takes on probation before the old one is dropped (default:
     /// the router's, 100).
@@ -46,7 +46,7 @@ enum StateArg {
 pub fn run(args: &DeployArgs) -> Result<()> {
     let (pipeline, stage) = super::split_target(&args.target)?;
     let wasm = if args.path.is_dir() {
-        let wasm = super::build::compile(&args.path)?;
+        let wasm = super::PluginDir::open(&args.path)?.compile()?;
         eprintln!("built {}", wasm.display());
         wasm
     } else {

@@ -225,12 +225,34 @@ fn load_plugin(runtime: &Runtime, path: &Path, command: &str) -> Result<Plugin> 
     Ok(plugin)
 }
 
+/// A plugin's folder, absolute: a Rust crate, or a Python plugin (`app.py`, no Cargo.toml).
+enum PluginDir {
+    Rust(PathBuf),
+    Python(PathBuf),
+}
+
+impl PluginDir {
+    fn open(dir: &Path) -> Result<PluginDir> {
+        if build_python::is_python(dir) {
+            let dir = dir
+                .canonicalize()
+                .with_context(|| format!("cannot resolve {}", dir.display()))?;
+            return Ok(PluginDir::Python(dir));
+        }
+        Ok(PluginDir::Rust(build::crate_dir(dir)?))
+    }
+
+    /// Builds its component; the component's path.
+    fn compile(&self) -> Result<PathBuf> {
+        match self {
+            PluginDir::Rust(dir) => build::compile(dir),
+            PluginDir::Python(dir) => build_python::compile(dir),
+        }
+    }
+}
+
 fn build(dir: &Path, out: Option<&Path>) -> Result<()> {
-    let wasm = if build_python::is_python(dir) {
-        build_python::compile(dir)?
-    } else {
-        build::compile(dir)?
-    };
+    let wasm = PluginDir::open(dir)?.compile()?;
     let plugin = load_plugin(&author_runtime()?, &wasm, "build")?;
     let file_name = wasm
         .file_name()

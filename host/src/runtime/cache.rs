@@ -187,13 +187,24 @@ impl CompileCache {
 
 /// [`CompileCache::user_dir`] with the environment read through `var`.
 fn user_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
-    let set = |name| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(dir) = var("WEIR_CACHE_DIR") {
         return (!dir.is_empty()).then(|| PathBuf::from(dir));
     }
+    weir_cache_home_from(var).map(|weir| weir.join("compiled"))
+}
+
+/// weir's folder among the user's caches: `$XDG_CACHE_HOME/weir`, else `$HOME/.cache/weir`
+/// (the compile cache's and the tools' default home); `None` without a home.
+pub fn weir_cache_home() -> Option<PathBuf> {
+    weir_cache_home_from(|name| std::env::var_os(name))
+}
+
+/// [`weir_cache_home`] with the environment read through `var`.
+fn weir_cache_home_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let set = |name| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     set("XDG_CACHE_HOME")
         .or_else(|| set("HOME").map(|home| home.join(".cache")))
-        .map(|cache| cache.join("weir").join("compiled"))
+        .map(|cache| cache.join("weir"))
 }
 
 /// The artifact of a cache entry, or what is wrong with it.

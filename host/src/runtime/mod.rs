@@ -46,7 +46,7 @@ mod instance;
 mod plugin;
 mod sandbox;
 
-pub use cache::{CompileCache, Compiled, Digest};
+pub use cache::{CompileCache, Compiled, Digest, weir_cache_home};
 pub use error::PluginError;
 pub use error::PluginKind;
 pub use instance::{Instance, Limits, StageConfig};
