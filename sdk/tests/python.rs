@@ -4,9 +4,12 @@
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
+use common::events;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use weir_format::{Batch, BatchBuilder, Event};
+use weir_format::{Batch, BatchBuilder};
+
+mod common;
 
 /// `sdk/python`.
 fn package() -> PathBuf {
@@ -40,22 +43,6 @@ fn the_python_unit_tests_pass() {
     let output = python(&["-m", "unittest", "discover", "-s", "tests"], b"");
     let report = String::from_utf8_lossy(&output.stderr);
     assert!(report.trim_end().ends_with("OK"), "{report}");
-}
-
-/// The events both sides write and read: absent and empty fields, repeated and binary headers,
-/// negative and large timestamps, non-ASCII text.
-fn events() -> Vec<Event> {
-    vec![
-        Event::new("v1", -5)
-            .with_key("k")
-            .with_header("a", "1")
-            .with_header("a", "2")
-            .with_route("eu"),
-        Event::new("", 1 << 40),
-        Event::new((0..=255u8).collect::<Vec<u8>>(), 3)
-            .with_header("bin", [0u8, 255, 10])
-            .with_header("é", "ü"),
-    ]
 }
 
 /// The Python side of [`events`].
