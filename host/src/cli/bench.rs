@@ -35,9 +35,10 @@ use weir_format::Batch;
 /// Arguments of `weir bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// The plugin component (.wasm), or a plugin crate's directory: its component is built
-    /// (as `weir build` does) and, for a filter or an enrich, its own code is also built for
-    /// this machine and timed natively over the same batches.
+    /// The plugin component (.wasm), or a plugin's directory (a Rust crate, a Python or a
+    /// JavaScript plugin): its component is built (as `weir build` does) and, for a filter or
+    /// an enrich, its own code is also run natively (built for this machine, in CPython, in
+    /// Node.js) and timed over the same batches.
     #[arg(required_unless_present_any = ["e2e", "fanout", "deploy", "checkpoint", "kafka", "workers"])]
     plugin: Option<PathBuf>,
     /// Instead of a plugin: ingest over QUIC on loopback, weir (identity plugin, null sink)
@@ -284,6 +285,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             PluginDir::Python(dir) => {
                 super::native_bench::python(dir, &super::build_python::sdk_dir(dir))?
             }
+            PluginDir::JavaScript(dir) => super::native_bench::javascript(dir)?,
         };
         let withs = args.stage.withs()?;
         let config = args
@@ -296,6 +298,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let how = match own {
             PluginDir::Rust(_) => "built for this machine with the plugin's release profile",
             PluginDir::Python(_) => "run by python3 with the same SDK",
+            PluginDir::JavaScript(_) => "run by node with the same SDK",
         };
         println!(
             "  (native: `{}`'s own code in {}, {how}, over the same batches)",

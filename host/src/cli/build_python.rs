@@ -2,12 +2,11 @@
 //! or `@weir.enrich` names the world. componentize-py builds the component, with weir's WIT and
 //! Python SDK (both carried in the weir binary, so the build needs nothing else of weir's).
 //!
-//! componentize-py is installed by weir itself, pinned, into a venv of its own under the tools
-//! directory (`$WEIR_TOOLS_DIR`, else `$XDG_CACHE_HOME/weir/tools`, else `~/.cache/weir/tools`),
-//! once (a lock file next to it makes concurrent builds wait for one install): a stamp file in
-//! the venv records the version it holds. python3 with the venv module
-//! is the one thing needed beforehand, and a missing one is an error saying what to install.
+//! componentize-py is installed by weir itself, pinned, into a venv of its own in the tools
+//! directory (see `tools`). python3 with the venv module is the one thing needed beforehand, and
+//! a missing one is an error saying what to install.
 
+use super::tools;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -65,81 +64,32 @@ fn world(app: &Path) -> Result<&'static str> {
     }
 }
 
-/// Where weir keeps the tools it installs.
-fn tools_dir() -> Result<PathBuf> {
-    std::env::var_os("WEIR_TOOLS_DIR")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| weir::runtime::weir_cache_home().map(|weir| weir.join("tools")))
-        .context("no directory for weir's tools: set WEIR_TOOLS_DIR (or HOME)")
-}
-
-/// Runs `command`, failing with its output and `hint`.
-fn run(command: &mut Command, what: &str, hint: &str) -> Result<()> {
-    let output = command
-        .output()
-        .with_context(|| format!("{what}: cannot run it; {hint}"))?;
-    if !output.status.success() {
-        bail!(
-            "{what} failed ({}):\n{}{}{hint}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(())
-}
-
 /// componentize-py, installed into its venv the first time.
 fn componentize_py() -> Result<PathBuf> {
-    let venv = tools_dir()?.join(format!("componentize-py-{COMPONENTIZE_PY}"));
-    let program = venv.join("bin").join("componentize-py");
-    let stamp = venv.join("weir-installed");
-    let installed = || program.is_file() && stamp.is_file();
-    if installed() {
-        return Ok(program);
-    }
-    // One install at a time (another weir may be installing): a lock the system releases when
-    // its holder ends, however it ends. A venv cannot be moved once made, so it is made in place.
-    let tools = tools_dir()?;
-    std::fs::create_dir_all(&tools)
-        .with_context(|| format!("cannot create {}", tools.display()))?;
-    let lock_path = tools.join(format!("componentize-py-{COMPONENTIZE_PY}.lock"));
-    let lock = std::fs::File::create(&lock_path)
-        .with_context(|| format!("cannot create {}", lock_path.display()))?;
-    lock.lock()
-        .with_context(|| format!("cannot lock {}", lock_path.display()))?;
-    if installed() {
-        return Ok(program);
-    }
-    eprintln!(
-        "weir build: installing componentize-py {COMPONENTIZE_PY} into {} (once)",
-        venv.display()
-    );
-    run(
-        Command::new("python3")
-            .args(["-m", "venv", "--clear"])
-            .arg(&venv),
-        &format!("python3 -m venv {}", venv.display()),
-        MISSING_PYTHON,
-    )?;
-    run(
-        Command::new(venv.join("bin").join("python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-input",
-            ])
-            .arg(format!("componentize-py=={COMPONENTIZE_PY}")),
-        &format!("pip install componentize-py=={COMPONENTIZE_PY}"),
-        "pip could not install it: is PyPI reachable?",
-    )?;
-    std::fs::write(&stamp, COMPONENTIZE_PY)
-        .with_context(|| format!("cannot write {}", stamp.display()))?;
-    Ok(program)
+    let venv = tools::installed(&format!("componentize-py-{COMPONENTIZE_PY}"), |venv| {
+        tools::run(
+            Command::new("python3")
+                .args(["-m", "venv", "--clear"])
+                .arg(venv),
+            &format!("python3 -m venv {}", venv.display()),
+            MISSING_PYTHON,
+        )?;
+        tools::run(
+            Command::new(venv.join("bin").join("python"))
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--no-input",
+                ])
+                .arg(format!("componentize-py=={COMPONENTIZE_PY}")),
+            &format!("pip install componentize-py=={COMPONENTIZE_PY}"),
+            "pip could not install it: is PyPI reachable?",
+        )
+    })?;
+    Ok(venv.join("bin").join("componentize-py"))
 }
 
 /// Where the build of the Python plugin in `dir` puts weir's WIT and SDK.

@@ -3,6 +3,7 @@
 
 mod bench;
 mod build;
+mod build_js;
 mod build_python;
 mod checkpoint_bench;
 mod demo;
@@ -22,6 +23,7 @@ mod send;
 mod serve;
 mod tap;
 mod test;
+mod tools;
 mod top;
 mod workers_bench;
 
@@ -57,18 +59,20 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Path of the weir-sdk crate to depend on (default: the SDK weir was built with; a
-        /// Python plugin takes its `python/` folder).
+        /// Python plugin takes its `python/` folder, a JavaScript one its `js/` folder).
         #[arg(long)]
         sdk: Option<PathBuf>,
-        /// The language to write the plugin in (Python: filters and enrich functions).
+        /// The language to write the plugin in (Python and JavaScript: filters and enrich
+        /// functions).
         #[arg(long, value_enum, default_value_t = new::Lang::Rust)]
         lang: new::Lang,
     },
-    /// Build a plugin (a Rust crate, or a Python app.py) into a WASI 0.2 component and check
-    /// that it loads.
+    /// Build a plugin (a Rust crate, a Python app.py, or a JavaScript app.js or app.ts) into a
+    /// WASI 0.2 component and check that it loads.
     Build {
-        /// The plugin's directory: a Rust crate (Cargo.toml), or a Python plugin (app.py, built
-        /// with componentize-py, which weir installs).
+        /// The plugin's directory: a Rust crate (Cargo.toml), a Python plugin (app.py, built
+        /// with componentize-py, which weir installs) or a JavaScript one (app.js or app.ts,
+        /// built with esbuild and componentize-js, which weir installs).
         #[arg(default_value = ".")]
         dir: PathBuf,
         /// Where to copy the component (default: ./NAME.wasm).
@@ -225,19 +229,25 @@ fn load_plugin(runtime: &Runtime, path: &Path, command: &str) -> Result<Plugin> 
     Ok(plugin)
 }
 
-/// A plugin's folder, absolute: a Rust crate, or a Python plugin (`app.py`, no Cargo.toml).
+/// A plugin's folder, absolute: a Rust crate, a Python plugin (`app.py`, no Cargo.toml) or a
+/// JavaScript one (`app.js` or `app.ts`, no Cargo.toml).
 enum PluginDir {
     Rust(PathBuf),
     Python(PathBuf),
+    JavaScript(PathBuf),
 }
 
 impl PluginDir {
     fn open(dir: &Path) -> Result<PluginDir> {
+        let resolved = || {
+            dir.canonicalize()
+                .with_context(|| format!("cannot resolve {}", dir.display()))
+        };
         if build_python::is_python(dir) {
-            let dir = dir
-                .canonicalize()
-                .with_context(|| format!("cannot resolve {}", dir.display()))?;
-            return Ok(PluginDir::Python(dir));
+            return Ok(PluginDir::Python(resolved()?));
+        }
+        if build_js::app(dir).is_some() {
+            return Ok(PluginDir::JavaScript(resolved()?));
         }
         Ok(PluginDir::Rust(build::crate_dir(dir)?))
     }
@@ -247,6 +257,7 @@ impl PluginDir {
         match self {
             PluginDir::Rust(dir) => build::compile(dir),
             PluginDir::Python(dir) => build_python::compile(dir),
+            PluginDir::JavaScript(dir) => build_js::compile(dir),
         }
     }
 }

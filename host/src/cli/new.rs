@@ -1,9 +1,13 @@
-//! `weir new filter|enrich|aggregate NAME [--lang rust|python]`: scaffolds a plugin that builds
-//! as-is and passes its own test.
+//! `weir new filter|enrich|aggregate NAME [--lang rust|python|js]`: scaffolds a plugin that
+//! builds as-is and passes its own test.
 //!
 //! A Python plugin (filters and enrich functions) is a folder with `app.py`, `test_app.py` (its
 //! native test: `python3 -m unittest`, with weir's Python SDK from this checkout on its path)
 //! and `sample.jsonl`; `weir build` makes its component.
+//!
+//! A JavaScript plugin (filters and enrich functions) is a folder with `app.js`, `app.test.js`
+//! (its native test: `npm install && npm test`, `package.json` naming this checkout's
+//! JavaScript SDK as the `weir` package) and `sample.jsonl`; `weir build` makes its component.
 //!
 //! The templates live in host/templates/ and are compiled into the binary. The new crate depends
 //! on weir-sdk by path: the SDK of the checkout this binary was built from (weir-sdk is not on
@@ -50,21 +54,73 @@ pub enum Lang {
     Rust,
     /// `app.py` on weir's Python SDK, built with componentize-py.
     Python,
+    /// `app.js` on weir's JavaScript SDK, built with componentize-js.
+    Js,
 }
 
-/// A Python plugin's templates: app.py and its test.
-fn python_templates(kind: Kind, name: &str) -> Result<(&'static str, &'static str)> {
+/// A plugin's files in a language other than Rust: (file name, template) pairs.
+type Files = Vec<(&'static str, &'static str)>;
+
+/// A Python plugin's files: app.py and its test.
+fn python_files(kind: Kind, name: &str) -> Result<Files> {
     match kind {
-        Kind::Filter => Ok((
-            include_str!("../../templates/python/filter/app.py.tmpl"),
-            include_str!("../../templates/python/filter/test_app.py.tmpl"),
-        )),
-        Kind::Enrich => Ok((
-            include_str!("../../templates/python/enrich/app.py.tmpl"),
-            include_str!("../../templates/python/enrich/test_app.py.tmpl"),
-        )),
+        Kind::Filter => Ok(vec![
+            (
+                "app.py",
+                include_str!("../../templates/python/filter/app.py.tmpl"),
+            ),
+            (
+                "test_app.py",
+                include_str!("../../templates/python/filter/test_app.py.tmpl"),
+            ),
+        ]),
+        Kind::Enrich => Ok(vec![
+            (
+                "app.py",
+                include_str!("../../templates/python/enrich/app.py.tmpl"),
+            ),
+            (
+                "test_app.py",
+                include_str!("../../templates/python/enrich/test_app.py.tmpl"),
+            ),
+        ]),
         Kind::Aggregate => bail!(
             "`{name}`: the Python SDK has no aggregates yet (filters and enrich functions): write an aggregate in Rust (`--lang rust`)"
+        ),
+    }
+}
+
+/// A JavaScript plugin's files: app.js, its test and package.json.
+fn js_files(kind: Kind, name: &str) -> Result<Files> {
+    let package = (
+        "package.json",
+        include_str!("../../templates/js/package.json.tmpl"),
+    );
+    match kind {
+        Kind::Filter => Ok(vec![
+            (
+                "app.js",
+                include_str!("../../templates/js/filter/app.js.tmpl"),
+            ),
+            (
+                "app.test.js",
+                include_str!("../../templates/js/filter/app.test.js.tmpl"),
+            ),
+            package,
+        ]),
+        Kind::Enrich => Ok(vec![
+            (
+                "app.js",
+                include_str!("../../templates/js/enrich/app.js.tmpl"),
+            ),
+            (
+                "app.test.js",
+                include_str!("../../templates/js/enrich/app.test.js.tmpl"),
+            ),
+            package,
+        ]),
+        Kind::Aggregate => bail!(
+            "`{name}`: the JavaScript SDK has no aggregates yet (filters and enrich functions): write an aggregate in Rust (`--lang rust`)"
         ),
     }
 }
@@ -101,9 +157,15 @@ pub fn run(
     lang: Lang,
 ) -> Result<PathBuf> {
     check_name(name)?;
-    let python = match lang {
-        Lang::Python => Some(python_templates(kind, name)?),
+    // Other languages' files, their SDK's folder and what git ignores.
+    let other = match lang {
         Lang::Rust => None,
+        Lang::Python => Some((
+            python_files(kind, name)?,
+            "python",
+            "/target\n__pycache__/\n",
+        )),
+        Lang::Js => Some((js_files(kind, name)?, "js", "/target\nnode_modules/\n")),
     };
     let root = dir.unwrap_or(Path::new(".")).join(name);
     if root.exists() {
@@ -113,11 +175,10 @@ pub fn run(
     let sdk = sdk
         .canonicalize()
         .with_context(|| format!("weir-sdk not found at {}: pass --sdk PATH", sdk.display()))?;
-    // Python plugins take the SDK's Python package, beside the crate.
-    let sdk = if python.is_some() {
-        sdk.join("python")
-    } else {
-        sdk
+    // Other languages take their SDK from its folder beside the crate.
+    let sdk = match &other {
+        Some((_, folder, _)) => sdk.join(folder),
+        None => sdk,
     };
     let crate_name = name.replace('-', "_");
     let fill = |template: &str| {
@@ -126,18 +187,16 @@ pub fn run(
             .replace("{{crate_name}}", &crate_name)
             .replace("{{sdk_path}}", &sdk.display().to_string())
     };
-    if let Some((app, test)) = python {
+    if let Some((files, _, ignored)) = other {
         std::fs::create_dir_all(&root)
             .with_context(|| format!("cannot create {}", root.display()))?;
-        for (path, text) in [
-            (root.join("app.py"), fill(app)),
-            (root.join("test_app.py"), fill(test)),
+        let files = files
+            .into_iter()
+            .map(|(file, template)| (root.join(file), fill(template)));
+        for (path, text) in files.chain([
             (root.join("sample.jsonl"), SAMPLE.to_owned()),
-            (
-                root.join(".gitignore"),
-                "/target\n__pycache__/\n".to_owned(),
-            ),
-        ] {
+            (root.join(".gitignore"), ignored.to_owned()),
+        ]) {
             std::fs::write(&path, text)
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }
