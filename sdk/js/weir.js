@@ -350,12 +350,15 @@ class Writer {
     return at;
   }
 
+  // Each write takes its place before it reads `view`: making room may replace the buffer.
   u16(value) {
-    this.view.setUint16(this.zeros(2), value, true);
+    const at = this.zeros(2);
+    this.view.setUint16(at, value, true);
   }
 
   u32(value) {
-    this.view.setUint32(this.zeros(4), value, true);
+    const at = this.zeros(4);
+    this.view.setUint32(at, value, true);
   }
 
   /** Points the offset at `at` to here. */
@@ -464,7 +467,8 @@ export class BatchBuilder {
           w.pad(4);
           const header = w.length;
           w.point(headerSlots + 4 * j);
-          w.view.setInt32(w.zeros(12), header - headerVtable, true);
+          const at = w.zeros(12);
+          w.view.setInt32(at, header - headerVtable, true);
           w.vector(header + 4, name, true);
           w.vector(header + 8, value, false);
         });
@@ -601,7 +605,11 @@ export function enrichBatch(fn, config, batch) {
   } catch (e) {
     throw failure(`event ${i}: ${describe(e)}`);
   }
-  return builder.finish();
+  try {
+    return builder.finish();
+  } catch (e) {
+    throw failure(`the output batch: ${describe(e)}`);
+  }
 }
 
 /** The world's exports around `fn`: `init` and the call named `kind`. */

@@ -145,3 +145,21 @@ test("a batch at an odd place in its buffer reads the same", () => {
     });
   }
 });
+
+test("a batch far bigger than the builder's first buffer is written whole", () => {
+  // Sizes that make the buffer grow at every kind of write: scalars, offsets, vectors.
+  for (const size of [0, 1, 2, 3, 5, 7, 300]) {
+    const builder = new BatchBuilder();
+    const value = "x".repeat(size);
+    for (let i = 0; i < 700; i++) {
+      builder.push({ value, key: i % 2 ? `k${i}` : null, timestampMs: i, headers: [["n", String(i)]], route: i % 3 !== 1 ? "r" : null, source: i });
+    }
+    const batch = new Batch(builder.finish());
+    assert.equal(batch.length, 700);
+    const last = batch.at(-1);
+    assert.deepEqual(
+      [last.text(), weir.text(last.key), last.timestampMs, last.headerText("n"), last.route, last.source],
+      [value, "k699", 699, "699", "r", 699],
+    );
+  }
+});
