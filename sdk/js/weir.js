@@ -312,74 +312,6 @@ function asBytes(data, what) {
   throw new TypeError(`${what}: expected a string or a Uint8Array, got ${data === null ? "null" : typeof data}`);
 }
 
-/** A buffer written front to back. */
-class Writer {
-  constructor() {
-    this.bytes = new Uint8Array(4096);
-    this.view = new DataView(this.bytes.buffer);
-    this.length = 0;
-  }
-
-  reserve(n) {
-    if (this.length + n > this.bytes.length) {
-      let size = this.bytes.length * 2;
-      while (size < this.length + n) {
-        size *= 2;
-      }
-      const bigger = new Uint8Array(size);
-      bigger.set(this.bytes.subarray(0, this.length));
-      this.bytes = bigger;
-      this.view = new DataView(bigger.buffer);
-    }
-  }
-
-  /** Zeroes up to the next multiple of `align`. */
-  pad(align) {
-    const n = -this.length & (align - 1);
-    this.reserve(n);
-    this.bytes.fill(0, this.length, this.length + n);
-    this.length += n;
-  }
-
-  /** Appends `n` zero bytes; where they start. */
-  zeros(n) {
-    this.reserve(n);
-    const at = this.length;
-    this.bytes.fill(0, at, at + n);
-    this.length += n;
-    return at;
-  }
-
-  // Each write takes its place before it reads `view`: making room may replace the buffer.
-  u16(value) {
-    const at = this.zeros(2);
-    this.view.setUint16(at, value, true);
-  }
-
-  u32(value) {
-    const at = this.zeros(4);
-    this.view.setUint32(at, value, true);
-  }
-
-  /** Points the offset at `at` to here. */
-  point(at) {
-    this.view.setUint32(at, this.length - at, true);
-  }
-
-  /** Writes `data` as a byte vector (a string: with its NUL), pointed to from `at`. */
-  vector(at, data, string) {
-    this.pad(4);
-    this.point(at);
-    this.u32(data.length);
-    this.reserve(data.length + 1);
-    this.bytes.set(data, this.length);
-    this.length += data.length;
-    if (string) {
-      this.zeros(1);
-    }
-  }
-}
-
 /** Builds a batch, event by event (each with its `source`), front to back: every offset points
  * forward, every scalar at its alignment, as the host's verifier requires. */
 export class BatchBuilder {
@@ -393,11 +325,15 @@ export class BatchBuilder {
     if (!Number.isSafeInteger(timestampMs)) {
       throw new TypeError(`timestampMs: expected an integer, got ${timestampMs}`);
     }
+    const pairs = [];
+    for (let i = 0; i < headers.length; i++) {
+      pairs.push(asBytes(headers[i][0], "header name"), asBytes(headers[i][1], "header value"));
+    }
     this.events.push({
       value: asBytes(value, "value"),
       key: key === null ? null : asBytes(key, "key"),
       timestampMs,
-      headers: headers.map(([name, v]) => [asBytes(name, "header name"), asBytes(v, "header value")]),
+      headers: pairs,
       route: route === null ? null : asBytes(route, "route"),
       source,
     });
@@ -411,70 +347,108 @@ export class BatchBuilder {
   finish() {
     const events = this.events;
     this.events = [];
-    const w = new Writer();
-    w.zeros(8);
-    w.bytes.set(IDENTIFIER, 4);
-    // Batch: vtable (events at 4), then the table.
-    const batchVtable = w.length;
-    w.u16(6);
-    w.u16(8);
-    w.u16(4);
-    w.pad(4);
-    const root = w.length;
-    w.view.setUint32(0, root, true);
-    w.u32(root - batchVtable);
-    w.u32(0);
+    const n = events.length;
+    // Room for everything, counted first: the buffer is made once (zeroed), and then written
+    // through 16- and 32-bit views at aligned places, without a check per write.
+    let size = 32 + 4 * n;
+    for (let i = 0; i < n; i++) {
+      const e = events[i];
+      size += 72 + e.value.length + (e.key === null ? 0 : 8 + e.key.length);
+      size += e.route === null ? 0 : 8 + e.route.length;
+      const pairs = e.headers;
+      size += 8;
+      for (let j = 0; j < pairs.length; j += 2) {
+        size += 48 + pairs[j].length + pairs[j + 1].length;
+      }
+    }
+    const buffer = new ArrayBuffer((size + 7) & ~7);
+    const b = new Uint8Array(buffer);
+    const u16 = new Uint16Array(buffer);
+    const u32 = new Uint32Array(buffer);
+    const i32 = new Int32Array(buffer);
+    let p = 0;
+    // A byte vector (a string: with its NUL) at the next 4-aligned place, pointed to from `at`.
+    const vector = (at, data, string) => {
+      p = (p + 3) & ~3;
+      u32[at >> 2] = p - at;
+      u32[p >> 2] = data.length;
+      b.set(data, p + 4);
+      p += 4 + data.length + (string ? 1 : 0);
+    };
+    // The identifier, then the Batch's vtable (events at 4) and table.
+    b.set(IDENTIFIER, 4);
+    u16[4] = 6;
+    u16[5] = 8;
+    u16[6] = 4;
+    const root = 16;
+    u32[0] = root;
+    i32[root >> 2] = root - 8;
     // The events vector, its offsets filled in as each event is written.
-    w.pad(4);
-    w.point(root + 4);
-    w.u32(events.length);
-    const slots = w.zeros(4 * events.length);
-    events.forEach((e, i) => {
-      // Event: vtable, then a table of 32 bytes at an 8-aligned position: soffset, source,
+    p = root + 8;
+    u32[(root + 4) >> 2] = p - (root + 4);
+    u32[p >> 2] = n;
+    const slots = p + 4;
+    p = slots + 4 * n;
+    for (let i = 0; i < n; i++) {
+      const e = events[i];
+      const pairs = e.headers;
+      // Event: vtable, then a table of 32 bytes at an 8-aligned place: soffset, source,
       // timestamp (8-aligned), key, value, headers, route.
-      w.pad(2);
-      const vtable = w.length;
-      for (const entry of [16, 32, e.key !== null ? 16 : 0, 20, 8, e.headers.length ? 24 : 0, e.route !== null ? 28 : 0, 4]) {
-        w.u16(entry);
-      }
-      w.pad(8);
-      const table = w.length;
-      w.point(slots + 4 * i);
-      const at = w.zeros(32);
-      w.view.setInt32(at, table - vtable, true);
-      w.view.setUint32(at + 4, e.source, true);
-      w.view.setUint32(at + 8, e.timestampMs % 4294967296 >>> 0, true);
-      w.view.setInt32(at + 12, Math.floor(e.timestampMs / 4294967296), true);
+      p = (p + 1) & ~1;
+      const vtable = p;
+      const v = vtable >> 1;
+      u16[v] = 16;
+      u16[v + 1] = 32;
+      u16[v + 2] = e.key !== null ? 16 : 0;
+      u16[v + 3] = 20;
+      u16[v + 4] = 8;
+      u16[v + 5] = pairs.length ? 24 : 0;
+      u16[v + 6] = e.route !== null ? 28 : 0;
+      u16[v + 7] = 4;
+      p = (vtable + 16 + 7) & ~7;
+      const table = p;
+      const slot = slots + 4 * i;
+      u32[slot >> 2] = table - slot;
+      const t = table >> 2;
+      i32[t] = table - vtable;
+      u32[t + 1] = e.source;
+      u32[t + 2] = e.timestampMs % 4294967296 >>> 0;
+      i32[t + 3] = Math.floor(e.timestampMs / 4294967296);
+      p = table + 32;
       if (e.key !== null) {
-        w.vector(table + 16, e.key, false);
+        vector(table + 16, e.key, false);
       }
-      w.vector(table + 20, e.value, false);
+      vector(table + 20, e.value, false);
       if (e.route !== null) {
-        w.vector(table + 28, e.route, true);
+        vector(table + 28, e.route, true);
       }
-      if (e.headers.length) {
-        w.pad(4);
-        w.point(table + 24);
-        w.u32(e.headers.length);
-        const headerSlots = w.zeros(4 * e.headers.length);
-        e.headers.forEach(([name, value], j) => {
+      if (pairs.length) {
+        p = (p + 3) & ~3;
+        u32[(table + 24) >> 2] = p - (table + 24);
+        u32[p >> 2] = pairs.length >> 1;
+        const headerSlots = p + 4;
+        p = headerSlots + 2 * pairs.length;
+        for (let j = 0; j < pairs.length; j += 2) {
           // Header: vtable (name at 4, value at 8), then a table of 12 bytes.
-          w.pad(2);
-          const headerVtable = w.length;
-          for (const entry of [8, 12, 4, 8]) {
-            w.u16(entry);
-          }
-          w.pad(4);
-          const header = w.length;
-          w.point(headerSlots + 4 * j);
-          const at = w.zeros(12);
-          w.view.setInt32(at, header - headerVtable, true);
-          w.vector(header + 4, name, true);
-          w.vector(header + 8, value, false);
-        });
+          p = (p + 1) & ~1;
+          const headerVtable = p;
+          const hv = p >> 1;
+          u16[hv] = 8;
+          u16[hv + 1] = 12;
+          u16[hv + 2] = 4;
+          u16[hv + 3] = 8;
+          p = (p + 8 + 3) & ~3;
+          const header = p;
+          const headerSlot = headerSlots + 2 * j;
+          u32[headerSlot >> 2] = header - headerSlot;
+          i32[header >> 2] = header - headerVtable;
+          p = header + 12;
+          vector(header + 4, pairs[j], true);
+          vector(header + 8, pairs[j + 1], false);
+        }
       }
-    });
-    return w.bytes.slice(0, w.length);
+    }
+    return new Uint8Array(buffer, 0, p);
   }
 }
 
