@@ -27,8 +27,10 @@ export class Event {
   readonly key: Uint8Array | null;
   /** The payload (empty when absent). */
   readonly value: Uint8Array;
-  /** Event time, milliseconds since the Unix epoch. */
+  /** Event time, milliseconds since the Unix epoch (rounded beyond 2^53: see timestampBig). */
   readonly timestampMs: number;
+  /** Event time, exact. */
+  readonly timestampBig: bigint;
   /** The route tag, or null. */
   readonly route: string | null;
   /** The headers in order. */
@@ -69,7 +71,8 @@ export class Batch implements Iterable<Event> {
 export interface NewEvent {
   value?: Bytes;
   key?: Bytes | null;
-  timestampMs?: number;
+  /** An integer: a number up to 2^53, a bigint beyond. */
+  timestampMs?: number | bigint;
   headers?: Array<[Bytes, Bytes]>;
   route?: Bytes | null;
   source?: number;
@@ -88,7 +91,7 @@ export class BatchBuilder {
 export interface Changes {
   value?: Bytes;
   key?: Bytes | null;
-  timestampMs?: number;
+  timestampMs?: number | bigint;
   headers?: Headers;
   route?: string | null;
 }

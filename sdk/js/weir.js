@@ -44,6 +44,9 @@ export class BatchError extends Error {}
  * message. */
 export class PluginError extends Error {}
 
+BatchError.prototype.name = "BatchError";
+PluginError.prototype.name = "PluginError";
+
 /** UTF-8 text of `bytes` (null stays null). */
 export function text(bytes) {
   return bytes === null ? null : decoder.decode(bytes);
@@ -134,6 +137,13 @@ export class Event {
     const w = this.w;
     const at = field(this.h, w, this.table, 2);
     return at ? w[at >> 2] + (w[(at >> 2) + 1] | 0) * 4294967296 : 0;
+  }
+
+  /** Event time as a BigInt: exact where `timestampMs` is not (beyond 2^53). */
+  get timestampBig() {
+    const w = this.w;
+    const at = field(this.h, w, this.table, 2);
+    return at ? (BigInt(w[(at >> 2) + 1] | 0) << 32n) | BigInt(w[at >> 2]) : 0n;
   }
 
   /** The route tag, or null. */
@@ -322,8 +332,16 @@ export class BatchBuilder {
   /** Adds an event. `value` and `key` are Uint8Arrays or strings (UTF-8 encoded); `headers`
    * are [name, value] pairs; `source` is the input event's (or window's) index. */
   push({ value = EMPTY, key = null, timestampMs = 0, headers = [], route = null, source = 0 } = {}) {
-    if (!Number.isSafeInteger(timestampMs)) {
-      throw new TypeError(`timestampMs: expected an integer, got ${timestampMs}`);
+    let low;
+    let high;
+    if (typeof timestampMs === "bigint" && BigInt.asIntN(64, timestampMs) === timestampMs) {
+      low = Number(BigInt.asUintN(32, timestampMs));
+      high = Number(BigInt.asIntN(32, timestampMs >> 32n));
+    } else if (Number.isSafeInteger(timestampMs)) {
+      low = timestampMs % 4294967296 >>> 0;
+      high = Math.floor(timestampMs / 4294967296);
+    } else {
+      throw new TypeError(`timestampMs: expected an integer (a BigInt beyond 2^53), got ${timestampMs}`);
     }
     const pairs = [];
     for (let i = 0; i < headers.length; i++) {
@@ -332,7 +350,8 @@ export class BatchBuilder {
     this.events.push({
       value: asBytes(value, "value"),
       key: key === null ? null : asBytes(key, "key"),
-      timestampMs,
+      low,
+      high,
       headers: pairs,
       route: route === null ? null : asBytes(route, "route"),
       source,
@@ -412,8 +431,8 @@ export class BatchBuilder {
       const t = table >> 2;
       i32[t] = table - vtable;
       u32[t + 1] = e.source;
-      u32[t + 2] = e.timestampMs % 4294967296 >>> 0;
-      i32[t + 3] = Math.floor(e.timestampMs / 4294967296);
+      u32[t + 2] = e.low;
+      i32[t + 3] = e.high;
       p = table + 32;
       if (e.key !== null) {
         vector(table + 16, e.key, false);
@@ -478,7 +497,8 @@ export function parseConfig(pairs) {
   const config = {};
   for (const [key, json] of pairs) {
     try {
-      config[key] = JSON.parse(json);
+      // Defined, not assigned: a key such as `__proto__` is a key like any other.
+      Object.defineProperty(config, key, { value: JSON.parse(json), enumerable: true, writable: true, configurable: true });
     } catch (e) {
       throw new PluginError(`config \`${key}\`: not JSON: ${e.message}`);
     }
@@ -503,7 +523,7 @@ export class Emitter {
     this.builder.push({
       value: changes.value ?? e.value,
       key: changes.key !== undefined ? changes.key : e.key,
-      timestampMs: changes.timestampMs ?? e.timestampMs,
+      timestampMs: changes.timestampMs ?? time(e),
       headers: changes.headers !== undefined ? pairs(changes.headers) : e.headers,
       route: changes.route !== undefined ? changes.route : e.route,
       source: this.source,
@@ -514,6 +534,12 @@ export class Emitter {
   addHeaders(headers, changes = {}) {
     this.emit({ ...changes, headers: this.event.headers.concat(pairs(headers)) });
   }
+}
+
+/** The event's time, exact: a BigInt where a number would round. */
+function time(event) {
+  const ms = event.timestampMs;
+  return Number.isSafeInteger(ms) ? ms : event.timestampBig;
 }
 
 function pairs(headers) {
@@ -529,19 +555,32 @@ function failure(message) {
 }
 
 function describe(error) {
-  if (error instanceof PluginError) {
-    return error.message;
+  try {
+    if (error instanceof PluginError) {
+      return error.message;
+    }
+    if (error instanceof Error) {
+      return `${error.name}: ${error.message}`;
+    }
+    return String(error);
+  } catch {
+    return "a thrown value that cannot be shown";
   }
-  if (error instanceof Error) {
-    return `${error.name}: ${error.message}`;
+}
+
+/** `batch` read, or an error for the host. */
+function readable(batch) {
+  try {
+    return new Batch(batch);
+  } catch (e) {
+    throw failure(`the input batch: ${describe(e)}`);
   }
-  return String(error);
 }
 
 /** Calls `fn(event, config)` on every event of `batch`; the keep-bitmap. An error names the
  * event. */
 export function keepBitmap(fn, config, batch) {
-  const events = new Batch(batch);
+  const events = readable(batch);
   const w = events.w;
   const n = events.length;
   const bits = new Uint8Array((n + 7) >> 3);
@@ -562,7 +601,7 @@ export function keepBitmap(fn, config, batch) {
 
 /** Calls `fn(event, out, config)` on every event of `batch`; the output batch. */
 export function enrichBatch(fn, config, batch) {
-  const events = new Batch(batch);
+  const events = readable(batch);
   const w = events.w;
   const n = events.length;
   const builder = new BatchBuilder();

@@ -40,7 +40,7 @@ fn node(args: &[&str], stdin: &[u8]) -> Output {
 
 #[test]
 fn the_javascript_unit_tests_pass() {
-    let output = node(&["--test", "test/"], b"");
+    let output = node(&["--test", "--test-reporter=tap", "test/sdk.test.js"], b"");
     let report = String::from_utf8_lossy(&output.stdout);
     assert!(report.contains("\n# fail 0\n"), "{report}");
     assert!(!report.contains("\n# pass 0\n"), "{report}");
@@ -104,4 +104,55 @@ fn a_batch_the_host_builds_reads_the_same_in_javascript() {
             ]),
         ]
     );
+}
+
+/// Writes 600 events whose key, value, route and headers take every length modulo 8.
+const PUSH_MANY: &str = r#"
+import { BatchBuilder } from "./weir.js";
+const b = new BatchBuilder();
+for (let i = 0; i < 600; i++) {
+  const headers = [];
+  for (let j = 0; j < i % 4; j++) {
+    headers.push(["h".repeat(1 + ((i + j) % 9)), "v".repeat((i * j) % 7)]);
+  }
+  b.push({
+    value: "x".repeat(i % 13),
+    key: i % 5 ? "k".repeat(i % 8) : null,
+    timestampMs: i * 1000 - 300000,
+    headers,
+    route: i % 3 ? "r".repeat(i % 6) : null,
+    source: i,
+  });
+}
+process.stdout.write(b.finish());
+"#;
+
+#[test]
+fn a_big_batch_of_every_field_length_written_in_javascript_verifies_and_reads_as_written() {
+    let output = node(&["--input-type=module", "-e", PUSH_MANY], b"");
+    let batch = Batch::verify(&output.stdout).expect("the host's verifier accepts it");
+    assert_eq!(batch.len(), 600);
+    for (i, event) in batch.iter().enumerate() {
+        let n = i as i64;
+        assert_eq!(event.value(), "x".repeat(i % 13).as_bytes());
+        let key = (i % 5 != 0).then(|| "k".repeat(i % 8));
+        assert_eq!(event.key(), key.as_deref().map(str::as_bytes));
+        assert_eq!(event.timestamp_ms(), n * 1000 - 300000);
+        let route = (i % 3 != 0).then(|| "r".repeat(i % 6));
+        assert_eq!(event.route(), route.as_deref());
+        let headers: Vec<(String, Vec<u8>)> = (0..i % 4)
+            .map(|j| {
+                (
+                    "h".repeat(1 + (i + j) % 9),
+                    "v".repeat((i * j) % 7).into_bytes(),
+                )
+            })
+            .collect();
+        let read: Vec<(String, Vec<u8>)> = event
+            .headers()
+            .map(|(name, value)| (name.to_owned(), value.to_vec()))
+            .collect();
+        assert_eq!(read, headers, "event {i}");
+        assert_eq!(event.source() as usize, i);
+    }
 }

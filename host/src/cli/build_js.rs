@@ -39,7 +39,7 @@ const DRIVER: &str = include_str!("build_js.mjs");
 
 const MISSING_NODE: &str = "building a JavaScript plugin needs Node.js 20 or later and npm (Debian 13, Ubuntu 24.04: apt-get install nodejs npm; else https://nodejs.org)";
 
-/// Checks that `node` is there and new enough for componentize-js.
+/// Checks that `node` is there and new enough for componentize-js, and that `npm` is there.
 fn check_node() -> Result<()> {
     let output = Command::new("node")
         .arg("--version")
@@ -51,9 +51,14 @@ fn check_node() -> Result<()> {
         .and_then(|v| v.split('.').next())
         .and_then(|v| v.parse().ok());
     match major {
-        Some(major) if major >= 20 => Ok(()),
+        Some(major) if major >= 20 => {}
         _ => bail!("node {version}: {MISSING_NODE}"),
     }
+    Command::new("npm")
+        .arg("--version")
+        .output()
+        .with_context(|| format!("cannot run npm: {MISSING_NODE}"))?;
+    Ok(())
 }
 
 /// The plugin's source in `dir`: `app.js` or `app.ts`, when `dir` is not a Rust crate.
@@ -73,7 +78,15 @@ fn toolchain() -> Result<PathBuf> {
         .iter()
         .map(|(name, version)| ((*name).to_owned(), (*version).into()))
         .collect();
-    let name = format!("componentize-js-{COMPONENTIZE_JS}-esbuild-{ESBUILD}");
+    // Named by every pin: changing any of them installs afresh.
+    let pins: String = PACKAGES
+        .iter()
+        .map(|(name, v)| format!("{name}@{v} "))
+        .collect();
+    let name = format!(
+        "componentize-js-{COMPONENTIZE_JS}-{}",
+        weir::runtime::Digest::of(pins.as_bytes()).short()
+    );
     tools::installed(&name, |folder| {
         std::fs::create_dir_all(folder)
             .with_context(|| format!("cannot create {}", folder.display()))?;
@@ -120,7 +133,11 @@ fn drive(dir: &Path, mode: &str, args: &[&Path]) -> Result<()> {
         .output()
         .with_context(|| format!("cannot run node: {MISSING_NODE}"))?;
     if !output.status.success() {
-        bail!("{}", String::from_utf8_lossy(&output.stderr).trim());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if stderr.trim().is_empty() {
+            bail!("node ended without a message ({})", output.status);
+        }
+        bail!("{}", stderr.trim());
     }
     Ok(())
 }

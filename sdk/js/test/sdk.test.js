@@ -146,8 +146,8 @@ test("a batch at an odd place in its buffer reads the same", () => {
   }
 });
 
-test("a batch far bigger than the builder's first buffer is written whole", () => {
-  // Sizes that make the buffer grow at every kind of write: scalars, offsets, vectors.
+test("a big batch of every field length is written whole", () => {
+  // Lengths that leave every kind of field at every alignment.
   for (const size of [0, 1, 2, 3, 5, 7, 300]) {
     const builder = new BatchBuilder();
     const value = "x".repeat(size);
@@ -162,4 +162,24 @@ test("a batch far bigger than the builder's first buffer is written whole", () =
       [value, "k699", 699, "699", "r", 699],
     );
   }
+});
+
+test("times beyond 2^53 pass through an enrich exactly, and __proto__ is a config key", () => {
+  const builder = new BatchBuilder();
+  builder.push({ value: "v", timestampMs: 1700000000123456789n });
+  builder.push({ value: "w", timestampMs: -(2n ** 63n) });
+  const out = new Batch(weir.enrichBatch((event, out) => out.emit(), {}, builder.finish()));
+  assert.deepEqual([...out].map((e) => e.timestampBig), [1700000000123456789n, -(2n ** 63n)]);
+  assert.throws(() => new BatchBuilder().push({ timestampMs: 2n ** 63n }), TypeError);
+  const config = weir.parseConfig([["__proto__", '"x"'], ["a", "1"]]);
+  assert.deepEqual(Object.keys(config), ["__proto__", "a"]);
+  assert.equal(Object.getPrototypeOf(config), Object.prototype);
+});
+
+test("what a plugin throws is an error for the host, whatever it is", () => {
+  const { filter } = weir.filter(() => {
+    throw Object.create(null);
+  });
+  assert.throws(() => filter(testing.batch(['{"value_text":"a"}'])), { payload: "event 0: a thrown value that cannot be shown" });
+  assert.throws(() => weir.keepBitmap(() => true, {}, new Uint8Array(8)), { payload: "the input batch: BatchError: not a weir batch (no WEIR identifier)" });
 });
