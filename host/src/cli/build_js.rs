@@ -28,9 +28,6 @@ const PACKAGES: [(&str, &str); 3] = [
     ("esbuild", ESBUILD),
 ];
 
-/// weir's WIT package.
-const WIT: &str = include_str!("../../../wit/weir.wit");
-
 /// The JavaScript SDK.
 const SDK: &str = include_str!("../../../sdk/js/weir.js");
 
@@ -142,14 +139,9 @@ fn drive(dir: &Path, mode: &str, args: &[&Path]) -> Result<()> {
     Ok(())
 }
 
-/// Where the build of the plugin in `dir` puts weir's WIT and SDK, and its bundles.
-fn support_dir(dir: &Path) -> PathBuf {
-    dir.join("target").join("weir-support")
-}
-
 /// Writes weir's SDK for the plugin in `dir`; its path.
 fn sdk(dir: &Path) -> Result<PathBuf> {
-    let support = support_dir(dir);
+    let support = tools::support_dir(dir);
     std::fs::create_dir_all(&support)
         .with_context(|| format!("cannot create {}", support.display()))?;
     let sdk = support.join("weir.js");
@@ -162,7 +154,7 @@ fn sdk(dir: &Path) -> Result<PathBuf> {
 pub fn native(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let app = app(dir).with_context(|| format!("{}: no app.js or app.ts", dir.display()))?;
     let sdk = sdk(dir)?;
-    let bundle = support_dir(dir).join("native.mjs");
+    let bundle = tools::support_dir(dir).join("native.mjs");
     drive(dir, "native", &[&app, &sdk, &bundle])?;
     Ok((bundle, sdk))
 }
@@ -171,28 +163,19 @@ pub fn native(dir: &Path) -> Result<(PathBuf, PathBuf)> {
 /// NAME being the folder's name with `-` as `_`.
 pub fn compile(dir: &Path) -> Result<PathBuf> {
     let app = app(dir).with_context(|| format!("{}: no app.js or app.ts", dir.display()))?;
-    let name = dir
-        .file_name()
-        .context("the plugin's folder has no name")?
-        .to_string_lossy()
-        .replace('-', "_");
-    let support = support_dir(dir);
-    let wit = support.join("wit");
-    std::fs::create_dir_all(&wit).with_context(|| format!("cannot create {}", wit.display()))?;
-    let write = |path: PathBuf, text: &str| {
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
-    };
-    write(wit.join("weir.wit"), WIT)?;
+    let wit = tools::write_wit(dir)?;
     let sdk = sdk(dir)?;
+    let support = tools::support_dir(dir);
     let entry = support.join("entry.js");
     let app_path = serde_json::to_string(&app.display().to_string())?;
-    write(
-        entry.clone(),
-        &format!(
+    std::fs::write(
+        &entry,
+        format!(
             "import {{ log }} from \"weir:plugin/host@0.1.0\";\nimport {{ connectHost }} from \"weir\";\nconnectHost(log);\nexport * from {app_path};\n"
         ),
-    )?;
-    let wasm = dir.join("target").join(format!("{name}.wasm"));
+    )
+    .with_context(|| format!("cannot write {}", entry.display()))?;
+    let wasm = tools::component_path(dir)?;
     drive(
         dir,
         "component",

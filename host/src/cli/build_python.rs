@@ -14,9 +14,6 @@ use std::process::Command;
 /// The componentize-py release weir builds Python plugins with.
 pub const COMPONENTIZE_PY: &str = "0.25.0";
 
-/// weir's WIT package, for componentize-py's `-d`.
-const WIT: &str = include_str!("../../../wit/weir.wit");
-
 /// The Python SDK's modules, put on componentize-py's path (`-p`).
 const SDK: [(&str, &str); 3] = [
     (
@@ -92,32 +89,22 @@ fn componentize_py() -> Result<PathBuf> {
     Ok(venv.join("bin").join("componentize-py"))
 }
 
-/// Where the build of the Python plugin in `dir` puts weir's WIT and SDK.
-fn support_dir(dir: &Path) -> PathBuf {
-    dir.join("target").join("weir-support")
-}
-
 /// The folder holding the SDK (`weir/`) that the plugin in `dir` was built with.
 pub fn sdk_dir(dir: &Path) -> PathBuf {
-    support_dir(dir).join("sdk")
+    tools::support_dir(dir).join("sdk")
 }
 
 /// Writes weir's WIT and Python SDK for the plugin in `dir`; (the WIT folder, the SDK's parent
 /// folder).
 fn support(dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    let wit = support_dir(dir).join("wit");
+    let wit = tools::write_wit(dir)?;
     let sdk = sdk_dir(dir);
     let package = sdk.join("weir");
-    for folder in [&wit, &package] {
-        std::fs::create_dir_all(folder)
-            .with_context(|| format!("cannot create {}", folder.display()))?;
-    }
-    let write = |path: PathBuf, text: &str| {
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
-    };
-    write(wit.join("weir.wit"), WIT)?;
+    std::fs::create_dir_all(&package)
+        .with_context(|| format!("cannot create {}", package.display()))?;
     for (name, text) in SDK {
-        write(package.join(name), text)?;
+        let path = package.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok((wit, sdk))
 }
@@ -126,13 +113,8 @@ fn support(dir: &Path) -> Result<(PathBuf, PathBuf)> {
 /// folder's name with `-` as `_`.
 pub fn compile(dir: &Path) -> Result<PathBuf> {
     let kind = world(&dir.join("app.py"))?;
-    let name = dir
-        .file_name()
-        .context("the plugin's folder has no name")?
-        .to_string_lossy()
-        .replace('-', "_");
     let (wit, sdk) = support(dir)?;
-    let wasm = dir.join("target").join(format!("{name}.wasm"));
+    let wasm = tools::component_path(dir)?;
     let program = componentize_py()?;
     let output = Command::new(&program)
         .arg("-d")

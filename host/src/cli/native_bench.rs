@@ -97,13 +97,19 @@ for batch in batches:
 out.write("\n".join(lines) + "\n")
 "#;
 
-/// The Python plugin in `dir` (absolute), run by `python3` with the SDK in `sdk`.
-pub fn python(dir: &Path, sdk: &Path) -> Result<Program> {
+/// Writes the runner script `name` into the work folder of the plugin in `dir`: (the folder, the
+/// script).
+fn runner(dir: &Path, name: &str, text: &str) -> Result<(PathBuf, PathBuf)> {
     let work = dir.join("target").join("weir-bench-native");
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
-    let script = work.join("run.py");
-    std::fs::write(&script, RUNNER)
-        .with_context(|| format!("cannot write {}", script.display()))?;
+    let script = work.join(name);
+    std::fs::write(&script, text).with_context(|| format!("cannot write {}", script.display()))?;
+    Ok((work, script))
+}
+
+/// The Python plugin in `dir` (absolute), run by `python3` with the SDK in `sdk`.
+pub fn python(dir: &Path, sdk: &Path) -> Result<Program> {
+    let (work, script) = runner(dir, "run.py", RUNNER)?;
     Ok(Program {
         command: vec!["python3".into(), script.into(), dir.into(), sdk.into()],
         work,
@@ -171,11 +177,7 @@ process.stdout.write(lines.join("\n") + "\n");
 /// The JavaScript plugin in `dir` (absolute), bundled for Node.js with weir's SDK.
 pub fn javascript(dir: &Path) -> Result<Program> {
     let (bundle, sdk) = super::build_js::native(dir)?;
-    let work = dir.join("target").join("weir-bench-native");
-    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
-    let script = work.join("run.mjs");
-    std::fs::write(&script, NODE_RUNNER)
-        .with_context(|| format!("cannot write {}", script.display()))?;
+    let (work, script) = runner(dir, "run.mjs", NODE_RUNNER)?;
     Ok(Program {
         command: vec!["node".into(), script.into(), bundle.into(), sdk.into()],
         work,

@@ -65,3 +65,30 @@ pub fn installed(name: &str, install: impl FnOnce(&Path) -> Result<()>) -> Resul
     std::fs::write(&stamp, name).with_context(|| format!("cannot write {}", stamp.display()))?;
     Ok(folder)
 }
+
+/// Where the build of the plugin in `dir` (a Python or JavaScript one) puts weir's WIT, its SDK
+/// and what it makes on the way.
+pub fn support_dir(dir: &Path) -> PathBuf {
+    dir.join("target").join("weir-support")
+}
+
+/// Writes weir's WIT package (carried in the binary) for the plugin in `dir`; its folder.
+pub fn write_wit(dir: &Path) -> Result<PathBuf> {
+    let wit = support_dir(dir).join("wit");
+    std::fs::create_dir_all(&wit).with_context(|| format!("cannot create {}", wit.display()))?;
+    let path = wit.join("weir.wit");
+    std::fs::write(&path, include_str!("../../../wit/weir.wit"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(wit)
+}
+
+/// Where the build of the plugin in `dir` puts its component: `dir/target/NAME.wasm`, NAME being
+/// the folder's name with `-` as `_`.
+pub fn component_path(dir: &Path) -> Result<PathBuf> {
+    let name = dir
+        .file_name()
+        .context("the plugin's folder has no name")?
+        .to_string_lossy()
+        .replace('-', "_");
+    Ok(dir.join("target").join(format!("{name}.wasm")))
+}
